@@ -1,0 +1,26 @@
+#pragma once
+/// \file
+/// Safe reading of PyTorch `torch.save` checkpoints (zip format) without executing pickled code.
+
+#include <string>
+
+#include "mdd/io/safetensors.h"
+
+namespace mdd {
+namespace io {
+
+/// Reads the tensors of a `torch.save` zip file (PyTorch >= 1.6 format) with a restricted
+/// unpickler: only tensor rebuilds, (Ordered)dicts, lists, tuples and primitives are constructed.
+/// Globals that merely describe data (e.g. `argparse.Namespace`) become inert placeholders; a
+/// global that could execute code (os.system, builtins.eval, ...) is refused with `mdd::Error` and
+/// is never called. Nested dicts are flattened with dotted keys.
+/// For a training checkpoint (a dict of dicts such as {model, ema, opt, args}) `entry` picks the
+/// sub-dict; "" picks "ema" if present, else "model", else the top-level dict itself.
+TensorMap load_torch_checkpoint(const std::string& path, const std::string& entry = "");
+
+/// Loads weights from a safetensors or torch.save file, chosen by the file's content (not its
+/// name). For torch.save files this is `load_torch_checkpoint(path)`.
+TensorMap load_weights(const std::string& path);
+
+}  // namespace io
+}  // namespace mdd

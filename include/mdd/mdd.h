@@ -1,0 +1,12 @@
+#pragma once
+/// \file
+/// Umbrella header: everything in the mdd public API.
+
+#include "mdd/version.h"
+#include "mdd/util/error.h"
+#include "mdd/util/progress.h"
+#include "mdd/io/safetensors.h"
+#include "mdd/io/torch_checkpoint.h"
+#include "mdd/io/state_dict.h"
+#include "mdd/models/dit.h"
+#include "mdd/models/difffit.h"

@@ -1,0 +1,22 @@
+#pragma once
+/// \file
+/// Progress reporting. The library never prints; long-running work reports through a callback.
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace mdd {
+
+/// One progress event: `step` of `total` units of the named `stage` are done.
+struct Progress {
+  std::string stage;      ///< e.g. "finetune", "sample", "evaluate"
+  int64_t step = 0;       ///< completed units
+  int64_t total = 0;      ///< total units (0 = unknown)
+  double elapsed_s = 0;   ///< seconds since the stage started
+};
+
+/// Receives progress events; an empty function means "no reporting".
+using ProgressFn = std::function<void(const Progress&)>;
+
+}  // namespace mdd

@@ -1,0 +1,2 @@
+// Filled by the torch checkpoint work (load_torch_checkpoint / load_weights).
+#include <gtest/gtest.h>

@@ -1,0 +1,45 @@
+#pragma once
+// Shared helpers for the test binaries: golden fixture access and tolerance checks.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "mdd/io/safetensors.h"
+
+namespace mdd_test {
+
+/// Absolute path of a file under tests/data.
+inline std::string data_path(const std::string& name) { return std::string(MDD_TEST_DATA_DIR) + "/" + name; }
+
+/// A fresh, empty scratch directory for one test.
+inline std::string tmp_dir(const std::string& name) {
+  std::filesystem::path p = std::filesystem::path(MDD_TEST_TMP_DIR) / name;
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+/// Loads a golden fixture file from tests/data.
+inline mdd::io::TensorMap golden(const std::string& name) { return mdd::io::load_safetensors(data_path(name)).tensors; }
+
+/// Max |a - b| after casting both to float64 (shapes must agree).
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.detach().to(torch::kCPU, torch::kFloat64) - b.detach().to(torch::kCPU, torch::kFloat64))
+      .abs().max().item<double>();
+}
+
+/// gtest assertion: same shape and max abs error within `atol` (the MANIFEST tolerance).
+inline ::testing::AssertionResult AllClose(const torch::Tensor& actual, const torch::Tensor& expected, double atol) {
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " != expected " << expected.sizes();
+  }
+  if (actual.numel() == 0) return ::testing::AssertionSuccess();
+  const double err = max_abs_diff(actual, expected);
+  if (!(err <= atol)) return ::testing::AssertionFailure() << "max abs err " << err << " > atol " << atol;
+  return ::testing::AssertionSuccess() << "max abs err " << err;
+}
+
+}  // namespace mdd_test
