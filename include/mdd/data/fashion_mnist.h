@@ -1,0 +1,26 @@
+#pragma once
+/// \file
+/// Labelled image sets in memory, and the Fashion-MNIST reader.
+
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+namespace mdd {
+
+/// A labelled image set held in memory: `images` uint8 [N, H, W, C] (as decoded / as saved to PNG),
+/// `labels` int64 [N] in [0, class_names.size()).
+struct LabeledImages {
+  torch::Tensor images;
+  torch::Tensor labels;
+  std::vector<std::string> class_names;
+};
+
+/// Reads Fashion-MNIST from its gzipped IDX files (`train-images-idx3-ubyte.gz`, ... in `dir`).
+/// `split` is "train" (60000 images) or "test" (10000). Images are uint8 [N, 28, 28, 1].
+/// Magic numbers, sizes and gzip integrity are validated; errors name the file.
+LabeledImages load_fashion_mnist(const std::string& dir = "/usr/share/datasets/fashion-mnist",
+                                 const std::string& split = "train");
+
+}  // namespace mdd
