@@ -1,0 +1,187 @@
+// Golden parity and key lists of the IDC evaluation networks (ConvNet-6, ResNetAP-10, ResNet-18).
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "mdd/io/state_dict.h"
+#include "mdd/models/eval_nets.h"
+#include "mdd/util/error.h"
+#include "test_util.h"
+
+namespace {
+
+using json = nlohmann::json;
+
+json read_json(const std::string& name) {
+  std::ifstream f(mdd_test::data_path(name));
+  return json::parse(f);
+}
+
+struct Tol {
+  double atol, rtol;
+};
+
+Tol manifest_tolerance(const std::string& case_name) {
+  const json m = read_json("MANIFEST_vae_eval.json");
+  const auto& t = m.at("cases").at(case_name).at("suggested_tolerance");
+  return {t.at("atol").get<double>(), t.at("rtol").get<double>()};
+}
+
+/// numpy.allclose semantics (|got - ref| <= atol + rtol*|ref|), the MANIFEST's tolerance rule.
+::testing::AssertionResult NpAllClose(const torch::Tensor& got, const torch::Tensor& ref, Tol tol) {
+  if (got.sizes() != ref.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << got.sizes() << " != " << ref.sizes();
+  }
+  auto g = got.detach().to(torch::kFloat64), r = ref.detach().to(torch::kFloat64);
+  auto excess = (g - r).abs() - (tol.atol + tol.rtol * r.abs());
+  const double worst = excess.max().item<double>();
+  const double err = (g - r).abs().max().item<double>();
+  if (worst > 0) return ::testing::AssertionFailure() << "max abs err " << err << " exceeds atol/rtol";
+  return ::testing::AssertionSuccess() << "max abs err " << err;
+}
+
+/// PyTorch state_dict order: per module its parameters, then its buffers, then its children.
+void ordered_keys(const torch::nn::Module& m, const std::string& prefix,
+                  std::vector<std::pair<std::string, torch::Tensor>>& out) {
+  for (const auto& p : m.named_parameters(false)) out.emplace_back(prefix + p.key(), p.value());
+  for (const auto& b : m.named_buffers(false)) out.emplace_back(prefix + b.key(), b.value());
+  for (const auto& c : m.named_children()) ordered_keys(*c.value(), prefix + c.key() + ".", out);
+}
+
+struct GoldenCase {
+  std::string name, net, norm;
+  int64_t image_size, width;
+  std::vector<int> feats;  // which feat.<i> the io file holds
+};
+
+class EvalNetGolden : public ::testing::TestWithParam<GoldenCase> {};
+
+TEST_P(EvalNetGolden, MatchesReference) {
+  const auto& c = GetParam();
+  torch::manual_seed(0);
+  auto net = mdd::make_eval_net(c.net, 10, c.image_size, c.norm, c.width);
+  auto* impl = mdd::as_eval_net(net);
+  mdd::load_state_dict(*impl, mdd_test::golden(c.name + ".weights.safetensors"), /*strict=*/true);
+  const auto io = mdd_test::golden(c.name + ".io.safetensors");
+  const Tol tol = manifest_tolerance(c.name);
+  impl->eval();
+  torch::NoGradGuard no_grad;
+  const auto& x = io.at("x");
+  EXPECT_TRUE(NpAllClose(net.forward<torch::Tensor>(x), io.at("logits"), tol)) << c.name << " logits";
+  const auto feats = impl->features(x);
+  for (int i : c.feats) {
+    EXPECT_TRUE(NpAllClose(feats.at(i), io.at("feat." + std::to_string(i)), tol)) << c.name << " feat." << i;
+  }
+  if (io.count("feat_flat")) EXPECT_TRUE(NpAllClose(impl->embed(x), io.at("feat_flat"), tol)) << "feat_flat";
+  if (io.count("train.logits")) {
+    impl->train();
+    EXPECT_TRUE(NpAllClose(impl->forward(x), io.at("train.logits"), tol)) << "train.logits";
+    const auto sd = mdd::state_dict(*impl);
+    int checked = 0;
+    for (const auto& kv : io) {
+      const std::string pre = "train.after.";
+      if (kv.first.rfind(pre, 0) != 0) continue;
+      const auto& got = sd.at(kv.first.substr(pre.size()));
+      if (got.scalar_type() == torch::kLong) {
+        EXPECT_EQ(got.item<int64_t>(), kv.second.item<int64_t>()) << kv.first;
+      } else {
+        EXPECT_TRUE(NpAllClose(got, kv.second, tol)) << kv.first;
+      }
+      ++checked;
+    }
+    EXPECT_GT(checked, 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, EvalNetGolden,
+    ::testing::Values(GoldenCase{"evalnet_convnet6", "convnet6", "instance", 80, 32, {2, 3, 4, 5}},
+                      GoldenCase{"evalnet_resnet_ap10", "resnet_ap10", "instance", 224, 8, {0, 1, 2, 3, 4, 5}},
+                      GoldenCase{"evalnet_resnet18", "resnet18", "instance", 224, 8, {0, 1, 2, 3, 4, 5}},
+                      GoldenCase{"evalnet_resnet_ap10_bn", "resnet_ap10", "batch", 224, 8, {0, 1, 2, 3, 4, 5}}),
+    [](const auto& info) { return info.param.name; });
+
+struct KeysCase {
+  std::string file, net;
+};
+class EvalNetKeys : public ::testing::TestWithParam<KeysCase> {};
+
+TEST_P(EvalNetKeys, FullSizeKeysAndShapes) {
+  const auto& c = GetParam();
+  const json keys = read_json(c.file);
+  for (const std::string norm : {"instance", "batch"}) {
+    const auto& spec = keys.at(norm);
+    auto net = mdd::make_eval_net(c.net, 10, 224, norm);
+    auto* impl = mdd::as_eval_net(net);
+    std::vector<std::pair<std::string, torch::Tensor>> got;
+    ordered_keys(*impl, "", got);
+    const auto& expected = spec.at("state_dict");
+    ASSERT_EQ(got.size(), expected.size()) << c.net << " " << norm;
+    ASSERT_EQ(static_cast<int64_t>(got.size()), spec.at("state_dict_entries").get<int64_t>());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].first, expected[i][0].get<std::string>()) << "entry " << i;
+      EXPECT_EQ(got[i].second.sizes().vec(), expected[i][1].get<std::vector<int64_t>>()) << got[i].first;
+      const std::string dtype = got[i].second.scalar_type() == torch::kLong ? "int64" : "float32";
+      EXPECT_EQ(dtype, expected[i][2].get<std::string>()) << got[i].first;
+    }
+    int64_t params = 0;
+    for (const auto& p : impl->parameters()) params += p.numel();
+    EXPECT_EQ(params, spec.at("param_count").get<int64_t>());
+    // Output and per-stage feature shapes for one 224 px image.
+    impl->eval();
+    torch::NoGradGuard no_grad;
+    auto x = torch::randn({1, 3, 224, 224});
+    EXPECT_EQ(net.forward<torch::Tensor>(x).sizes().vec(), spec.at("output_shape_for_[1,3,224,224]").get<std::vector<int64_t>>());
+    const auto shapes = spec.at("get_feature_shapes_for_[1,3,224,224]").get<std::vector<std::vector<int64_t>>>();
+    const auto feats = impl->features(x);
+    for (size_t i = 0; i < shapes.size() && i < feats.size(); ++i) EXPECT_EQ(feats[i].sizes().vec(), shapes[i]) << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Nets, EvalNetKeys,
+                         ::testing::Values(KeysCase{"evalnet_convnet6.keys.json", "convnet6"},
+                                           KeysCase{"evalnet_resnet_ap10.keys.json", "resnet_ap10"},
+                                           KeysCase{"evalnet_resnet18.keys.json", "resnet18"}),
+                         [](const auto& info) { return info.param.net; });
+
+TEST(EvalNets, GreyScaleConvNetFollowsDC) {
+  // DC/IDC ConvNet for 1-channel 28 px: first conv pads 3 (28 -> 32), classifier 128*4*4.
+  auto net = mdd::make_eval_net("convnet3", 10, 28, "instance", 0, 1);
+  auto sd = mdd::state_dict(*mdd::as_eval_net(net));
+  EXPECT_EQ(sd.at("layers.conv.0.weight").sizes().vec(), (std::vector<int64_t>{128, 1, 3, 3}));
+  EXPECT_EQ(sd.at("classifier.weight").sizes().vec(), (std::vector<int64_t>{10, 2048}));
+  EXPECT_EQ(net.forward<torch::Tensor>(torch::randn({2, 1, 28, 28})).sizes().vec(), (std::vector<int64_t>{2, 10}));
+  EXPECT_EQ(mdd::as_eval_net(net)->embed(torch::randn({2, 1, 28, 28})).size(1), 2048);
+}
+
+TEST(EvalNets, SmallResNetStemsAndNoNorm) {
+  auto ap = mdd::make_eval_net("resnet_ap10", 10, 32, "none", 16);
+  auto sd = mdd::state_dict(*mdd::as_eval_net(ap));
+  EXPECT_EQ(sd.at("layer0.conv1.weight").sizes().vec(), (std::vector<int64_t>{16, 3, 3, 3}));
+  EXPECT_TRUE(sd.count("layer0.conv1.bias"));  // conv bias only without normalisation (reference rule)
+  EXPECT_FALSE(sd.count("layer0.bn1.weight"));
+  EXPECT_EQ(ap.forward<torch::Tensor>(torch::randn({2, 3, 32, 32})).sizes().vec(), (std::vector<int64_t>{2, 10}));
+  auto rn = mdd::make_eval_net("resnet18", 5, 32, "batch", 8);
+  EXPECT_EQ(rn.forward<torch::Tensor>(torch::randn({2, 3, 32, 32})).sizes().vec(), (std::vector<int64_t>{2, 5}));
+}
+
+TEST(EvalNets, GeneratorInitIsDeterministic) {
+  auto a = mdd::make_eval_net("convnet3", 10, 32);
+  auto b = mdd::make_eval_net("convnet3", 10, 32);
+  mdd::as_eval_net(a)->reset_parameters(torch::make_generator<torch::CPUGeneratorImpl>(7));
+  mdd::as_eval_net(b)->reset_parameters(torch::make_generator<torch::CPUGeneratorImpl>(7));
+  auto x = torch::randn({2, 3, 32, 32});
+  EXPECT_TRUE(torch::equal(a.forward<torch::Tensor>(x), b.forward<torch::Tensor>(x)));
+}
+
+TEST(EvalNets, BadOptionsThrow) {
+  EXPECT_THROW(mdd::make_eval_net("vgg11", 10, 32), mdd::Error);
+  EXPECT_THROW(mdd::make_eval_net("convnet3", 10, 32, "layer"), mdd::Error);
+  EXPECT_THROW(mdd::make_eval_net("resnet50", 10, 224), mdd::Error);
+  EXPECT_THROW(mdd::make_eval_net("convnet6", 10, 32), mdd::Error);  // 32 px collapses at depth 6
+  EXPECT_THROW(mdd::make_eval_net("convnet3", 0, 32), mdd::Error);
+  auto net = mdd::make_eval_net("convnet3", 10, 32);
+  EXPECT_THROW(net.forward<torch::Tensor>(torch::randn({1, 3, 64, 64})), mdd::Error);
+}
+
+}  // namespace
