@@ -1,0 +1,454 @@
+#include "mdd/models/dit.h"
+
+#include <cmath>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/nn/init.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "mdd/util/error.h"
+
+namespace mdd {
+namespace {
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw Error(message);
+}
+
+std::vector<int64_t> shape_of(const torch::Tensor& t) { return t.defined() ? t.sizes().vec() : std::vector<int64_t>{}; }
+
+// DiT's modulate(): per-sample shift/scale broadcast over tokens.
+torch::Tensor modulate(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale) {
+  return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+}
+
+// LayerNorm(D, eps=1e-6, elementwise_affine=False): no parameters, so no module (and no keys).
+torch::Tensor layer_norm_no_affine(const torch::Tensor& x) {
+  return torch::layer_norm(x, {x.size(-1)}, c10::nullopt, c10::nullopt, 1e-6);
+}
+
+// The Linear inside a Sequential(SiLU, Linear) (index 1, key `adaLN_modulation.1`).
+torch::nn::Linear sequential_linear(const torch::nn::Sequential& seq, size_t index) {
+  return torch::nn::Linear(seq->ptr<torch::nn::LinearImpl>(index));
+}
+
+// The public API speaks std::optional; LibTorch 1.13's ops take c10::optional (a distinct type there).
+c10::optional<at::Generator> to_c10(const std::optional<torch::Generator>& gen) {
+  if (gen) return *gen;
+  return c10::nullopt;
+}
+
+// nn.init.xavier_uniform_ on a 2-D view, drawing from an optional generator (gain 1).
+void xavier_uniform(torch::Tensor w2d, const std::optional<torch::Generator>& gen) {
+  const double fan_out = static_cast<double>(w2d.size(0)), fan_in = static_cast<double>(w2d.size(1));
+  const double a = std::sqrt(6.0 / (fan_in + fan_out));
+  w2d.uniform_(-a, a, to_c10(gen));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ options
+
+DiTOptions::DiTOptions(int64_t input_size, int64_t patch_size, int64_t in_channels, int64_t hidden_size,
+                       int64_t depth, int64_t num_heads)
+    : input_size_(input_size),
+      patch_size_(patch_size),
+      in_channels_(in_channels),
+      hidden_size_(hidden_size),
+      depth_(depth),
+      num_heads_(num_heads) {}
+
+namespace {
+struct Preset {
+  const char* name;
+  int64_t depth, hidden, heads, patch;
+};
+// DiT models.py:328-370, in the order of its DiT_models dict.
+constexpr Preset kPresets[] = {
+    {"DiT-XL/2", 28, 1152, 16, 2}, {"DiT-XL/4", 28, 1152, 16, 4}, {"DiT-XL/8", 28, 1152, 16, 8},
+    {"DiT-L/2", 24, 1024, 16, 2},  {"DiT-L/4", 24, 1024, 16, 4},  {"DiT-L/8", 24, 1024, 16, 8},
+    {"DiT-B/2", 12, 768, 12, 2},   {"DiT-B/4", 12, 768, 12, 4},   {"DiT-B/8", 12, 768, 12, 8},
+    {"DiT-S/2", 12, 384, 6, 2},    {"DiT-S/4", 12, 384, 6, 4},    {"DiT-S/8", 12, 384, 6, 8},
+};
+}  // namespace
+
+std::vector<std::string> dit_model_names() {
+  std::vector<std::string> names;
+  for (const auto& p : kPresets) names.emplace_back(p.name);
+  return names;
+}
+
+DiTOptions dit_options(const std::string& name, int64_t input_size, int64_t num_classes) {
+  for (const auto& p : kPresets) {
+    if (name == p.name) {
+      return DiTOptions(input_size, p.patch, /*in_channels=*/4, p.hidden, p.depth, p.heads).num_classes(num_classes);
+    }
+  }
+  throw Error(fmt::format("dit_options: unknown DiT model '{}'; valid names: {}", name,
+                          fmt::join(dit_model_names(), ", ")));
+}
+
+torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size) {
+  require(embed_dim > 0 && embed_dim % 4 == 0,
+          fmt::format("sincos_pos_embed_2d: embed_dim {} must be a positive multiple of 4", embed_dim));
+  require(grid_size > 0, fmt::format("sincos_pos_embed_2d: grid_size {} must be positive", grid_size));
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  // get_1d_sincos_pos_embed_from_grid(E, pos): omega_k = 1 / 10000^(k / (E/2)), [sin(pos w), cos(pos w)].
+  const int64_t half_dim = embed_dim / 2;  // E of each 1-D embedding
+  auto omega = torch::arange(half_dim / 2, f64) / (static_cast<double>(half_dim) / 2.0);
+  omega = 1.0 / torch::pow(10000.0, omega);
+  auto embed_1d = [&](const torch::Tensor& pos) {
+    auto out = pos.unsqueeze(1) * omega.unsqueeze(0);
+    return torch::cat({torch::sin(out), torch::cos(out)}, 1);
+  };
+  // np.meshgrid(grid_w, grid_h) puts the column index in grid[0], which feeds the FIRST half.
+  auto token = torch::arange(grid_size * grid_size, f64);
+  auto col = torch::remainder(token, static_cast<double>(grid_size));
+  auto row = torch::floor(token / static_cast<double>(grid_size));
+  return torch::cat({embed_1d(col), embed_1d(row)}, 1);
+}
+
+// ------------------------------------------------------------------ submodules
+
+PatchEmbedImpl::PatchEmbedImpl(int64_t in_channels, int64_t hidden_size, int64_t patch_size) {
+  proj = register_module(
+      "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels, hidden_size, patch_size).stride(patch_size).bias(true)));
+}
+
+torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& x) { return proj->forward(x).flatten(2).transpose(1, 2); }
+
+TimestepEmbedderImpl::TimestepEmbedderImpl(int64_t hidden_size, int64_t frequency_embedding_size_)
+    : frequency_embedding_size(frequency_embedding_size_) {
+  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(frequency_embedding_size, hidden_size),
+                                                     torch::nn::SiLU(),
+                                                     torch::nn::Linear(hidden_size, hidden_size)));
+}
+
+torch::Tensor TimestepEmbedderImpl::timestep_embedding(const torch::Tensor& t, int64_t dim, double max_period) {
+  require(t.defined() && t.dim() == 1, fmt::format("timestep_embedding: t must be 1-D [N], got {}", shape_of(t)));
+  const int64_t half = dim / 2;
+  // Same float32 op order as DiT models.py: exp((-ln(max_period) * arange) / half), then t * freqs.
+  // The arguments reach ~1000 rad, so a 1-ulp different frequency would move the result by ~1e-4.
+  auto freqs = torch::exp(torch::arange(0, half, torch::TensorOptions().dtype(torch::kFloat32))
+                              .mul(-std::log(max_period))
+                              .div(half))
+                   .to(t.device());
+  auto args = t.unsqueeze(1).to(torch::kFloat32) * freqs.unsqueeze(0);
+  auto embedding = torch::cat({torch::cos(args), torch::sin(args)}, -1);
+  if (dim % 2) embedding = torch::cat({embedding, torch::zeros_like(embedding.narrow(1, 0, 1))}, -1);
+  return embedding;
+}
+
+torch::Tensor TimestepEmbedderImpl::forward(const torch::Tensor& t) {
+  return mlp->forward(timestep_embedding(t, frequency_embedding_size));
+}
+
+LabelEmbedderImpl::LabelEmbedderImpl(int64_t num_classes_, int64_t hidden_size, double dropout_prob_)
+    : num_classes(num_classes_), dropout_prob(dropout_prob_) {
+  const int64_t rows = num_classes + (dropout_prob > 0 ? 1 : 0);
+  embedding_table = register_module("embedding_table", torch::nn::Embedding(rows, hidden_size));
+}
+
+torch::Tensor LabelEmbedderImpl::drop_labels(const torch::Tensor& labels, const torch::Tensor& drop) const {
+  return torch::where(drop, torch::full_like(labels, num_classes), labels);
+}
+
+torch::Tensor LabelEmbedderImpl::forward(const torch::Tensor& labels, bool train,
+                                         std::optional<torch::Generator> generator) {
+  torch::Tensor y = labels;
+  if (train && dropout_prob > 0) {
+    // torch.rand(N) < p, drawn on the generator's device (the default generator of the labels'
+    // device when none is given), then moved to the labels.
+    const auto device = generator ? generator->device() : labels.device();
+    auto u = torch::rand({labels.size(0)}, to_c10(generator), torch::TensorOptions().device(device));
+    y = drop_labels(labels, (u < dropout_prob).to(labels.device()));
+  }
+  return embedding_table->forward(y);
+}
+
+DiTAttentionImpl::DiTAttentionImpl(int64_t dim, int64_t num_heads_) : num_heads(num_heads_), head_dim(dim / num_heads_) {
+  qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(true)));
+  proj = register_module("proj", torch::nn::Linear(dim, dim));
+}
+
+void DiTAttentionImpl::enable_gammas() {
+  require(!gamma1.defined(), "DiTAttention::enable_gammas: gammas already exist");
+  const auto opts = qkv->weight.options();
+  const int64_t dim = proj->weight.size(0);
+  gamma1 = register_parameter("gamma1", torch::ones({3 * dim}, opts));
+  gamma2 = register_parameter("gamma2", torch::ones({dim}, opts));
+}
+
+torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  auto h = qkv->forward(x);
+  if (gamma1.defined()) h = gamma1 * h;  // MinimaxDiffusion: scales qkv output incl. bias, before the head split
+  auto parts = h.reshape({B, N, 3, num_heads, head_dim}).permute({2, 0, 3, 1, 4}).unbind(0);
+  torch::Tensor out;
+#if TORCH_VERSION_MAJOR >= 2
+  // Fused kernel (flash / memory-efficient on CUDA); default scale is head_dim^-0.5 as below.
+  out = at::scaled_dot_product_attention(parts[0], parts[1], parts[2]);
+#else
+  // timm's non-fused path, in its op order: (q * scale) @ k^T, softmax, @ v.
+  auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
+  auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1);
+  out = torch::matmul(attn, parts[2]);
+#endif
+  out = proj->forward(out.transpose(1, 2).reshape({B, N, C}));
+  if (gamma2.defined()) out = gamma2 * out;
+  return out;
+}
+
+DiTMlpImpl::DiTMlpImpl(int64_t dim, int64_t hidden) {
+  fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
+  fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+}
+
+torch::Tensor DiTMlpImpl::forward(const torch::Tensor& x) {
+  return fc2->forward(torch::gelu(fc1->forward(x), "tanh"));
+}
+
+DiTBlockImpl::DiTBlockImpl(int64_t hidden_size, int64_t num_heads, double mlp_ratio) {
+  attn = register_module("attn", DiTAttention(hidden_size, num_heads));
+  // int(hidden_size * mlp_ratio) as the reference (Python int() truncates).
+  mlp = register_module("mlp", DiTMlp(hidden_size, static_cast<int64_t>(static_cast<double>(hidden_size) * mlp_ratio)));
+  adaLN_modulation = register_module(
+      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size, 6 * hidden_size)));
+}
+
+void DiTBlockImpl::enable_gammas() {
+  require(!gamma1.defined(), "DiTBlock::enable_gammas: gammas already exist");
+  const auto opts = attn->proj->weight.options();
+  const int64_t dim = attn->proj->weight.size(0);
+  gamma1 = register_parameter("gamma1", torch::ones({dim}, opts));
+  gamma2 = register_parameter("gamma2", torch::ones({dim}, opts));
+  attn->enable_gammas();
+}
+
+torch::Tensor DiTBlockImpl::forward(const torch::Tensor& x_in, const torch::Tensor& c, DiTBlockTaps* taps) {
+  auto mod_all = adaLN_modulation->forward(c);
+  // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+  auto mod = mod_all.chunk(6, 1);
+  auto a = attn->forward(modulate(layer_norm_no_affine(x_in), mod[0], mod[1]));
+  auto gate_msa = mod[2].unsqueeze(1);
+  // MinimaxDiffusion: x + gamma1 * gate * attn(...) (the python int 1 when the block has no gamma).
+  auto x = gamma1.defined() ? x_in + gamma1 * gate_msa * a : x_in + gate_msa * a;
+  auto m = mlp->forward(modulate(layer_norm_no_affine(x), mod[3], mod[4]));
+  auto gate_mlp = mod[5].unsqueeze(1);
+  x = gamma2.defined() ? x + gamma2 * gate_mlp * m : x + gate_mlp * m;
+  if (taps) {
+    taps->adaLN = mod_all;
+    taps->attn = a;
+    taps->mlp = m;
+    taps->out = x;
+  }
+  return x;
+}
+
+FinalLayerImpl::FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels) {
+  linear = register_module("linear", torch::nn::Linear(hidden_size, patch_size * patch_size * out_channels));
+  adaLN_modulation = register_module(
+      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size, 2 * hidden_size)));
+}
+
+torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
+  auto mod = adaLN_modulation->forward(c).chunk(2, 1);  // shift first, then scale
+  return linear->forward(modulate(layer_norm_no_affine(x), mod[0], mod[1]));
+}
+
+// ------------------------------------------------------------------ DiT
+
+DiTImpl::DiTImpl(DiTOptions options) : options_(std::move(options)) {
+  const auto& o = options_;
+  require(o.input_size() > 0 && o.patch_size() > 0 && o.in_channels() > 0 && o.hidden_size() > 0 && o.depth() >= 0 &&
+              o.num_heads() > 0,
+          fmt::format("DiT: sizes must be positive (input_size {}, patch_size {}, in_channels {}, hidden_size {}, "
+                      "depth {}, num_heads {})",
+                      o.input_size(), o.patch_size(), o.in_channels(), o.hidden_size(), o.depth(), o.num_heads()));
+  require(o.input_size() % o.patch_size() == 0,
+          fmt::format("DiT: input_size {} is not divisible by patch_size {}", o.input_size(), o.patch_size()));
+  require(o.hidden_size() % o.num_heads() == 0,
+          fmt::format("DiT: hidden_size {} is not divisible by num_heads {}", o.hidden_size(), o.num_heads()));
+  require(o.hidden_size() % 4 == 0,
+          fmt::format("DiT: hidden_size {} must be a multiple of 4 (2-D sin-cos position table)", o.hidden_size()));
+  require(o.mlp_ratio() > 0 && static_cast<int64_t>(static_cast<double>(o.hidden_size()) * o.mlp_ratio()) > 0,
+          fmt::format("DiT: mlp_ratio {} gives an empty MLP", o.mlp_ratio()));
+  require(o.class_dropout_prob() >= 0 && o.class_dropout_prob() <= 1,
+          fmt::format("DiT: class_dropout_prob {} is not in [0, 1]", o.class_dropout_prob()));
+  require(o.num_classes() > 0, fmt::format("DiT: num_classes {} must be positive", o.num_classes()));
+
+  // Registration order follows the reference __init__ (x_embedder, t_embedder, y_embedder,
+  // pos_embed, blocks, final_layer) so parameter order matches named_parameters() there.
+  x_embedder = register_module("x_embedder", PatchEmbed(o.in_channels(), o.hidden_size(), o.patch_size()));
+  t_embedder = register_module("t_embedder", TimestepEmbedder(o.hidden_size()));
+  y_embedder = register_module("y_embedder", LabelEmbedder(o.num_classes(), o.hidden_size(), o.class_dropout_prob()));
+  const int64_t grid = o.input_size() / o.patch_size();
+  pos_embed = register_parameter("pos_embed", torch::zeros({1, grid * grid, o.hidden_size()}), /*requires_grad=*/false);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < o.depth(); ++i) {
+    DiTBlock b(o.hidden_size(), o.num_heads(), o.mlp_ratio());
+    blocks->push_back(b);
+    block_list_.push_back(b);
+  }
+  final_layer = register_module("final_layer", FinalLayer(o.hidden_size(), o.patch_size(), o.out_channels()));
+  initialize_weights();
+}
+
+void DiTImpl::initialize_weights(std::optional<torch::Generator> gen) {
+  torch::NoGradGuard no_grad;
+  // _basic_init: every Linear gets xavier_uniform weights and zero bias.
+  for (auto& m : modules(/*include_self=*/false)) {
+    if (auto* lin = m->as<torch::nn::LinearImpl>()) {
+      xavier_uniform(lin->weight, gen);
+      if (lin->bias.defined()) lin->bias.zero_();
+    }
+  }
+  const int64_t grid = options_.input_size() / options_.patch_size();
+  pos_embed.copy_(sincos_pos_embed_2d(options_.hidden_size(), grid).to(torch::kFloat32).unsqueeze(0));
+  auto w = x_embedder->proj->weight;
+  xavier_uniform(w.view({w.size(0), -1}), gen);
+  x_embedder->proj->bias.zero_();
+  y_embedder->embedding_table->weight.normal_(0.0, 0.02, to_c10(gen));
+  sequential_linear(t_embedder->mlp, 0)->weight.normal_(0.0, 0.02, to_c10(gen));
+  sequential_linear(t_embedder->mlp, 2)->weight.normal_(0.0, 0.02, to_c10(gen));
+  for (auto& b : block_list_) {
+    auto ada = sequential_linear(b->adaLN_modulation, 1);
+    ada->weight.zero_();
+    ada->bias.zero_();
+    for (auto* g : {&b->gamma1, &b->gamma2, &b->attn->gamma1, &b->attn->gamma2})
+      if (g->defined()) g->fill_(1.0);
+  }
+  auto fada = sequential_linear(final_layer->adaLN_modulation, 1);
+  fada->weight.zero_();
+  fada->bias.zero_();
+  final_layer->linear->weight.zero_();
+  final_layer->linear->bias.zero_();
+}
+
+int64_t DiTImpl::null_class() const { return options_.num_classes(); }
+
+void DiTImpl::set_label_dropout_generator(std::optional<torch::Generator> generator) {
+  dropout_generator_ = std::move(generator);
+}
+
+DiTBlock DiTImpl::block(int64_t i) const {
+  require(i >= 0 && i < static_cast<int64_t>(block_list_.size()),
+          fmt::format("DiT::block: index {} out of range (depth {})", i, block_list_.size()));
+  return block_list_[static_cast<size_t>(i)];
+}
+
+void DiTImpl::check_inputs(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y,
+                           const char* where) const {
+  const auto& o = options_;
+  require(x.defined() && x.dim() == 4, fmt::format("DiT::{}: x must be [N, C, H, W], got shape {}", where, shape_of(x)));
+  require(x.is_floating_point(), fmt::format("DiT::{}: x must be floating point, got {}", where, c10::toString(x.scalar_type())));
+  require(x.size(1) == o.in_channels(), fmt::format("DiT::{}: x has {} channels, the model expects {} (shape {})",
+                                                    where, x.size(1), o.in_channels(), shape_of(x)));
+  require(x.size(2) % o.patch_size() == 0 && x.size(3) % o.patch_size() == 0,
+          fmt::format("DiT::{}: x spatial size {}x{} is not divisible by patch_size {}", where, x.size(2), x.size(3),
+                      o.patch_size()));
+  require(x.size(2) == o.input_size() && x.size(3) == o.input_size(),
+          fmt::format("DiT::{}: x spatial size {}x{} differs from the model's input_size {} (fixed position table)",
+                      where, x.size(2), x.size(3), o.input_size()));
+  const int64_t n = x.size(0);
+  require(t.defined() && t.dim() == 1 && t.size(0) == n,
+          fmt::format("DiT::{}: t must be [N] = [{}], got shape {}", where, n, shape_of(t)));
+  require(t.scalar_type() != torch::kBool, fmt::format("DiT::{}: t must be numeric, got Bool", where));
+  require(y.defined() && y.dim() == 1 && y.size(0) == n,
+          fmt::format("DiT::{}: y must be [N] = [{}], got shape {}", where, n, shape_of(y)));
+  require(y.scalar_type() == torch::kLong || y.scalar_type() == torch::kInt,
+          fmt::format("DiT::{}: y must be int64 labels, got {}", where, c10::toString(y.scalar_type())));
+  if (n > 0) {
+    // Out-of-range labels would be a device-side assert on CUDA: check (one sync) and report.
+    const int64_t max_label = y_embedder->embedding_table->weight.size(0) - 1;
+    const bool bad = ((y < 0) | (y > max_label)).any().item<bool>();
+    require(!bad, fmt::format("DiT::{}: labels must lie in [0, {}] ({} classes{}), got min {} max {}", where, max_label,
+                              o.num_classes(), max_label == o.num_classes() ? " + null class" : ", no null class",
+                              y.min().item<int64_t>(), y.max().item<int64_t>()));
+  }
+}
+
+torch::Tensor DiTImpl::unpatchify(const torch::Tensor& x) const {
+  const int64_t c = options_.out_channels(), p = options_.patch_size();
+  const int64_t n = x.size(0);
+  const int64_t h = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(x.size(1)))));
+  require(x.dim() == 3 && h * h == x.size(1) && x.size(2) == p * p * c,
+          fmt::format("DiT::unpatchify: expected [N, h*h, {}], got {}", p * p * c, shape_of(x)));
+  // reshape(N, h, w, p, p, c) -> einsum('nhwpqc->nchpwq') -> (N, c, h*p, w*p)
+  return x.reshape({n, h, h, p, p, c}).permute({0, 5, 1, 3, 2, 4}).reshape({n, c, h * p, h * p});
+}
+
+torch::Tensor DiTImpl::forward_impl(const torch::Tensor& x_in, const torch::Tensor& t_in, const torch::Tensor& y_in,
+                                    DiTTaps* taps) {
+  check_inputs(x_in, t_in, y_in, taps ? "forward_with_taps" : "forward");
+  const auto y_long = y_in.to(torch::kLong);
+  auto x = x_embedder->forward(x_in) + pos_embed;
+  torch::Tensor t_freq;
+  torch::Tensor t_emb;
+  if (taps) {
+    t_freq = TimestepEmbedderImpl::timestep_embedding(t_in, t_embedder->frequency_embedding_size);
+    t_emb = t_embedder->mlp->forward(t_freq);
+  } else {
+    t_emb = t_embedder->forward(t_in);
+  }
+  auto y_emb = y_embedder->forward(y_long, is_training(), dropout_generator_);
+  auto c = t_emb + y_emb;
+  if (taps) {
+    *taps = DiTTaps{};
+    taps->t_freq = t_freq;
+    taps->t_emb = t_emb;
+    taps->y_emb = y_emb;
+    taps->c = c;
+    taps->x_tokens_pos = x;
+    taps->blocks.resize(block_list_.size());
+  }
+  for (size_t i = 0; i < block_list_.size(); ++i) x = block_list_[i]->forward(x, c, taps ? &taps->blocks[i] : nullptr);
+  x = final_layer->forward(x, c);
+  auto out = unpatchify(x);
+  if (taps) {
+    taps->final_layer_out = x;
+    taps->out = out;
+  }
+  return out;
+}
+
+torch::Tensor DiTImpl::forward(torch::Tensor x, torch::Tensor t, torch::Tensor y) {
+  return forward_impl(x, t, y, nullptr);
+}
+
+torch::Tensor DiTImpl::forward_with_taps(torch::Tensor x, torch::Tensor t, torch::Tensor y, DiTTaps& taps) {
+  return forward_impl(x, t, y, &taps);
+}
+
+torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch::Tensor y, double cfg_scale) {
+  return forward_with_cfg(std::move(x), std::move(t), std::move(y), cfg_scale, kReferenceGuidedChannels);
+}
+
+torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch::Tensor y, double cfg_scale,
+                                        int64_t guided_channels) {
+  require(x.defined() && x.dim() == 4,
+          fmt::format("DiT::forward_with_cfg: x must be [2B, C, H, W], got shape {}", shape_of(x)));
+  require(x.size(0) % 2 == 0 && x.size(0) > 0,
+          fmt::format("DiT::forward_with_cfg: batch must be even and non-empty (conditional half + "
+                      "unconditional half), got {}",
+                      x.size(0)));
+  const int64_t out_ch = options_.out_channels();
+  const int64_t g = guided_channels == kAllEpsChannels ? options_.in_channels() : guided_channels;
+  require(g >= 1 && g <= out_ch, fmt::format("DiT::forward_with_cfg: guided_channels {} must be -1 or in [1, {}]",
+                                             guided_channels, out_ch));
+  const int64_t half = x.size(0) / 2;
+  // The reference ignores x[half:] and runs cat([x[:half], x[:half]]) with the full t and y.
+  auto first = x.narrow(0, 0, half);
+  auto out = forward(torch::cat({first, first}, 0), t, y);
+  auto eps = out.narrow(1, 0, g);
+  auto rest = out.narrow(1, g, out_ch - g);
+  auto cond = eps.narrow(0, 0, half);
+  auto uncond = eps.narrow(0, half, half);
+  auto half_eps = uncond + cfg_scale * (cond - uncond);
+  return torch::cat({torch::cat({half_eps, half_eps}, 0), rest}, 1);
+}
+
+}  // namespace mdd

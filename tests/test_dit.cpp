@@ -1,0 +1,400 @@
+// DiT and DiffFit: golden parity with the reference (tests/data MANIFEST.json cases dit_small,
+// dit_difffit, key_lists), plus shape/label errors, label dropout and presets.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <set>
+#include <string>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "mdd/io/state_dict.h"
+#include "mdd/models/difffit.h"
+#include "mdd/models/dit.h"
+#include "mdd/util/error.h"
+#include "test_util.h"
+
+namespace {
+
+using mdd_test::AllClose;
+using mdd_test::golden;
+
+nlohmann::json read_json(const std::string& name) {
+  std::ifstream in(mdd_test::data_path(name));
+  EXPECT_TRUE(in.good()) << name;
+  return nlohmann::json::parse(in);
+}
+
+const nlohmann::json& manifest_cases() {
+  static const nlohmann::json cases = read_json("MANIFEST.json").at("cases");
+  return cases;
+}
+
+// suggested_atol of `tensor` in MANIFEST case `case_name` (never loosened here).
+double atol_of(const std::string& case_name, const std::string& tensor) {
+  return manifest_cases().at(case_name).at("tensors").at(tensor).at("suggested_atol").get<double>();
+}
+
+// The constructor arguments recorded in the MANIFEST case.
+mdd::DiTOptions manifest_options(const std::string& case_name) {
+  const auto& c = manifest_cases().at(case_name).at("constructor");
+  return mdd::DiTOptions(c.at("input_size"), c.at("patch_size"), c.at("in_channels"), c.at("hidden_size"),
+                         c.at("depth"), c.at("num_heads"))
+      .mlp_ratio(c.at("mlp_ratio"))
+      .class_dropout_prob(c.at("class_dropout_prob"))
+      .num_classes(c.at("num_classes"))
+      .learn_sigma(c.at("learn_sigma"));
+}
+
+mdd::DiT small_model() { return mdd::DiT(manifest_options("dit_small")); }
+
+// Every tensor with a suggested_atol in the case, compared against the taps.
+void check_all_taps(const std::string& case_name, const mdd::DiTTaps& taps, const mdd::io::TensorMap& io) {
+  std::map<std::string, torch::Tensor> actual = {
+      {"t_freq", taps.t_freq},          {"t_emb", taps.t_emb},
+      {"y_emb", taps.y_emb},            {"c", taps.c},
+      {"x_tokens_pos", taps.x_tokens_pos}, {"final_layer_out", taps.final_layer_out},
+      {"out", taps.out},
+  };
+  for (size_t i = 0; i < taps.blocks.size(); ++i) {
+    const std::string b = "block" + std::to_string(i) + "_";
+    actual[b + "adaLN"] = taps.blocks[i].adaLN;
+    actual[b + "attn"] = taps.blocks[i].attn;
+    actual[b + "mlp"] = taps.blocks[i].mlp;
+    actual[b + "out"] = taps.blocks[i].out;
+  }
+  int checked = 0;
+  for (const auto& [name, meta] : manifest_cases().at(case_name).at("tensors").items()) {
+    if (!meta.contains("suggested_atol") || name.rfind("cfg_", 0) == 0) continue;
+    auto it = actual.find(name);
+    ASSERT_NE(it, actual.end()) << "no tap for MANIFEST tensor " << name;
+    EXPECT_TRUE(AllClose(it->second, io.at(name), meta.at("suggested_atol").get<double>())) << case_name << "/" << name;
+    ++checked;
+  }
+  EXPECT_GE(checked, 13) << "fewer golden tensors than expected in " << case_name;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ golden parity
+
+TEST(DiT, GoldenSmallEveryTapAndOutput) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"), /*strict=*/true);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  mdd::DiTTaps taps;
+  auto out = model->forward_with_taps(io.at("x"), io.at("t"), io.at("y"), taps);
+  ASSERT_EQ(taps.blocks.size(), 2u);
+  check_all_taps("dit_small", taps, io);
+  // The plain forward is the same computation.
+  EXPECT_TRUE(torch::equal(model->forward(io.at("x"), io.at("t"), io.at("y")), out));
+}
+
+TEST(DiT, GoldenSmallForwardWithCfg) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"));
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  auto out = model->forward_with_cfg(io.at("cfg_x"), io.at("cfg_t"), io.at("cfg_y"), io.at("cfg_scale").item<double>());
+  EXPECT_TRUE(AllClose(out, io.at("cfg_out"), atol_of("dit_small", "cfg_out")));
+  // The second half of x is ignored by the reference rule.
+  auto x2 = io.at("cfg_x").clone();
+  x2.narrow(0, 3, 3).normal_();
+  auto out2 = model->forward_with_cfg(x2, io.at("cfg_t"), io.at("cfg_y"), io.at("cfg_scale").item<double>());
+  EXPECT_TRUE(torch::equal(out, out2));
+}
+
+TEST(DiT, CfgAllEpsChannelsOption) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"));
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  const double s = 2.5;
+  auto x = io.at("cfg_x"), t = io.at("cfg_t"), y = io.at("cfg_y");
+  auto raw = model->forward(torch::cat({x.narrow(0, 0, 3), x.narrow(0, 0, 3)}), t, y);
+  auto all = model->forward_with_cfg(x, t, y, s, mdd::DiTImpl::kAllEpsChannels);
+  auto ref3 = model->forward_with_cfg(x, t, y, s, mdd::DiTImpl::kReferenceGuidedChannels);
+  EXPECT_TRUE(torch::equal(ref3, model->forward_with_cfg(x, t, y, s)));
+  auto cond = raw.narrow(0, 0, 3), uncond = raw.narrow(0, 3, 3);
+  auto guided = uncond.narrow(1, 0, 4) + s * (cond.narrow(1, 0, 4) - uncond.narrow(1, 0, 4));
+  for (int half = 0; half < 2; ++half) {
+    EXPECT_TRUE(torch::equal(all.narrow(0, 3 * half, 3).narrow(1, 0, 4), guided));
+    EXPECT_TRUE(torch::equal(all.narrow(1, 4, 4), raw.narrow(1, 4, 4)));
+    // Reference rule: channel 3 stays raw per half.
+    EXPECT_TRUE(torch::equal(ref3.narrow(1, 3, 5), raw.narrow(1, 3, 5)));
+    EXPECT_TRUE(torch::equal(ref3.narrow(0, 3 * half, 3).narrow(1, 0, 3), guided.narrow(1, 0, 3)));
+  }
+  EXPECT_THROW(model->forward_with_cfg(x, t, y, s, 0), mdd::Error);
+  EXPECT_THROW(model->forward_with_cfg(x, t, y, s, 9), mdd::Error);
+}
+
+TEST(DiT, PosEmbedMatchesReferenceTable) {
+  auto model = small_model();
+  const auto w = golden("dit_small.weights.safetensors");
+  // Same float64 -> float32 table as the reference (not redrawn in the fixture).
+  EXPECT_TRUE(AllClose(model->pos_embed, w.at("pos_embed"), 1e-6));
+  EXPECT_FALSE(model->pos_embed.requires_grad());
+}
+
+TEST(DiffFit, GoldenEveryTapAndOutput) {
+  auto model = small_model();
+  mdd::apply_difffit(model);
+  mdd::load_state_dict(*model, golden("dit_difffit.weights.safetensors"), /*strict=*/true);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_difffit.io.safetensors");
+  mdd::DiTTaps taps;
+  model->forward_with_taps(io.at("x"), io.at("t"), io.at("y"), taps);
+  check_all_taps("dit_difffit", taps, io);
+}
+
+TEST(DiffFit, UnitGammasReproducePlainModelExactly) {
+  auto plain = small_model();
+  auto fitted = small_model();
+  const auto w = golden("dit_small.weights.safetensors");
+  mdd::load_state_dict(*plain, w);
+  mdd::apply_difffit(fitted);
+  auto report = mdd::load_state_dict(*fitted, w, /*strict=*/false);
+  // Only the gammas are missing (like train_dit.py's strict=False load, but checked).
+  const auto& expected_missing = manifest_cases().at("dit_difffit").at("missing_keys_when_loading_plain_DiT_state_dict");
+  EXPECT_EQ(std::set<std::string>(report.missing.begin(), report.missing.end()),
+            expected_missing.get<std::set<std::string>>());
+  EXPECT_TRUE(report.unexpected.empty());
+  EXPECT_TRUE(report.mismatched.empty());
+  plain->eval();
+  fitted->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  EXPECT_TRUE(torch::equal(plain->forward(io.at("x"), io.at("t"), io.at("y")),
+                           fitted->forward(io.at("x"), io.at("t"), io.at("y"))));
+}
+
+TEST(DiffFit, TrainableSetAndGradients) {
+  auto model = small_model();
+  mdd::apply_difffit(model);
+  std::set<std::string> trainable;
+  int64_t numel = 0;
+  for (const auto& p : model->named_parameters())
+    if (p.value().requires_grad()) {
+      trainable.insert(p.key());
+      numel += p.value().numel();
+    }
+  const auto expected = manifest_cases().at("dit_difffit").at("difffit_trainable_keys").get<std::set<std::string>>();
+  EXPECT_EQ(trainable, expected);
+  int64_t via_api = 0;
+  for (const auto& p : mdd::trainable_parameters(*model)) via_api += p.numel();
+  EXPECT_EQ(via_api, numel);
+  EXPECT_EQ(mdd::trainable_parameters(*model).size(), expected.size());
+
+  // Gradients reach exactly the trainable parameters.
+  mdd::load_state_dict(*model, golden("dit_difffit.weights.safetensors"));
+  model->train();
+  auto gen = at::detail::createCPUGenerator(7);
+  model->set_label_dropout_generator(gen);
+  const auto io = golden("dit_difffit.io.safetensors");
+  model->forward(io.at("x"), io.at("t"), io.at("y")).square().sum().backward();
+  for (const auto& p : model->named_parameters()) {
+    if (expected.count(p.key())) {
+      ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    } else {
+      EXPECT_FALSE(p.value().grad().defined()) << p.key();
+    }
+  }
+  EXPECT_THROW(mdd::apply_difffit(model), mdd::Error);  // documented: not idempotent
+}
+
+TEST(DiffFit, GammaBlocksLimitsKeys) {
+  auto model = small_model();
+  mdd::apply_difffit(model, mdd::DiffFitOptions().gamma_blocks(1));
+  const auto sd = mdd::state_dict(*model);
+  EXPECT_TRUE(sd.count("blocks.0.gamma1") && sd.count("blocks.0.gamma2") && sd.count("blocks.0.attn.gamma1") &&
+              sd.count("blocks.0.attn.gamma2"));
+  EXPECT_EQ(sd.at("blocks.0.attn.gamma1").sizes(), torch::IntArrayRef({192}));
+  for (const auto& kv : sd) EXPECT_EQ(kv.first.find("blocks.1.") == 0 && kv.first.find("gamma") != std::string::npos, false) << kv.first;
+  EXPECT_TRUE(mdd::has_difffit(model));
+  EXPECT_FALSE(mdd::has_difffit(small_model()));
+  EXPECT_THROW(mdd::apply_difffit(model, mdd::DiffFitOptions().gamma_blocks(-1)), mdd::Error);
+}
+
+// ------------------------------------------------------------------ DiT-XL/2 key lists
+
+TEST(DiT, XL2KeysShapesAndDiffFitCounts) {
+  const auto keys = read_json("dit_xl2_keys.json");
+  const auto fkeys = read_json("dit_xl2_difffit_keys.json");
+  mdd::DiT model(mdd::dit_options("DiT-XL/2"));  // ~2.7 GB, built once
+  {
+    const auto sd = mdd::state_dict(*model);
+    ASSERT_EQ(sd.size(), keys.at("num_state_dict_keys").get<size_t>());
+    int64_t total = 0;
+    for (const auto& k : keys.at("keys")) {
+      const auto name = k.at("key").get<std::string>();
+      auto it = sd.find(name);
+      ASSERT_NE(it, sd.end()) << name;
+      EXPECT_EQ(it->second.sizes().vec(), k.at("shape").get<std::vector<int64_t>>()) << name;
+      total += it->second.numel();
+    }
+    EXPECT_EQ(total, keys.at("total_parameters_incl_pos_embed").get<int64_t>());
+    EXPECT_EQ(total, 675129632);
+    for (const auto& p : model->named_parameters()) EXPECT_EQ(p.value().requires_grad(), p.key() != "pos_embed") << p.key();
+    EXPECT_TRUE(model->buffers().empty());
+  }
+  mdd::apply_difffit(model);
+  const auto sd = mdd::state_dict(*model);
+  ASSERT_EQ(sd.size(), 348u);
+  ASSERT_EQ(sd.size(), fkeys.at("num_state_dict_keys").get<size_t>());
+  std::set<std::string> trainable_keys;
+  int64_t trainable = 0;
+  for (const auto& p : model->named_parameters())
+    if (p.value().requires_grad()) {
+      trainable_keys.insert(p.key());
+      trainable += p.value().numel();
+    }
+  for (const auto& k : fkeys.at("keys")) {
+    const auto name = k.at("key").get<std::string>();
+    auto it = sd.find(name);
+    ASSERT_NE(it, sd.end()) << name;
+    EXPECT_EQ(it->second.sizes().vec(), k.at("shape").get<std::vector<int64_t>>()) << name;
+    EXPECT_EQ(trainable_keys.count(name) == 1, k.at("trainable_under_difffit").get<bool>()) << name;
+  }
+  EXPECT_EQ(trainable_keys, fkeys.at("difffit_trainable_keys").get<std::set<std::string>>());
+  EXPECT_EQ(trainable_keys.size(), 202u);
+  EXPECT_EQ(trainable, 1739552);
+  EXPECT_EQ(trainable, fkeys.at("difffit_trainable_parameters").get<int64_t>());
+  int64_t via_api = 0;
+  for (const auto& p : mdd::trainable_parameters(*model)) via_api += p.numel();
+  EXPECT_EQ(via_api, 1739552);
+}
+
+// ------------------------------------------------------------------ behaviour
+
+TEST(DiT, LabelDropoutOnlyInTrainModeAndSeeded) {
+  auto opts = manifest_options("dit_small").class_dropout_prob(0.25);
+  mdd::DiT model(opts);
+  torch::NoGradGuard no_grad;
+  const int64_t n = 2000;
+  auto x = torch::zeros({n, 4, 8, 8});
+  auto t = torch::full({n}, 5, torch::kLong);
+  auto y = torch::arange(n, torch::kLong).remainder(10);
+  const auto table = model->y_embedder->embedding_table->weight;
+  auto count_null = [&](const mdd::DiTTaps& taps) {
+    auto is_null = (taps.y_emb - table[model->null_class()]).abs().amax(1).eq(0);
+    auto is_own = (taps.y_emb - table.index_select(0, y)).abs().amax(1).eq(0);
+    EXPECT_TRUE((is_null | is_own).all().item<bool>()) << "rows must be the label's or the null row";
+    return is_null.sum().item<int64_t>();
+  };
+  mdd::DiTTaps taps;
+  model->eval();
+  model->forward_with_taps(x, t, y, taps);
+  EXPECT_EQ(count_null(taps), 0);
+
+  model->train();
+  model->set_label_dropout_generator(at::detail::createCPUGenerator(42));
+  model->forward_with_taps(x, t, y, taps);
+  const int64_t dropped = count_null(taps);
+  // Binomial(2000, 0.25): mean 500, sd ~19.4; 5 sd band.
+  EXPECT_NEAR(static_cast<double>(dropped) / n, 0.25, 0.05);
+  auto first = taps.y_emb.clone();
+  model->set_label_dropout_generator(at::detail::createCPUGenerator(42));
+  model->forward_with_taps(x, t, y, taps);
+  EXPECT_TRUE(torch::equal(first, taps.y_emb)) << "same seed must give the same drops";
+
+  // No dropout at all when class_dropout_prob = 0 (and then no null row).
+  mdd::DiT no_drop(manifest_options("dit_small").class_dropout_prob(0.0));
+  EXPECT_EQ(no_drop->y_embedder->embedding_table->weight.size(0), 10);
+  no_drop->train();
+  EXPECT_THROW(no_drop->forward(x.narrow(0, 0, 2), t.narrow(0, 0, 2), torch::full({2}, 10, torch::kLong)), mdd::Error);
+}
+
+TEST(DiT, BadInputsThrow) {
+  auto model = small_model();
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 4, 8, 8});
+  auto t = torch::tensor({1, 2}, torch::kLong);
+  auto y = torch::tensor({0, 10}, torch::kLong);
+  EXPECT_NO_THROW(model->forward(x, t, y));
+  EXPECT_THROW(model->forward(torch::randn({4, 8, 8}), t, y), mdd::Error);        // not 4-D
+  EXPECT_THROW(model->forward(torch::randn({2, 3, 8, 8}), t, y), mdd::Error);     // channels
+  EXPECT_THROW(model->forward(torch::randn({2, 4, 9, 9}), t, y), mdd::Error);     // H % patch
+  EXPECT_THROW(model->forward(torch::randn({2, 4, 10, 10}), t, y), mdd::Error);   // H != input_size
+  EXPECT_THROW(model->forward(x, torch::tensor({1, 2, 3}), y), mdd::Error);       // t batch
+  EXPECT_THROW(model->forward(x, t, torch::tensor({1}, torch::kLong)), mdd::Error);  // y batch
+  EXPECT_THROW(model->forward(x, t, torch::tensor({0, 11}, torch::kLong)), mdd::Error);  // label range
+  EXPECT_THROW(model->forward(x, t, torch::tensor({-1, 0}, torch::kLong)), mdd::Error);
+  EXPECT_THROW(model->forward(x, t, torch::tensor({0.f, 1.f})), mdd::Error);      // float labels
+  EXPECT_THROW(model->forward_with_cfg(torch::randn({3, 4, 8, 8}), torch::tensor({1, 2, 3}),
+                                       torch::tensor({0, 1, 10}, torch::kLong), 4.0),
+               mdd::Error);  // odd batch
+  try {
+    model->forward(torch::randn({2, 3, 8, 8}), t, y);
+  } catch (const mdd::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("3 channels"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(mdd::DiT(mdd::DiTOptions(8, 2, 4, 66, 1, 4)), mdd::Error);  // 66 % 4 heads
+  EXPECT_THROW(mdd::DiT(mdd::DiTOptions(9, 2, 4, 64, 1, 4)), mdd::Error);  // 9 % patch 2
+  EXPECT_THROW(model->block(2), mdd::Error);
+}
+
+TEST(DiT, PresetsMatchReferenceTable) {
+  struct Row {
+    const char* name;
+    int64_t depth, hidden, heads, patch;
+  };
+  // DiT models.py:328-370 (reference §4.1).
+  const Row rows[] = {{"DiT-XL/2", 28, 1152, 16, 2}, {"DiT-XL/4", 28, 1152, 16, 4}, {"DiT-XL/8", 28, 1152, 16, 8},
+                      {"DiT-L/2", 24, 1024, 16, 2},  {"DiT-L/4", 24, 1024, 16, 4},  {"DiT-L/8", 24, 1024, 16, 8},
+                      {"DiT-B/2", 12, 768, 12, 2},   {"DiT-B/4", 12, 768, 12, 4},   {"DiT-B/8", 12, 768, 12, 8},
+                      {"DiT-S/2", 12, 384, 6, 2},    {"DiT-S/4", 12, 384, 6, 4},    {"DiT-S/8", 12, 384, 6, 8}};
+  ASSERT_EQ(mdd::dit_model_names().size(), 12u);
+  for (const auto& r : rows) {
+    const auto o = mdd::dit_options(r.name, 16, 10);
+    EXPECT_EQ(o.depth(), r.depth) << r.name;
+    EXPECT_EQ(o.hidden_size(), r.hidden) << r.name;
+    EXPECT_EQ(o.num_heads(), r.heads) << r.name;
+    EXPECT_EQ(o.patch_size(), r.patch) << r.name;
+    EXPECT_EQ(o.in_channels(), 4);
+    EXPECT_EQ(o.input_size(), 16);
+    EXPECT_EQ(o.num_classes(), 10);
+    EXPECT_DOUBLE_EQ(o.mlp_ratio(), 4.0);
+    EXPECT_DOUBLE_EQ(o.class_dropout_prob(), 0.1);
+    EXPECT_TRUE(o.learn_sigma());
+    EXPECT_EQ(o.out_channels(), 8);
+  }
+  const auto d = mdd::dit_options("DiT-XL/2");
+  EXPECT_EQ(d.input_size(), 32);
+  EXPECT_EQ(d.num_classes(), 1000);
+  try {
+    mdd::dit_options("DiT-XXL/2");
+    FAIL() << "unknown preset accepted";
+  } catch (const mdd::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DiT-S/8"), std::string::npos) << e.what();
+  }
+  // One small preset end to end.
+  mdd::DiT s8(mdd::dit_options("DiT-S/8", 16, 10));
+  s8->eval();
+  torch::NoGradGuard no_grad;
+  auto out = s8->forward(torch::randn({2, 4, 16, 16}), torch::tensor({10, 500}), torch::tensor({3, s8->null_class()}));
+  EXPECT_EQ(out.sizes(), torch::IntArrayRef({2, 8, 16, 16}));
+  // adaLN-Zero init: a fresh model predicts exactly zero.
+  EXPECT_EQ(out.abs().max().item<float>(), 0.f);
+}
+
+TEST(DiT, SeededInitialisationIsReproducible) {
+  auto a = small_model(), b = small_model();
+  a->initialize_weights(at::detail::createCPUGenerator(3));
+  b->initialize_weights(at::detail::createCPUGenerator(3));
+  const auto sa = mdd::state_dict(*a), sb = mdd::state_dict(*b);
+  for (const auto& kv : sa) EXPECT_TRUE(torch::equal(kv.second, sb.at(kv.first))) << kv.first;
+  // Reference init: zero biases, zero adaLN, N(0, 0.02) label table.
+  EXPECT_EQ(sa.at("blocks.0.adaLN_modulation.1.weight").abs().max().item<float>(), 0.f);
+  EXPECT_EQ(sa.at("blocks.1.attn.qkv.bias").abs().max().item<float>(), 0.f);
+  EXPECT_NEAR(sa.at("y_embedder.embedding_table.weight").std().item<double>(), 0.02, 0.005);
+  const double bound = std::sqrt(6.0 / (64 + 192));
+  EXPECT_LE(sa.at("blocks.0.attn.qkv.weight").abs().max().item<double>(), bound);
+}
