@@ -1,0 +1,201 @@
+#include "mdd/diffusion/sampler.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+#include <sstream>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "mdd/util/error.h"
+
+namespace mdd {
+namespace {
+
+std::string shape_str(const torch::Tensor& t) {
+  if (!t.defined()) return "<undefined>";
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+DiffusionOptions diffusion_options(const SamplerOptions& o) {
+  return DiffusionOptions()
+      .num_timesteps(o.diffusion_steps())
+      .timestep_respacing(o.timestep_respacing())
+      .learn_sigma(o.learn_sigma())
+      .noise_schedule(o.noise_schedule());
+}
+
+const SamplerOptions& validated(const SamplerOptions& o) {
+  if (o.batch_size() < 1) throw Error(fmt::format("SamplerOptions: batch_size must be >= 1, got {}", o.batch_size()));
+  if (!std::isfinite(o.cfg_scale())) throw Error("SamplerOptions: cfg_scale must be finite");
+  if (!(o.eta() >= 0.0) || !std::isfinite(o.eta())) {
+    throw Error(fmt::format("SamplerOptions: eta must be finite and >= 0, got {}", o.eta()));
+  }
+  if (o.latent_shape().size() != 3) {
+    throw Error(fmt::format("SamplerOptions: latent_shape must be [C, H, W], got {} dims", o.latent_shape().size()));
+  }
+  for (auto v : o.latent_shape()) {
+    if (v < 1) throw Error("SamplerOptions: latent_shape entries must be >= 1");
+  }
+  if (o.cfg_scale() != 1.0 && o.null_class() < 0) {
+    throw Error(fmt::format("SamplerOptions: classifier-free guidance needs a null_class >= 0, got {}", o.null_class()));
+  }
+  return o;
+}
+
+}  // namespace
+
+uint64_t Sampler::image_seed(uint64_t seed, int64_t image_id) {
+  return splitmix64(seed ^ splitmix64(static_cast<uint64_t>(image_id)));
+}
+
+Sampler::Sampler(ConditionalModelFn model, SamplerOptions options)
+    : model_(std::move(model)), options_(validated(options)), diffusion_(diffusion_options(options_)) {
+  if (!model_) throw Error("Sampler: empty model function");
+}
+
+torch::Tensor Sampler::check_labels(const torch::Tensor& labels) const {
+  if (!labels.defined() || labels.dim() != 1) {
+    throw Error(fmt::format("Sampler: labels must be a 1-D int64 tensor [N], got shape {}", shape_str(labels)));
+  }
+  if (labels.is_floating_point() || labels.is_complex() || labels.scalar_type() == torch::kBool) {
+    throw Error(fmt::format("Sampler: labels must be integers, got {}", c10::toString(labels.scalar_type())));
+  }
+  auto y = labels.to(torch::kInt64);
+  if (y.numel() > 0) {
+    const int64_t lo = y.min().item<int64_t>();
+    const int64_t hi = y.max().item<int64_t>();
+    if (lo < 0 || (options_.null_class() >= 0 && hi > options_.null_class())) {
+      throw Error(fmt::format("Sampler: labels must be in [0, {}] (null_class), got range [{}, {}]",
+                              options_.null_class(), lo, hi));
+    }
+  }
+  return y.to(options_.device());
+}
+
+ModelFn Sampler::guided_model(const torch::Tensor& labels_in) const {
+  const torch::Tensor y = check_labels(labels_in);
+  const ConditionalModelFn model = model_;
+  const double scale = options_.cfg_scale();
+  if (scale == 1.0) {
+    return [model, y](const torch::Tensor& x, const torch::Tensor& t) { return model(x, t, y); };
+  }
+  const int64_t null_class = options_.null_class();
+  const bool all_eps = options_.guidance() == CfgGuidance::kAllEpsChannels;
+  return [model, y, scale, null_class, all_eps](const torch::Tensor& x, const torch::Tensor& t) {
+    const int64_t n = x.size(0);
+    if (y.size(0) != n) {
+      throw Error(fmt::format("Sampler: {} labels for a batch of {} latents", y.size(0), n));
+    }
+    const auto y_in = torch::cat({y, torch::full_like(y, null_class)});
+    const auto out = model(torch::cat({x, x}), torch::cat({t, t}), y_in);
+    const int64_t c = x.size(1);
+    // eps occupies channels 0..C-1 whether or not variance channels follow.
+    const int64_t guided = all_eps ? c : 3;
+    if (!out.defined() || out.dim() < 2 || out.size(0) != 2 * n || out.size(1) < guided) {
+      throw Error(fmt::format("Sampler: model output has shape {} for a CFG batch of {} (need >= {} channels)",
+                              shape_str(out), 2 * n, guided));
+    }
+    const auto cond = out.narrow(0, 0, n);
+    const auto uncond = out.narrow(0, n, n);
+    const auto cond_eps = cond.narrow(1, 0, guided);
+    const auto uncond_eps = uncond.narrow(1, 0, guided);
+    // Same expression and order as forward_with_cfg: uncond + s * (cond - uncond).
+    const auto half_eps = uncond_eps + scale * (cond_eps - uncond_eps);
+    if (guided == out.size(1)) return half_eps;
+    return torch::cat({half_eps, cond.narrow(1, guided, out.size(1) - guided)}, 1);
+  };
+}
+
+torch::Tensor Sampler::run(const torch::Tensor& labels, const torch::Tensor& x_T, const StepNoiseFn& step_noise,
+                           const ProgressFn& on_step) const {
+  torch::NoGradGuard no_grad;
+  const ModelFn model = guided_model(labels);
+  if (options_.method() == SamplingMethod::kDDIM) {
+    return diffusion_.ddim_sample_loop(model, x_T, step_noise, options_.eta(), options_.clip_denoised(), on_step);
+  }
+  return diffusion_.p_sample_loop(model, x_T, step_noise, options_.clip_denoised(), on_step);
+}
+
+torch::Tensor Sampler::sample_from_noise(const torch::Tensor& labels, const torch::Tensor& x_T,
+                                         const StepNoiseFn& step_noise, const ProgressFn& progress) const {
+  const auto& ls = options_.latent_shape();
+  if (!x_T.defined() || x_T.dim() != 4 || x_T.size(1) != ls[0] || x_T.size(2) != ls[1] || x_T.size(3) != ls[2]) {
+    throw Error(fmt::format("Sampler::sample_from_noise: x_T has shape {}, expected [N, {}, {}, {}]", shape_str(x_T),
+                            ls[0], ls[1], ls[2]));
+  }
+  if (!labels.defined() || labels.dim() != 1 || labels.size(0) != x_T.size(0)) {
+    throw Error(fmt::format("Sampler::sample_from_noise: labels shape {} does not match x_T batch {}",
+                            shape_str(labels), x_T.size(0)));
+  }
+  return run(labels, x_T.to(options_.device()), step_noise, progress);
+}
+
+torch::Tensor Sampler::sample(const torch::Tensor& labels, const ProgressFn& progress) const {
+  if (!labels.defined() || labels.dim() != 1) {
+    throw Error(fmt::format("Sampler::sample: labels must be a 1-D tensor [N], got shape {}", shape_str(labels)));
+  }
+  return sample(labels, torch::arange(labels.size(0), torch::kInt64), progress);
+}
+
+torch::Tensor Sampler::sample(const torch::Tensor& labels_in, const torch::Tensor& image_ids,
+                              const ProgressFn& progress) const {
+  const torch::Tensor labels = check_labels(labels_in);
+  if (!image_ids.defined() || image_ids.dim() != 1 || image_ids.size(0) != labels.size(0) ||
+      image_ids.is_floating_point()) {
+    throw Error(fmt::format("Sampler::sample: image_ids must be an integer tensor [{}], got shape {}", labels.size(0),
+                            shape_str(image_ids)));
+  }
+  const auto ids = image_ids.to(torch::kCPU, torch::kInt64).contiguous();
+  const int64_t n = labels.size(0);
+  const auto& ls = options_.latent_shape();
+  const int64_t B = options_.batch_size();
+  const int64_t S = diffusion_.num_timesteps();
+  const int64_t num_batches = (n + B - 1) / B;
+  const auto cpu_f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<torch::Tensor> outs;
+  for (int64_t b = 0; b < num_batches; ++b) {
+    const int64_t lo = b * B;
+    const int64_t cnt = std::min(B, n - lo);
+    // One generator per image: its noise never depends on which batch it lands in.
+    std::vector<at::Generator> gens;
+    gens.reserve(static_cast<size_t>(cnt));
+    for (int64_t i = 0; i < cnt; ++i) {
+      gens.push_back(at::detail::createCPUGenerator(image_seed(options_.seed(), ids[lo + i].item<int64_t>())));
+    }
+    auto draw = [&]() {
+      std::vector<torch::Tensor> rows;
+      rows.reserve(gens.size());
+      for (auto& g : gens) rows.push_back(torch::randn({ls[0], ls[1], ls[2]}, g, cpu_f32));
+      return torch::stack(rows).to(options_.device());
+    };
+    const auto x_T = draw();
+    const StepNoiseFn step_noise = [&](int64_t, const torch::Tensor&) { return draw(); };
+    ProgressFn on_step;
+    if (progress) {
+      on_step = [&](const Progress& p) {
+        const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        progress(Progress{"sample", b * S + p.step, num_batches * S, el});
+      };
+    }
+    outs.push_back(run(labels.narrow(0, lo, cnt), x_T, step_noise, on_step));
+  }
+  if (outs.empty()) {
+    return torch::empty({0, ls[0], ls[1], ls[2]}, cpu_f32.device(options_.device()));
+  }
+  return torch::cat(outs);
+}
+
+}  // namespace mdd
