@@ -1,0 +1,1 @@
+mdd_add_benchmark(bench_io SOURCES bench_io.cpp AREAS util io)

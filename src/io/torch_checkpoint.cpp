@@ -1,0 +1,268 @@
+#include "mdd/io/torch_checkpoint.h"
+
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "io/pickle.h"
+#include "io/zip_reader.h"
+#include "mdd/util/error.h"
+#include "util/file_util.h"
+
+namespace mdd {
+namespace io {
+
+// Defined in safetensors.cpp (same library): parses a buffer that is already in memory without
+// copying it, so load_weights reads the file exactly once whatever its format.
+SafeTensors parse_safetensors_buffer(const torch::Tensor& buffer, const std::string& what);
+
+namespace {
+
+using detail::PickleValue;
+using Kind = PickleValue::Kind;
+
+// A torch.save file before PyTorch 1.6 (or with _use_new_zipfile_serialization=False) starts with a
+// protocol-2 pickle of the magic number 0x1950a86a20f9469cfc6c.
+bool is_legacy_torch_file(const uint8_t* p, size_t n) {
+  static const uint8_t kMagic[] = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};
+  return n >= sizeof(kMagic) && std::memcmp(p, kMagic, sizeof(kMagic)) == 0;
+}
+
+bool is_zip(const uint8_t* p, size_t n) {
+  return n >= 4 && p[0] == 'P' && p[1] == 'K' && ((p[2] == 3 && p[3] == 4) || (p[2] == 5 && p[3] == 6));
+}
+
+struct StorageRecord {
+  std::string key;
+  const detail::ZipEntry* entry = nullptr;
+  torch::ScalarType dtype = torch::kByte;
+  int64_t numel = 0;
+  PickleValue* value = nullptr;
+  torch::Tensor data;  // 1-D, `dtype`, materialised on demand
+};
+
+// Flattens nested dicts into dotted keys; only tensor leaves are kept.
+class Flattener {
+ public:
+  Flattener(const std::string& what, size_t budget) : what_(what), budget_(budget) {}
+  std::map<std::string, const PickleValue*> out;
+
+  void run(const PickleValue* dict, const std::string& prefix) {
+    if (path_.count(dict)) throw Error(fmt::format("{}: the dict under '{}' contains itself (cyclic pickle)", what_, prefix));
+    if (path_.size() >= 64) throw Error(fmt::format("{}: dicts nested deeper than 64 levels at '{}'", what_, prefix));
+    path_.insert(dict);
+    for (const auto& [k, v] : dict->entries) {
+      if (budget_-- == 0) throw Error(fmt::format("{}: too many dict entries to flatten (shared sub-dicts?)", what_));
+      std::string key;
+      if (k->kind == Kind::Str) key = k->text;
+      else if (k->kind == Kind::Int) key = std::to_string(k->integer);  // e.g. optimizer state {0: {...}}
+      else continue;
+      std::string name = prefix.empty() ? key : prefix + "." + key;
+      if (v->kind == Kind::Tensor) {
+        if (!out.emplace(name, v).second)
+          throw Error(fmt::format("{}: key '{}' occurs twice after flattening nested dicts", what_, name));
+      } else if (v->kind == Kind::Dict) {
+        run(v, name);
+      }  // other leaves (numbers, strings, placeholders such as argparse.Namespace) carry no weights
+    }
+    path_.erase(dict);
+  }
+
+ private:
+  const std::string& what_;
+  size_t budget_;
+  std::unordered_set<const PickleValue*> path_;
+};
+
+const PickleValue* dict_get(const PickleValue* dict, const std::string& key) {
+  for (const auto& [k, v] : dict->entries)
+    if (k->kind == Kind::Str && k->text == key) return v;
+  return nullptr;
+}
+
+TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& path, const std::string& entry) {
+  const auto* base = bytes.data_ptr<uint8_t>();
+  const size_t size = size_t(bytes.numel());
+  if (is_legacy_torch_file(base, size))
+    throw Error(fmt::format("{}: legacy torch.save format (PyTorch < 1.6 or _use_new_zipfile_serialization=False) is not "
+                            "supported; re-save it with torch.save(obj, path) in PyTorch >= 1.6, or convert it to "
+                            "safetensors",
+                            path));
+  if (!is_zip(base, size))
+    throw Error(fmt::format("{}: not a torch.save checkpoint (no zip signature; file truncated or of another format)", path));
+  detail::ZipReader zip(bytes, path);
+
+  // torch.save writes every record under one top-level folder: <prefix>/data.pkl, <prefix>/data/<key>.
+  std::string prefix;
+  int found = 0;
+  for (const auto& [name, e] : zip.entries()) {
+    const auto slash = name.find('/');
+    if (slash != std::string::npos && name.compare(slash, std::string::npos, "/data.pkl") == 0) {
+      prefix = name.substr(0, slash);
+      ++found;
+    }
+  }
+  if (found != 1)
+    throw Error(fmt::format("{}: {} (expected exactly one '<archive>/data.pkl')", path,
+                            found == 0 ? "not a torch.save archive: no data.pkl record" : "several data.pkl records"));
+  if (zip.find(prefix + "/constants.pkl"))
+    throw Error(fmt::format("{}: this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint; save "
+                            "model.state_dict() with torch.save instead",
+                            path));
+  if (const auto* bo = zip.find(prefix + "/byteorder")) {
+    const auto t = zip.read(*bo);
+    const std::string order(reinterpret_cast<const char*>(t.data_ptr<uint8_t>()), size_t(t.numel()));
+    if (order != "little")
+      throw Error(fmt::format("{}: byte order '{}' is not supported (only little-endian checkpoints)", path, order));
+  }
+
+  const auto* pkl_entry = zip.find(prefix + "/data.pkl");
+  const torch::Tensor pkl = zip.read(*pkl_entry);
+  std::vector<StorageRecord> storages;
+  std::unordered_map<std::string, size_t> by_key;
+  const std::string pkl_name = fmt::format("{} ({}/data.pkl)", path, prefix);
+
+  // persistent_load: ('storage', storage_type, key, location, numel) -> a Storage value; a key seen
+  // twice returns the same value, so views of one storage share memory as they do in PyTorch.
+  auto persistent_load = [&](detail::Unpickler& up, PickleValue* pid) -> PickleValue* {
+    if (pid->kind != Kind::Tuple || pid->items.size() != 5 || pid->items[0]->kind != Kind::Str ||
+        pid->items[0]->text != "storage")
+      up.fail(fmt::format("unsupported persistent id (a {}; expected ('storage', type, key, location, numel))", pid->describe()));
+    PickleValue* type = pid->items[1];
+    PickleValue* key = pid->items[2];
+    PickleValue* numel = pid->items[4];
+    torch::ScalarType dtype;
+    if (type->kind != Kind::Global || !detail::torch_storage_dtype(type->text, &dtype))
+      up.fail(fmt::format("persistent id names {} instead of a torch storage class", type->describe()));
+    if (key->kind != Kind::Str) up.fail("storage key is not a str");
+    if (numel->kind != Kind::Int || numel->integer < 0) up.fail(fmt::format("storage '{}' has an invalid element count", key->text));
+    auto it = by_key.find(key->text);
+    if (it != by_key.end()) {
+      const StorageRecord& r = storages[it->second];
+      if (r.dtype != dtype || r.numel != numel->integer)
+        up.fail(fmt::format("storage '{}' is referenced with two different types or sizes", key->text));
+      return r.value;
+    }
+    const std::string record = prefix + "/data/" + key->text;
+    const detail::ZipEntry* e = zip.find(record);
+    if (!e) up.fail(fmt::format("storage key '{}' has no record '{}' in the archive", key->text, record));
+    const uint64_t esize = uint64_t(c10::elementSize(dtype));
+    if (uint64_t(numel->integer) > e->size / esize || uint64_t(numel->integer) * esize != e->size)
+      up.fail(fmt::format("storage '{}' claims {} elements of {} bytes but its record holds {} bytes", key->text,
+                          numel->integer, esize, e->size));
+    PickleValue* v = up.make(Kind::Storage);
+    v->text = key->text;
+    v->dtype = dtype;
+    v->integer = numel->integer;
+    v->storage_id = int64_t(storages.size());
+    StorageRecord r;
+    r.key = key->text;
+    r.entry = e;
+    r.dtype = dtype;
+    r.numel = numel->integer;
+    r.value = v;
+    by_key.emplace(r.key, storages.size());
+    storages.push_back(std::move(r));
+    return v;
+  };
+
+  detail::Unpickler unpickler(pkl.data_ptr<uint8_t>(), size_t(pkl.numel()), pkl_name, persistent_load);
+  const PickleValue* root = unpickler.load();
+
+  if (root->kind != Kind::Dict) {
+    if (root->kind == Kind::Tensor)
+      throw Error(fmt::format("{}: holds a single tensor, not a dict of named tensors (a state_dict)", path));
+    throw Error(fmt::format("{}: holds a pickled {}, not a dict of tensors; save model.state_dict() instead", path, root->describe()));
+  }
+  auto sub_dicts = [&]() {
+    std::vector<std::string> names;
+    for (const auto& [k, v] : root->entries)
+      if (k->kind == Kind::Str && v->kind == Kind::Dict) names.push_back("'" + k->text + "'");
+    return names;
+  };
+  const PickleValue* chosen = root;
+  if (!entry.empty()) {
+    chosen = dict_get(root, entry);
+    if (!chosen) {
+      const auto names = sub_dicts();
+      throw Error(fmt::format("{}: entry '{}' not found; {}", path, entry,
+                              names.empty() ? fmt::format("the file is a plain state_dict of {} entries (use entry \"\")",
+                                                          root->entries.size())
+                                            : fmt::format("available entries: {}", fmt::join(names, ", "))));
+    }
+    if (chosen->kind != Kind::Dict)
+      throw Error(fmt::format("{}: entry '{}' is a {}, not a dict of tensors", path, entry, chosen->describe()));
+  } else {
+    for (const char* name : {"ema", "model"}) {
+      const PickleValue* v = dict_get(root, name);
+      if (v && v->kind == Kind::Dict) {
+        chosen = v;
+        break;
+      }
+    }
+  }
+  Flattener flat(path, size_t(1) << 24);
+  flat.run(chosen, "");
+
+  // Storages become tensors without a copy: STORED records are views into the file buffer. When the
+  // chosen entry uses less than half the file (e.g. "ema" out of {model, ema, opt}), the used
+  // storages are copied instead so the rest of the file can be freed.
+  std::vector<size_t> used;
+  uint64_t used_bytes = 0;
+  for (const auto& [name, t] : flat.out) {
+    StorageRecord& r = storages[size_t(t->storage->storage_id)];
+    if (!r.data.defined()) {
+      r.data = torch::empty({0}, r.dtype);  // placeholder marks "used" until filled below
+      used.push_back(size_t(t->storage->storage_id));
+      used_bytes += r.entry->size;
+    }
+  }
+  const bool compact = used_bytes * 2 < uint64_t(size);
+  for (size_t id : used) {
+    StorageRecord& r = storages[id];
+    const torch::Tensor raw = zip.read(*r.entry);
+    const uint8_t* p = raw.data_ptr<uint8_t>();
+    const size_t esize = c10::elementSize(r.dtype);
+    if (r.dtype == torch::kBool)
+      for (int64_t i = 0; i < r.numel; ++i)
+        if (p[i] > 1) throw Error(fmt::format("{}: bool storage '{}' holds byte {} (only 0/1 allowed)", path, r.key, int(p[i])));
+    const bool aliases_file = r.entry->method == 0;
+    if (aliases_file && !compact && reinterpret_cast<uintptr_t>(p) % esize == 0 && r.numel > 0) {
+      r.data = torch::from_blob(const_cast<uint8_t*>(p), {r.numel}, [keep = raw](void*) {}, torch::TensorOptions().dtype(r.dtype));
+    } else {
+      r.data = torch::empty({r.numel}, r.dtype);
+      if (r.numel > 0) std::memcpy(r.data.data_ptr(), p, size_t(r.numel) * esize);
+    }
+  }
+  TensorMap result;
+  for (const auto& [name, t] : flat.out) {
+    const StorageRecord& r = storages[size_t(t->storage->storage_id)];
+    result.emplace(name, r.data.as_strided(t->sizes, t->strides, t->offset));
+  }
+  return result;
+}
+
+}  // namespace
+
+TensorMap load_torch_checkpoint(const std::string& path, const std::string& entry) {
+  return load_checkpoint_buffer(read_file_bytes(path), path, entry);
+}
+
+TensorMap load_weights(const std::string& path) {
+  const torch::Tensor bytes = read_file_bytes(path);
+  const auto* p = bytes.data_ptr<uint8_t>();
+  const size_t n = size_t(bytes.numel());
+  if (is_zip(p, n) || is_legacy_torch_file(p, n)) return load_checkpoint_buffer(bytes, path, "");
+  // safetensors: 8-byte little-endian header length, then a JSON object.
+  if (n >= 9) {
+    uint64_t header_len;
+    std::memcpy(&header_len, p, 8);
+    if (header_len <= n - 8 && header_len >= 2 && p[8] == '{') return parse_safetensors_buffer(bytes, path).tensors;
+  }
+  throw Error(fmt::format("{}: unrecognised weight file format (neither a torch.save zip checkpoint nor safetensors)", path));
+}
+
+}  // namespace io
+}  // namespace mdd
