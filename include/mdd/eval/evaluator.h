@@ -1,0 +1,119 @@
+#pragma once
+/// \file
+/// Evaluation of a (distilled) training set: train fresh classifiers on it, report top-1 accuracy
+/// on a real test set. Two protocol presets, each overridable field by field:
+///
+/// - "idc" (Minimax-Diffusion / IDC train.py, ImageNet subsets at 224 px): ResNetAP-10, instance
+///   norm, SGD(lr 0.01, momentum 0.9, wd 5e-4), batch 64, MultiStepLR x0.2 at [2E/3, 5E/6],
+///   E = ipc_epoch(ipc), RandomResizedCrop(0.5-1) + flip + ColorJitter(0.4) + Lighting(0.1),
+///   CutMix (beta 1) on every batch, ImageNet mean/std, test every max(1, E/100) epochs;
+///   "best" = best test accuracy over those evaluations, "last" = the final one.
+/// - "dc" (DC/DSA, VICO-UoE/DatasetCondensation utils.py evaluate_synset, 28/32 px): ConvNet-3,
+///   width 128, instance norm, avg pooling, in_channels = the images' channels; SGD(lr 0.01,
+///   momentum 0.9, wd 5e-4), batch 256, E = 300 -> E + 1 passes, after pass E/2 + 1 the lr is x0.1
+///   and the optimiser is re-created (momentum reset), no augmentation; tested once at the end
+///   (best = last). Normalisation = the test set's per-channel mean/std unless given.
+///
+/// Determinism: repeat r uses seed + r for network init, shuffling and augmentation (explicit
+/// generators, never the global RNG); on CPU the result is a function of the seed.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/arg.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/types.h>
+
+#include "mdd/data/fashion_mnist.h"
+#include "mdd/util/progress.h"
+
+namespace mdd {
+
+/// Evaluation options. Fields after `seed` are additions to the contract: 0 / "" / empty /
+/// negative means "the protocol's value".
+struct EvalOptions {
+  TORCH_ARG(std::string, protocol) = "idc";   ///< "idc" | "dc"
+  TORCH_ARG(std::string, net) = "";           ///< "" = protocol default (idc: resnet_ap10, dc: convnet3)
+  TORCH_ARG(int64_t, epochs) = 0;             ///< 0 = protocol rule (idc: ipc_epoch, dc: 300)
+  TORCH_ARG(int64_t, repeats) = 1;
+  TORCH_ARG(uint64_t, seed) = 0;
+  TORCH_ARG(std::string, norm) = "";          ///< "" = instance
+  TORCH_ARG(int64_t, width) = 0;              ///< 0 = reference width
+  TORCH_ARG(int64_t, image_size) = 0;         ///< 0 = idc: 224, dc: the training images' size
+  TORCH_ARG(int64_t, batch_size) = 0;         ///< 0 = idc: 64, dc: 256
+  TORCH_ARG(double, lr) = 0;                  ///< 0 = 0.01
+  TORCH_ARG(double, momentum) = -1;           ///< < 0 = 0.9
+  TORCH_ARG(double, weight_decay) = -1;       ///< < 0 = 5e-4
+  TORCH_ARG(std::string, augment) = "";       ///< "" = protocol; "none" | "idc" (idc's + CutMix)
+  TORCH_ARG(int64_t, eval_every) = 0;         ///< epochs between tests; 0 = idc: E/100, dc: only at the end
+  TORCH_ARG(int64_t, ipc) = 0;                ///< images per class for ipc_epoch; 0 = largest class count
+  TORCH_ARG(int64_t, test_batch_size) = 500;  ///< no-grad test batches
+  TORCH_ARG(std::vector<double>, mean) = {};  ///< normalisation; empty = protocol statistics
+  TORCH_ARG(std::vector<double>, std) = {};
+  TORCH_ARG(std::string, device) = "cpu";     ///< torch device string, e.g. "cuda:0"
+};
+
+/// Top-1 accuracies in percent. `best`/`last` per repeat; `mean`/`std` over `best`
+/// (population std, as the reference's np.std). Additions: `last_mean`/`last_std`, `seconds`.
+struct EvalResult {
+  std::vector<double> best, last;
+  double mean = 0, std = 0;
+  double last_mean = 0, last_std = 0;
+  double seconds = 0;  ///< wall time of all repeats
+};
+
+/// The concrete recipe after applying a protocol preset and the overrides.
+struct ResolvedEval {
+  std::string protocol, net, norm, augment;
+  int64_t width = 0, image_size = 0, in_channels = 3, batch_size = 0, epochs = 0, eval_every = 0, ipc = 0;
+  int64_t num_classes = 0;
+  double lr = 0, momentum = 0, weight_decay = 0;
+  std::vector<int64_t> milestones;  ///< epochs (1-based, idc) / passes (dc) after which lr decays
+  double gamma = 0;                 ///< lr factor at each milestone
+  bool reset_momentum = false;      ///< dc re-creates the optimiser at the decay
+  std::vector<double> mean, std;
+};
+
+/// The reference's `ipc_epoch` (MMD argument.py): epochs for `ipc` images per class
+/// (1 -> 3000, <=10 -> 2000, <=50 -> 1500, <=200 -> 1000, <=500 -> 500, else 300); for 100
+/// classes x2/3 rounded down to a multiple of 100.
+int64_t ipc_epoch(int64_t ipc, int64_t num_classes = 10);
+
+/// Trains fresh networks on a training set and tests them; any dataset, any `EvalOptions`.
+class Evaluator {
+ public:
+  explicit Evaluator(EvalOptions options = {});
+
+  /// Resolves the preset for this training/test pair (throws mdd::Error on bad options/data).
+  ResolvedEval resolve(const LabeledImages& train, const LabeledImages& test) const;
+
+  /// `repeats` runs with seeds seed, seed+1, ...; progress stage "evaluate", one step per epoch.
+  EvalResult run(const LabeledImages& train, const LabeledImages& test, const ProgressFn& progress = {}) const;
+
+  /// One training run with `seed`; returns the trained network (eval mode) and fills best/last.
+  torch::nn::AnyModule train_once(const LabeledImages& train, const LabeledImages& test, uint64_t seed,
+                                  double* best, double* last, const ProgressFn& progress = {}) const;
+
+  /// uint8 [N,H,W,C] -> the network's normalised float input [N,C',S,S] under `r`
+  /// (grey images are replicated to 3 channels when the network takes 3).
+  static torch::Tensor prepare(const torch::Tensor& images_u8, const ResolvedEval& r);
+
+  /// Top-1 accuracy (%) of `net` on prepared inputs, in no-grad batches of `batch_size`.
+  static double accuracy(torch::nn::AnyModule& net, const torch::Tensor& inputs, const torch::Tensor& labels,
+                         int64_t batch_size);
+
+  /// Penultimate embeddings `EvalNetImpl::embed` of prepared inputs, no-grad, batched.
+  static torch::Tensor embed(torch::nn::AnyModule& net, const torch::Tensor& inputs, int64_t batch_size = 500);
+
+  const EvalOptions& options() const { return options_; }
+
+ private:
+  EvalOptions options_;
+};
+
+/// `Evaluator(options).run(train, test, progress)`.
+EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options = {},
+                    const ProgressFn& progress = {});
+
+}  // namespace mdd

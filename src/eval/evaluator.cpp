@@ -1,0 +1,316 @@
+#include "mdd/eval/evaluator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+
+#include "mdd/eval/augment.h"
+#include "mdd/models/eval_nets.h"
+#include "mdd/util/error.h"
+
+namespace mdd {
+namespace {
+
+namespace F = torch::nn::functional;
+
+void check_set(const LabeledImages& d, const char* what) {
+  if (!d.images.defined() || d.images.dim() != 4 || d.images.scalar_type() != torch::kUInt8) {
+    throw Error(fmt::format("evaluate: {} images must be uint8 [N, H, W, C], got {}", what,
+                            d.images.defined() ? d.images.sizes().vec() : std::vector<int64_t>{}));
+  }
+  const int64_t c = d.images.size(3);
+  if (c != 1 && c != 3) throw Error(fmt::format("evaluate: {} images have {} channels (expected 1 or 3)", what, c));
+  if (!d.labels.defined() || d.labels.dim() != 1 || d.labels.scalar_type() != torch::kLong ||
+      d.labels.size(0) != d.images.size(0)) {
+    throw Error(fmt::format("evaluate: {} labels must be int64 [N] with N = {}", what, d.images.size(0)));
+  }
+  if (d.images.size(0) == 0) throw Error(fmt::format("evaluate: {} set is empty", what));
+  if (d.labels.min().item<int64_t>() < 0) throw Error(fmt::format("evaluate: {} has negative labels", what));
+}
+
+/// uint8 [N,H,W,C] -> float [N,C',S,S] in [0, 1] (grey replicated when the network takes 3).
+torch::Tensor to_unit(const torch::Tensor& u8, const ResolvedEval& r) {
+  auto x = u8.permute({0, 3, 1, 2}).to(torch::kFloat32).div_(255.0);
+  if (x.size(1) == 1 && r.in_channels == 3) x = x.expand({-1, 3, -1, -1});
+  return resize_center_crop(x.contiguous(), r.image_size);
+}
+
+double population_std(const std::vector<double>& v, double mean) {
+  if (v.empty()) return 0;
+  double s = 0;
+  for (double x : v) s += (x - mean) * (x - mean);
+  return std::sqrt(s / static_cast<double>(v.size()));
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0 : s / static_cast<double>(v.size());
+}
+
+}  // namespace
+
+int64_t ipc_epoch(int64_t ipc, int64_t num_classes) {
+  int64_t e;
+  if (ipc == 1) {
+    e = 3000;
+  } else if (ipc <= 10) {
+    e = 2000;
+  } else if (ipc <= 50) {
+    e = 1500;
+  } else if (ipc <= 200) {
+    e = 1000;
+  } else if (ipc <= 500) {
+    e = 500;
+  } else {
+    e = 300;
+  }
+  if (num_classes == 100) {
+    e = static_cast<int64_t>((2.0 / 3.0) * static_cast<double>(e));
+    e -= e % 100;
+  }
+  return e;
+}
+
+Evaluator::Evaluator(EvalOptions options) : options_(std::move(options)) {
+  const auto& o = options_;
+  if (o.protocol() != "idc" && o.protocol() != "dc") {
+    throw Error(fmt::format("evaluate: unknown protocol '{}' (expected idc or dc)", o.protocol()));
+  }
+  if (!o.augment().empty() && o.augment() != "none" && o.augment() != "idc") {
+    throw Error(fmt::format("evaluate: unknown augment '{}' (expected none or idc)", o.augment()));
+  }
+  if (!o.norm().empty() && o.norm() != "instance" && o.norm() != "batch" && o.norm() != "none") {
+    throw Error(fmt::format("evaluate: unknown norm '{}'", o.norm()));
+  }
+  if (o.repeats() < 1 || o.epochs() < 0 || o.batch_size() < 0 || o.eval_every() < 0 || o.test_batch_size() < 1 ||
+      o.image_size() < 0 || o.width() < 0 || o.ipc() < 0 || o.lr() < 0) {
+    throw Error("evaluate: repeats must be >= 1 and sizes/epochs/lr non-negative");
+  }
+  if (o.mean().size() != o.std().size()) throw Error("evaluate: mean and std must have the same length");
+  for (double s : o.std()) {
+    if (!(s > 0)) throw Error("evaluate: std entries must be > 0");
+  }
+}
+
+ResolvedEval Evaluator::resolve(const LabeledImages& train, const LabeledImages& test) const {
+  check_set(train, "train");
+  check_set(test, "test");
+  const auto& o = options_;
+  if (train.images.size(3) != test.images.size(3)) {
+    throw Error(fmt::format("evaluate: train has {} channels, test {}", train.images.size(3), test.images.size(3)));
+  }
+  ResolvedEval r;
+  r.protocol = o.protocol();
+  const bool idc = r.protocol == "idc";
+  r.num_classes = std::max<int64_t>({static_cast<int64_t>(train.class_names.size()),
+                                     train.labels.max().item<int64_t>() + 1, test.labels.max().item<int64_t>() + 1});
+  r.net = !o.net().empty() ? o.net() : (idc ? "resnet_ap10" : "convnet3");
+  r.norm = !o.norm().empty() ? o.norm() : "instance";
+  r.width = o.width();
+  r.image_size = o.image_size() > 0 ? o.image_size() : (idc ? 224 : train.images.size(1));
+  // dc builds the network for the data's channels (DC: channel = 1 for MNIST-like sets); idc
+  // networks take RGB, so grey images are replicated.
+  r.in_channels = idc ? 3 : train.images.size(3);
+  r.batch_size = o.batch_size() > 0 ? o.batch_size() : (idc ? 64 : 256);
+  r.lr = o.lr() > 0 ? o.lr() : 0.01;
+  r.momentum = o.momentum() >= 0 ? o.momentum() : 0.9;
+  r.weight_decay = o.weight_decay() >= 0 ? o.weight_decay() : 5e-4;
+  r.augment = !o.augment().empty() ? o.augment() : (idc ? "idc" : "none");
+  if (o.ipc() > 0) {
+    r.ipc = o.ipc();
+  } else {
+    r.ipc = torch::bincount(train.labels.cpu()).max().item<int64_t>();
+  }
+  if (idc) {
+    r.epochs = o.epochs() > 0 ? o.epochs() : ipc_epoch(r.ipc, r.num_classes);
+    r.milestones = {2 * r.epochs / 3, 5 * r.epochs / 6};  // MultiStepLR, stepped after each epoch
+    r.gamma = 0.2;
+    r.reset_momentum = false;
+    r.eval_every = o.eval_every() > 0 ? o.eval_every() : std::max<int64_t>(1, r.epochs / 100);
+  } else {
+    r.epochs = o.epochs() > 0 ? o.epochs() : 300;
+    // evaluate_synset: passes ep = 0..E, decay after pass E//2+1 (0-based) = epoch E/2+2 (1-based).
+    r.milestones = {r.epochs / 2 + 2};
+    r.gamma = 0.1;
+    r.reset_momentum = true;
+    r.eval_every = o.eval_every();
+  }
+  if (!o.mean().empty()) {
+    r.mean = o.mean();
+    r.std = o.std();
+    if (static_cast<int64_t>(r.mean.size()) == 1 && r.in_channels == 3) {
+      r.mean.assign(3, r.mean[0]);
+      r.std.assign(3, r.std[0]);
+    }
+    if (static_cast<int64_t>(r.mean.size()) != r.in_channels) {
+      throw Error(fmt::format("evaluate: mean/std have {} entries for {} input channels", r.mean.size(), r.in_channels));
+    }
+  } else if (idc) {
+    r.mean = {0.485, 0.456, 0.406};
+    r.std = {0.229, 0.224, 0.225};
+  } else {
+    // DC normalises with the dataset's statistics; the test set is the real data at hand.
+    auto x = test.images.to(torch::kFloat64).div(255.0);
+    const int64_t c = x.size(3);
+    auto flat = x.reshape({-1, c});
+    auto m = flat.mean(0), s = flat.std(0);
+    for (int64_t i = 0; i < c; ++i) {
+      r.mean.push_back(m[i].item<double>());
+      r.std.push_back(std::max(s[i].item<double>(), 1e-6));
+    }
+  }
+  if (r.epochs < 1 || r.batch_size < 1) throw Error("evaluate: epochs and batch size must be >= 1");
+  return r;
+}
+
+torch::Tensor Evaluator::prepare(const torch::Tensor& images_u8, const ResolvedEval& r) {
+  return normalize(to_unit(images_u8, r), r.mean, r.std);
+}
+
+double Evaluator::accuracy(torch::nn::AnyModule& net, const torch::Tensor& inputs, const torch::Tensor& labels,
+                           int64_t batch_size) {
+  auto* impl = as_eval_net(net);
+  const bool was_training = impl->is_training();
+  impl->eval();
+  torch::NoGradGuard no_grad;
+  auto correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(inputs.device()));
+  const int64_t n = inputs.size(0);
+  for (int64_t b = 0; b < n; b += batch_size) {
+    const int64_t e = std::min(n, b + batch_size);
+    auto pred = impl->forward(inputs.slice(0, b, e)).argmax(1);
+    correct += (pred == labels.slice(0, b, e)).sum();
+  }
+  impl->train(was_training);
+  return 100.0 * static_cast<double>(correct.item<int64_t>()) / static_cast<double>(n);
+}
+
+torch::Tensor Evaluator::embed(torch::nn::AnyModule& net, const torch::Tensor& inputs, int64_t batch_size) {
+  auto* impl = as_eval_net(net);
+  const bool was_training = impl->is_training();
+  impl->eval();
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> out;
+  for (int64_t b = 0; b < inputs.size(0); b += batch_size) {
+    out.push_back(impl->embed(inputs.slice(0, b, std::min(inputs.size(0), b + batch_size))));
+  }
+  impl->train(was_training);
+  return torch::cat(out);
+}
+
+torch::nn::AnyModule Evaluator::train_once(const LabeledImages& train, const LabeledImages& test, uint64_t seed,
+                                           double* best, double* last, const ProgressFn& progress) const {
+  const ResolvedEval r = resolve(train, test);
+  const torch::Device device(options_.device());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto gen = torch::make_generator<torch::CPUGeneratorImpl>(seed);
+
+  auto net = make_eval_net(r.net, r.num_classes, r.image_size, r.norm, r.width, r.in_channels);
+  auto* impl = as_eval_net(net);
+  impl->reset_parameters(gen);
+  impl->to(device);
+  impl->train();
+
+  const bool augment = r.augment == "idc";
+  // Without augmentation the normalised training tensor is computed once; with it the per-batch
+  // transform works on [0, 1] images and normalises last, as the reference pipeline does.
+  torch::Tensor train_x = augment ? to_unit(train.images, r) : prepare(train.images, r);
+  train_x = train_x.to(device);
+  const auto train_y = train.labels.to(device);
+  const auto test_x = prepare(test.images, r).to(device);
+  const auto test_y = test.labels.to(device);
+
+  auto make_opt = [&](double lr) {
+    return std::make_unique<torch::optim::SGD>(
+        impl->parameters(), torch::optim::SGDOptions(lr).momentum(r.momentum).weight_decay(r.weight_decay));
+  };
+  double lr = r.lr;
+  auto opt = make_opt(lr);
+  const int64_t n = train_x.size(0);
+  const int64_t passes = r.protocol == "dc" ? r.epochs + 1 : r.epochs;
+  double best_acc = 0, last_acc = 0;
+  torch::Tensor last_loss;
+  for (int64_t ep = 1; ep <= passes; ++ep) {
+    auto perm = torch::randperm(n, gen, torch::kLong).to(device);
+    for (int64_t b = 0; b < n; b += r.batch_size) {
+      auto idx = perm.slice(0, b, std::min(n, b + r.batch_size));
+      auto x = train_x.index_select(0, idx);
+      auto y = train_y.index_select(0, idx);
+      torch::Tensor loss;
+      if (augment) {
+        x = idc_train_transform(x, r.image_size, r.mean, r.std, gen);
+        auto cm = cutmix(x, y, gen);
+        auto out = impl->forward(cm.images);
+        loss = F::cross_entropy(out, cm.labels_a) * cm.ratio + F::cross_entropy(out, cm.labels_b) * (1.0 - cm.ratio);
+      } else {
+        loss = F::cross_entropy(impl->forward(x), y);
+      }
+      opt->zero_grad();
+      loss.backward();
+      opt->step();
+      last_loss = loss.detach();
+    }
+    const bool test_now = ep == passes || (r.eval_every > 0 && ep % r.eval_every == 0);
+    if (test_now) {
+      // One host sync per test, not per step.
+      if (!std::isfinite(last_loss.item<double>())) {
+        throw Error(fmt::format("evaluate: training loss became non-finite at epoch {} (seed {})", ep, seed));
+      }
+      last_acc = accuracy(net, test_x, test_y, options_.test_batch_size());
+      best_acc = std::max(best_acc, last_acc);
+    }
+    if (progress) {
+      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      progress(Progress{"evaluate", ep, passes, el});
+    }
+    if (std::find(r.milestones.begin(), r.milestones.end(), ep) != r.milestones.end()) {
+      lr *= r.gamma;
+      if (r.reset_momentum) {
+        opt = make_opt(lr);
+      } else {
+        for (auto& g : opt->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+      }
+    }
+  }
+  impl->eval();
+  if (best) *best = best_acc;
+  if (last) *last = last_acc;
+  return net;
+}
+
+EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const ProgressFn& progress) const {
+  resolve(train, test);  // validate before any work
+  const auto t0 = std::chrono::steady_clock::now();
+  EvalResult res;
+  for (int64_t rep = 0; rep < options_.repeats(); ++rep) {
+    double best = 0, last = 0;
+    ProgressFn p;
+    if (progress) {
+      p = [&, rep](const Progress& e) {
+        Progress q = e;
+        q.stage = fmt::format("evaluate {}/{}", rep + 1, options_.repeats());
+        progress(q);
+      };
+    }
+    train_once(train, test, options_.seed() + static_cast<uint64_t>(rep), &best, &last, p);
+    res.best.push_back(best);
+    res.last.push_back(last);
+  }
+  res.mean = mean_of(res.best);
+  res.std = population_std(res.best, res.mean);
+  res.last_mean = mean_of(res.last);
+  res.last_std = population_std(res.last, res.last_mean);
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
+EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options,
+                    const ProgressFn& progress) {
+  return Evaluator(options).run(train, test, progress);
+}
+
+}  // namespace mdd
