@@ -10,7 +10,7 @@ int main() {
   torch::NoGradGuard no_grad;
   auto x = torch::randn({2, 4, 16, 16});
   auto t = torch::tensor({10, 500}, torch::kLong);
-  auto y = torch::tensor({3, model->null_class()}, torch::kLong);
+  auto y = torch::tensor({int64_t{3}, model->null_class()}, torch::kLong);
   auto out = model->forward(x, t, y);
   std::cout << "mdd " << mdd::version() << ": DiT-S/8 forward -> " << out.sizes() << "\n";
   return out.sizes() == torch::IntArrayRef({2, 8, 16, 16}) ? 0 : 1;
