@@ -10,3 +10,5 @@
 #include "mdd/io/state_dict.h"
 #include "mdd/models/dit.h"
 #include "mdd/models/difffit.h"
+#include "mdd/minimax/memory_bank.h"
+#include "mdd/minimax/minimax_loss.h"
