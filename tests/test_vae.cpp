@@ -272,65 +272,115 @@ TEST(Vae, SlicingEqualsUnsliced) {
   AutoencoderKL vae(AutoencoderKLOptions().block_out_channels({16, 32}).norm_num_groups(8).layers_per_block(1));
   vae->eval();
   torch::NoGradGuard no_grad;
-  const torch::Tensor x = torch::rand({5, 3, 16, 16}) * 2 - 1;
+  const torch::Tensor x = torch::rand({6, 3, 16, 16}) * 2 - 1;
   vae->runtime.slice_size(0);
   const auto full = vae->encode(x);
   const auto dec_full = vae->decode(full.mean);
+  // Equal-size slices: every sample goes through the same kernels as in the full batch.
   vae->runtime.slice_size(2);
-  const auto part = vae->encode(x);
-  const auto dec_part = vae->decode(full.mean);
-  EXPECT_TRUE(mdd_test::AllClose(part.mean, full.mean, 1e-6));
-  EXPECT_TRUE(mdd_test::AllClose(part.logvar, full.logvar, 1e-6));
-  EXPECT_TRUE(mdd_test::AllClose(dec_part, dec_full, 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).mean, full.mean, 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).logvar, full.logvar, 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(vae->decode(full.mean), dec_full, 1e-6));
+  // A remainder slice of ONE sample: LibTorch's CPU convolution picks a different kernel for batch 1
+  // (measured ~7e-7 per conv on outputs of size ~2), which accumulates to a few 1e-6 after the
+  // decoder's ~12 convolutions. That is float rounding, not a semantic difference: allow 1e-5.
+  vae->runtime.slice_size(5);
+  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).mean, full.mean, 1e-5));
+  EXPECT_TRUE(mdd_test::AllClose(vae->decode(full.mean), dec_full, 1e-5));
 }
 
-// Tiled decode of a 64x64 latent versus one untiled pass. The two are NOT the same function:
-// every tile normalises with its own GroupNorm statistics and attends only within itself, so the
-// tolerance measures "same image, soft seams", not float rounding. See the assertions below.
+// diffusers' tiled_decode written out naively (per-row loops, as in blend_v / blend_h), to check
+// the library's vectorised implementation of the same algorithm.
+torch::Tensor naive_tiled_decode(AutoencoderKL& vae, const torch::Tensor& z, int64_t T, int64_t O) {
+  const int64_t f = vae->downsample_factor(), stride = T - O, extent = O * f, limit = (T - O) * f;
+  std::vector<std::vector<torch::Tensor>> rows;
+  for (int64_t i = 0; i < z.size(2); i += stride) {
+    rows.emplace_back();
+    for (int64_t j = 0; j < z.size(3); j += stride)
+      rows.back().push_back(vae->decode_untiled(z.slice(2, i, i + T).slice(3, j, j + T)).clone());
+  }
+  std::vector<torch::Tensor> out_rows;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::vector<torch::Tensor> out_row;
+    for (size_t j = 0; j < rows[i].size(); ++j) {
+      torch::Tensor& b = rows[i][j];
+      if (i > 0) {
+        const torch::Tensor& a = rows[i - 1][j];
+        const int64_t e = std::min({a.size(2), b.size(2), extent});
+        for (int64_t y = 0; y < e; ++y)
+          b.select(2, y).copy_(a.select(2, a.size(2) - e + y) * (1 - double(y) / e) + b.select(2, y) * (double(y) / e));
+      }
+      if (j > 0) {
+        const torch::Tensor& a = rows[i][j - 1];
+        const int64_t e = std::min({a.size(3), b.size(3), extent});
+        for (int64_t x = 0; x < e; ++x)
+          b.select(3, x).copy_(a.select(3, a.size(3) - e + x) * (1 - double(x) / e) + b.select(3, x) * (double(x) / e));
+      }
+      out_row.push_back(b.slice(2, 0, limit).slice(3, 0, limit));
+    }
+    out_rows.push_back(torch::cat(out_row, 3));
+  }
+  return torch::cat(out_rows, 2);
+}
+
+// Tiled decode of a 64x64 latent. Tiling is an APPROXIMATION of the untiled decoder (diffusers says
+// the same): each tile computes its own GroupNorm statistics and mid-block attention, so outputs
+// differ everywhere, not just at seams. We therefore check (a) the tiling algorithm exactly against
+// a naive re-implementation of diffusers' blend_v/blend_h, (b) a tile that covers the whole latent
+// reproduces the untiled pass bit for bit, and (c) the approximation error against the untiled pass,
+// with the tolerance explained below.
 TEST(Vae, TiledDecodeApproximatesUntiled) {
   torch::manual_seed(1);
   // Three levels (factor 4) with few channels: 64x64 latent -> 256x256 image, fast on CPU.
   AutoencoderKL vae(AutoencoderKLOptions().block_out_channels({8, 16, 16}).norm_num_groups(4).layers_per_block(1));
   vae->eval();
   torch::NoGradGuard no_grad;
-  // A smooth latent (as real latents are; white noise has no spatial structure to preserve).
-  const torch::Tensor z = torch::nn::functional::interpolate(
-      torch::randn({1, 4, 8, 8}),
-      torch::nn::functional::InterpolateFuncOptions().size(std::vector<int64_t>{64, 64}).mode(torch::kBilinear).align_corners(false));
+  // A statistically stationary latent (i.i.d. N(0,1), like the golden z_in), so per-tile statistics
+  // estimate the global ones; the model has random weights.
+  const torch::Tensor z = torch::randn({1, 4, 64, 64});
   vae->runtime.tiling(false);
   const torch::Tensor full = vae->decode(z);
   ASSERT_EQ(full.sizes(), (std::vector<int64_t>{1, 3, 256, 256}));
 
-  // One tile covering everything is exactly the untiled pass.
+  // (b) One tile covering everything is exactly the untiled pass.
   vae->runtime.tiling(true).tile_latent_size(64).tile_overlap(16);
   EXPECT_TRUE(vae->decode(z).equal(full));
 
-  vae->runtime.tiling(true).tile_latent_size(32).tile_overlap(8);  // diffusers' defaults: 3x3 tiles
+  // (a) diffusers' defaults (tile 32, overlap 8 -> 3x3 tiles) against the naive algorithm.
+  vae->runtime.tiling(true).tile_latent_size(32).tile_overlap(8);
   const torch::Tensor tiled = vae->decode(z);
   ASSERT_EQ(tiled.sizes(), full.sizes());
+  EXPECT_TRUE(mdd_test::AllClose(tiled, naive_tiled_decode(vae, z, 32, 8), 1e-6));
+
+  // (c) Error against the untiled pass. Measured on this model: mean abs err 0.033 (14% of the mean
+  // |output| 0.24), 99th percentile 0.16, max 0.57 (output max 2.3), and smaller with bigger tiles
+  // (tile 48: mean 0.020). Tolerance: mean abs error <= 25% of the mean |output| and max error <=
+  // 50% of the output range bound max|output|; a broken assembly (misplaced tile, missing or
+  // reversed cross-fade, wrong crop) puts whole tiles out of place and exceeds both. Error must also
+  // shrink as tiles grow, since the per-tile statistics approach the global ones.
   const double scale = full.abs().mean().item<double>();
   const double mean_err = (tiled - full).abs().mean().item<double>();
   const double max_err = (tiled - full).abs().max().item<double>();
-  std::cout << "  tiled vs untiled: mean |out| " << scale << ", mean abs err " << mean_err << ", max abs err "
+  std::cout << "  tiled(32,8) vs untiled: mean |out| " << scale << ", mean abs err " << mean_err << ", max abs err "
             << max_err << "\n";
-  EXPECT_TRUE(torch::isfinite(tiled).all().item<bool>());
-  // Tolerances (see docs/vae.md): mean error <= 10% of the mean output magnitude, max error <= the
-  // output magnitude. Observed ~3% and ~0.4x. A wrong blend (e.g. seams not cross-faded, a tile
-  // shifted by one latent pixel, a wrong crop) gives mean errors of the order of the signal.
-  EXPECT_LE(mean_err, 0.10 * scale);
-  EXPECT_LE(max_err, 1.0 * full.abs().max().item<double>());
+  EXPECT_LE(mean_err, 0.25 * scale);
+  EXPECT_LE(max_err, 0.5 * full.abs().max().item<double>());
+  vae->runtime.tile_latent_size(48).tile_overlap(12);
+  const double mean_err48 = (vae->decode(z) - full).abs().mean().item<double>();
+  std::cout << "  tiled(48,12) vs untiled: mean abs err " << mean_err48 << "\n";
+  EXPECT_LT(mean_err48, mean_err);
 
-  // Tiled encode round trip has the same shape and stays close to the untiled moments.
+  // Tiled encode (tiles of 32*4 = 128 px) gives the same latent shape and a close posterior mean.
   vae->runtime.tiling(false);
-  const torch::Tensor img = torch::tanh(full);
+  const torch::Tensor img = torch::rand({1, 3, 256, 256}) * 2 - 1;
   const auto m_full = vae->encode(img);
   vae->runtime.tiling(true).tile_latent_size(32).tile_overlap(8);
   const auto m_tiled = vae->encode(img);
   ASSERT_EQ(m_tiled.mean.sizes(), m_full.mean.sizes());
+  const double enc_scale = m_full.mean.abs().mean().item<double>();
   const double enc_err = (m_tiled.mean - m_full.mean).abs().mean().item<double>();
-  std::cout << "  tiled encode: mean |mean| " << m_full.mean.abs().mean().item<double>() << ", mean abs err "
-            << enc_err << "\n";
-  EXPECT_LE(enc_err, 0.10 * m_full.mean.abs().mean().item<double>());
+  std::cout << "  tiled encode: mean |mean| " << enc_scale << ", mean abs err " << enc_err << "\n";
+  EXPECT_LE(enc_err, 0.25 * enc_scale);
 }
 
 TEST(Vae, BadInputsThrow) {
