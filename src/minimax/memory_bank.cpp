@@ -203,6 +203,10 @@ void MemoryBank::load_state(const std::map<std::string, torch::Tensor>& state, c
       throw Error(fmt::format("MemoryBank::load_state: '{}' item shape {} differs from the bank's {}", key,
                               shape_str(value.sizes().slice(1)), shape_str(item_shape_)));
     }
+    if (!classes.empty() && value.sizes().slice(1) != classes.front().second.sizes().slice(1)) {
+      throw Error(fmt::format("MemoryBank::load_state: '{}' item shape {} differs from the other classes' {}", key,
+                              shape_str(value.sizes().slice(1)), shape_str(classes.front().second.sizes().slice(1))));
+    }
     classes.emplace_back(c, value);
   }
   clear();
