@@ -2,6 +2,9 @@
 // Helpers shared by the diffusion test files: MANIFEST-style closeness (np.allclose semantics).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <iostream>
+
 #include <torch/torch.h>
 
 #include "test_util.h"
@@ -24,6 +27,12 @@ inline ::testing::AssertionResult AllCloseRel(const torch::Tensor& actual, const
   if (!(worst <= 0.0)) {
     return ::testing::AssertionFailure() << "max abs err " << max_err << ", exceeds atol " << atol << " + rtol " << rtol
                                          << "*|e| by " << worst;
+  }
+  // MDD_TEST_VERBOSE=1 prints every comparison's error (for reports); tests themselves stay quiet.
+  if (std::getenv("MDD_TEST_VERBOSE")) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::cerr << "  [" << (info ? info->name() : "?") << "] max abs err " << max_err << " (atol " << atol
+              << ", rtol " << rtol << ", max |expected| " << e.abs().max().item<double>() << ")\n";
   }
   return ::testing::AssertionSuccess() << "max abs err " << max_err;
 }
