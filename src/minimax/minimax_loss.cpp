@@ -96,7 +96,6 @@ void cpu_select_one(const SelectJob& job, int64_t dim, Selection& out, T* sel_me
   const T* M = static_cast<const T*>(job.bank);
   const int64_t rows = job.rows, count = job.count, cap = job.capacity;
   const bool want_max = job.want_max != 0;
-  std::vector<T> local;
   const T* dots = static_cast<const T*>(job.dots);
   std::vector<double> iq(static_cast<size_t>(rows));
   for (int64_t i = 0; i < rows; ++i) iq[static_cast<size_t>(i)] = inv_norm(job.q_norms[i]);
