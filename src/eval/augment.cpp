@@ -143,11 +143,11 @@ torch::Tensor lighting(const torch::Tensor& images, torch::Generator generator, 
   return images + rgb.to(images.device(), images.scalar_type()).view({-1, 3, 1, 1});
 }
 
-torch::Tensor normalize(const torch::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std) {
-  check_batch(images, "normalize");
+torch::Tensor normalize_batch(const torch::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std) {
+  check_batch(images, "normalize_batch");
   const int64_t c = images.size(1);
   if (static_cast<int64_t>(mean.size()) != c || static_cast<int64_t>(std.size()) != c) {
-    throw Error(fmt::format("normalize: {} channels but mean/std have {}/{} entries", c, mean.size(), std.size()));
+    throw Error(fmt::format("normalize_batch: {} channels but mean/std have {}/{} entries", c, mean.size(), std.size()));
   }
   auto opts = torch::TensorOptions().dtype(images.scalar_type()).device(images.device());
   auto m = torch::tensor(mean, torch::kFloat64).to(opts).view({1, c, 1, 1});
@@ -208,12 +208,12 @@ torch::Tensor idc_train_transform(const torch::Tensor& images, int64_t size, con
   x = random_horizontal_flip(x, generator);
   x = color_jitter(x, generator);
   if (x.size(1) == 3) x = lighting(x, generator);
-  return normalize(x, mean, std);
+  return normalize_batch(x, mean, std);
 }
 
 torch::Tensor test_transform(const torch::Tensor& images, int64_t size, const std::vector<double>& mean,
                              const std::vector<double>& std) {
-  return normalize(resize_center_crop(images, size), mean, std);
+  return normalize_batch(resize_center_crop(images, size), mean, std);
 }
 
 }  // namespace mdd

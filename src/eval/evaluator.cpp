@@ -169,7 +169,7 @@ ResolvedEval Evaluator::resolve(const LabeledImages& train, const LabeledImages&
 }
 
 torch::Tensor Evaluator::prepare(const torch::Tensor& images_u8, const ResolvedEval& r) {
-  return normalize(to_unit(images_u8, r), r.mean, r.std);
+  return normalize_batch(to_unit(images_u8, r), r.mean, r.std);
 }
 
 double Evaluator::accuracy(torch::nn::AnyModule& net, const torch::Tensor& inputs, const torch::Tensor& labels,

@@ -96,10 +96,10 @@ ConvNetImpl::ConvNetImpl(ConvNetOptions options) : options_(std::move(options)) 
     throw Error(fmt::format("ConvNet: bad options depth {} width {} in_channels {} classes {}", o.depth(),
                             o.width(), o.in_channels(), o.num_classes()));
   }
-  // The reference sizes the classifier from im_size, treating 28 px as 32 px: with 1 channel
-  // the first conv pads by 3 (28 -> 32); with 3 channels and 28 px the sizes would not match,
-  // exactly as in the reference.
-  int64_t s = o.image_size() == 28 ? 32 : o.image_size();
+  // The classifier size follows the real geometry. The reference instead treats 28 px as 32 px,
+  // which is the same thing for its supported case (1 channel: the first conv pads by 3, 28 -> 32)
+  // and would fail to run elsewhere (e.g. 3-channel 28 px); every size it supports gives its shapes.
+  int64_t s = o.image_size();
   auto layers = register_module("layers", std::make_shared<torch::nn::Module>());
   auto conv_list = layers->register_module("conv", torch::nn::ModuleList());
   torch::nn::ModuleList norm_list;
@@ -116,7 +116,7 @@ ConvNetImpl::ConvNetImpl(ConvNetOptions options) : options_(std::move(options)) 
       norm_.push_back(norm);
     }
     in = o.width();
-    s /= 2;
+    s = (s + 2 * pad - 2) / 2;  // conv3x3 with padding `pad`, then AvgPool2d(2, 2) (floor)
   }
   if (s < 1) {
     throw Error(fmt::format("ConvNet: image_size {} is too small for depth {} (feature map collapses to 0)",

@@ -36,7 +36,7 @@ torch::Tensor color_jitter(const torch::Tensor& images, torch::Generator generat
 torch::Tensor lighting(const torch::Tensor& images, torch::Generator generator, double alphastd = 0.1);
 
 /// Per-channel (x - mean) / std.
-torch::Tensor normalize(const torch::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std);
+torch::Tensor normalize_batch(const torch::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std);
 
 /// The result of CutMix on a batch: mixed images, both label sets and the label weight `ratio`
 /// (the loss is CE(y_a) * ratio + CE(y_b) * (1 - ratio)).

@@ -40,8 +40,8 @@ class EvalNetImpl : public torch::nn::Module {
 
 /// Options of the IDC ConvNet (models/convnet.py): `depth` x [conv3x3 (bias) -> norm -> ReLU ->
 /// AvgPool2d(2, 2)] then a Linear classifier on the flattened map (no global pooling, so the
-/// classifier size depends on `image_size`; 28 is treated as 32 and a 1-channel input gets
-/// padding 3 in the first conv, exactly as the reference).
+/// classifier size depends on `image_size`; a 1-channel input gets padding 3 in the first conv as
+/// in the reference, so 28 px grey images run at 32 px like the reference's "28 is treated as 32").
 struct ConvNetOptions {
   ConvNetOptions(int64_t num_classes, int64_t depth) : num_classes_(num_classes), depth_(depth) {}
   TORCH_ARG(int64_t, num_classes);

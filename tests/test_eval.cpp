@@ -1,0 +1,253 @@
+// Augmentation ops, coreset selection, MMD and the evaluator on tiny synthetic data.
+#include <cmath>
+
+#include "mdd/eval/augment.h"
+#include "mdd/eval/evaluator.h"
+#include "mdd/eval/mmd.h"
+#include "mdd/eval/selection.h"
+#include "mdd/models/eval_nets.h"
+#include "mdd/util/error.h"
+#include "test_util.h"
+
+namespace {
+
+torch::Generator gen(uint64_t seed) { return torch::make_generator<torch::CPUGeneratorImpl>(seed); }
+
+// ------------------------------------------------------------------------------ augmentation
+
+TEST(Augment, RandomResizedCropShapeAndDeterminism) {
+  auto x = torch::rand({4, 3, 40, 30}, gen(1));
+  auto a = mdd::random_resized_crop(x, 24, gen(5));
+  auto b = mdd::random_resized_crop(x, 24, gen(5));
+  auto c = mdd::random_resized_crop(x, 24, gen(6));
+  EXPECT_EQ(a.sizes().vec(), (std::vector<int64_t>{4, 3, 24, 24}));
+  EXPECT_TRUE(torch::equal(a, b));
+  EXPECT_FALSE(torch::equal(a, c));
+  // A constant image stays constant whatever the crop.
+  auto k = torch::full({2, 1, 16, 16}, 0.25);
+  EXPECT_TRUE(mdd_test::AllClose(mdd::random_resized_crop(k, 8, gen(2)), torch::full({2, 1, 8, 8}, 0.25), 1e-6));
+}
+
+TEST(Augment, FlipProbabilityExtremes) {
+  auto x = torch::rand({3, 3, 5, 7}, gen(1));
+  EXPECT_TRUE(torch::equal(mdd::random_horizontal_flip(x, gen(0), 1.0), x.flip({3})));
+  EXPECT_TRUE(torch::equal(mdd::random_horizontal_flip(x, gen(0), 0.0), x));
+  auto a = mdd::random_horizontal_flip(x, gen(9)), b = mdd::random_horizontal_flip(x, gen(9));
+  EXPECT_TRUE(torch::equal(a, b));
+}
+
+TEST(Augment, ColorJitterIsLerpWithinRange) {
+  auto x = torch::rand({6, 3, 8, 8}, gen(3));
+  EXPECT_TRUE(torch::equal(mdd::color_jitter(x, gen(1), 0, 0, 0), x));
+  // Brightness only: every sample is scaled by (1 - a), |a| <= 0.4.
+  auto y = mdd::color_jitter(x, gen(1), 0.4, 0, 0);
+  for (int64_t i = 0; i < 6; ++i) {
+    const double s = (y[i] / x[i]).mean().item<double>();
+    EXPECT_TRUE(mdd_test::AllClose(y[i], x[i] * s, 1e-5));
+    EXPECT_GE(s, 0.6 - 1e-6);
+    EXPECT_LE(s, 1.4 + 1e-6);
+  }
+  // Saturation only on a grey image is the identity (the lerp target equals the image).
+  auto g = torch::rand({2, 1, 8, 8}, gen(4)).expand({-1, 3, -1, -1}).contiguous();
+  EXPECT_TRUE(mdd_test::AllClose(mdd::color_jitter(g, gen(2), 0, 0, 0.4), g, 1e-6));
+  EXPECT_TRUE(torch::equal(mdd::color_jitter(x, gen(8)), mdd::color_jitter(x, gen(8))));
+}
+
+TEST(Augment, LightingAddsPerChannelConstant) {
+  auto x = torch::rand({4, 3, 6, 6}, gen(3));
+  auto y = mdd::lighting(x, gen(7), 0.1);
+  auto d = y - x;
+  EXPECT_TRUE(mdd_test::AllClose(d, d.mean({2, 3}, true).expand_as(d), 1e-6));
+  EXPECT_GT(d.abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(torch::equal(y, mdd::lighting(x, gen(7), 0.1)));
+  EXPECT_THROW(mdd::lighting(torch::rand({1, 1, 4, 4}), gen(0)), mdd::Error);
+}
+
+TEST(Augment, CutMixLambdaRule) {
+  const int64_t n = 8, s = 16;
+  // Sample i is filled with the value i, label i: the pasted box reveals where pixels came from.
+  auto x = torch::arange(n, torch::kFloat32).view({n, 1, 1, 1}).expand({n, 3, s, s}).contiguous();
+  auto labels = torch::arange(n, torch::kLong);
+  double lambda_sum = 0;
+  const int trials = 200;
+  for (int t = 0; t < trials; ++t) {
+    auto cm = mdd::cutmix(x, labels, gen(100 + t));
+    lambda_sum += cm.lambda;
+    const double box = static_cast<double>((cm.x2 - cm.x1) * (cm.y2 - cm.y1));
+    EXPECT_DOUBLE_EQ(cm.ratio, 1.0 - box / (s * s));
+    // Reference box rule: cut = int(S * sqrt(1 - lambda)), half-widths cut // 2, clipped.
+    const int64_t cut = static_cast<int64_t>(s * std::sqrt(1.0 - cm.lambda));
+    EXPECT_LE(cm.x2 - cm.x1, 2 * (cut / 2));
+    EXPECT_LE(cm.y2 - cm.y1, 2 * (cut / 2));
+    for (int64_t i = 0; i < n; ++i) {
+      auto img = cm.images[i][0];
+      auto own = (img == static_cast<float>(i)).to(torch::kFloat64).mean().item<double>();
+      auto from_b = (img == static_cast<float>(cm.labels_b[i].item<int64_t>())).to(torch::kFloat64).mean().item<double>();
+      if (cm.labels_b[i].item<int64_t>() != i) {
+        EXPECT_DOUBLE_EQ(own, cm.ratio);
+        EXPECT_DOUBLE_EQ(from_b, 1.0 - cm.ratio);
+      }
+    }
+    EXPECT_TRUE(torch::equal(cm.labels_a, labels));
+  }
+  EXPECT_NEAR(lambda_sum / trials, 0.5, 0.06);  // Beta(1, 1) = U(0, 1)
+  auto a = mdd::cutmix(x, labels, gen(1)), b = mdd::cutmix(x, labels, gen(1));
+  EXPECT_TRUE(torch::equal(a.images, b.images));
+}
+
+TEST(Augment, TestTransformResizesAndNormalises) {
+  auto x = torch::full({2, 3, 20, 30}, 0.5);
+  auto y = mdd::test_transform(x, 10, {0.5, 0.5, 0.5}, {0.25, 0.25, 0.25});
+  EXPECT_EQ(y.sizes().vec(), (std::vector<int64_t>{2, 3, 10, 10}));
+  EXPECT_TRUE(mdd_test::AllClose(y, torch::zeros_like(y), 1e-6));
+  auto z = mdd::idc_train_transform(torch::rand({2, 3, 20, 20}, gen(0)), 16, {0.485, 0.456, 0.406},
+                                    {0.229, 0.224, 0.225}, gen(3));
+  EXPECT_EQ(z.sizes().vec(), (std::vector<int64_t>{2, 3, 16, 16}));
+  EXPECT_THROW(mdd::normalize_batch(x, {0.5}, {0.5}), mdd::Error);
+}
+
+// ------------------------------------------------------------------------------ selection
+
+TEST(Selection, HerdingAndKCenterKnownAnswers) {
+  // Class 0 points on a line: 0, 10, -10, 1, 5 (mean 1.2); class 1: 100, 101.
+  auto f = torch::tensor({0.0, 10.0, -10.0, 1.0, 5.0, 100.0, 101.0}).view({-1, 1});
+  auto y = torch::tensor({0, 0, 0, 0, 0, 1, 1}, torch::kLong);
+  // Herding: 1 (closest to 1.2), then 0 ((1 + 0) / 2 = 0.5 is the closest mean to 1.2).
+  auto h = mdd::select_herding(f, y, 2);
+  EXPECT_EQ(std::vector<int64_t>(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel()),
+            (std::vector<int64_t>{3, 0, 5, 6}));
+  // K-Center: start at 1 (closest to the mean), then -10 (farthest), then 10.
+  auto k = mdd::select_kcenter(f, y, 2);
+  EXPECT_EQ(std::vector<int64_t>(k.data_ptr<int64_t>(), k.data_ptr<int64_t>() + k.numel()),
+            (std::vector<int64_t>{3, 2, 5, 6}));
+  auto k0 = mdd::select_kcenter(f.slice(0, 0, 5), y.slice(0, 0, 5), 3);
+  EXPECT_EQ(std::vector<int64_t>(k0.data_ptr<int64_t>(), k0.data_ptr<int64_t>() + 3), (std::vector<int64_t>{3, 2, 1}));
+  EXPECT_THROW(mdd::select_herding(f, y, 3), mdd::Error);  // class 1 has only 2 samples
+}
+
+TEST(Selection, RandomAndFirst) {
+  auto y = torch::tensor({1, 0, 1, 0, 1, 0, 1, 0}, torch::kLong);
+  auto a = mdd::select_random(y, 2, 7), b = mdd::select_random(y, 2, 7);
+  EXPECT_TRUE(torch::equal(a, b));
+  auto picked = y.index_select(0, a);
+  EXPECT_EQ(picked.eq(0).sum().item<int64_t>(), 2);
+  EXPECT_EQ(picked.eq(1).sum().item<int64_t>(), 2);
+  EXPECT_EQ(std::get<0>(torch::_unique(a)).numel(), 4);
+  auto f = mdd::select_first(y, 2);
+  EXPECT_EQ(std::vector<int64_t>(f.data_ptr<int64_t>(), f.data_ptr<int64_t>() + 4), (std::vector<int64_t>{1, 3, 0, 2}));
+  EXPECT_THROW(mdd::select_coreset("grad", torch::Tensor(), y, 1), mdd::Error);
+  mdd::LabeledImages d{torch::zeros({8, 2, 2, 1}, torch::kUInt8), y, {"a", "b"}};
+  auto s = mdd::subset(d, f);
+  EXPECT_EQ(s.images.size(0), 4);
+  EXPECT_TRUE(torch::equal(s.labels, torch::tensor({0, 0, 1, 1}, torch::kLong)));
+}
+
+// ------------------------------------------------------------------------------ MMD
+
+TEST(MMD, UnbiasedFormulaByHand) {
+  auto x = torch::tensor({0.0, 1.0}).view({2, 1});
+  auto y = torch::tensor({0.0, 2.0}).view({2, 1});
+  const double kxx = std::exp(-0.5);                        // off-diagonal mean, m = 2
+  const double kyy = std::exp(-2.0);
+  const double kxy = (1.0 + std::exp(-2.0) + 2.0 * std::exp(-0.5)) / 4.0;
+  const double expected = kxx + kyy - 2.0 * kxy;            // sigma = 1
+  EXPECT_NEAR(mdd::mmd2(x, y, mdd::MMDOptions().bandwidths({1.0})), expected, 1e-12);
+  // Two bandwidths: the kernel is the sum.
+  const double k2 = std::exp(-0.5 / 4) + std::exp(-2.0 / 4) - 2.0 * (1.0 + std::exp(-2.0 / 4) + 2.0 * std::exp(-0.5 / 4)) / 4.0;
+  EXPECT_NEAR(mdd::mmd2(x, y, mdd::MMDOptions().bandwidths({1.0, 2.0})), expected + k2, 1e-12);
+  // Median heuristic: pooled {0, 1, 3, 4} distances 1,3,4,2,3,1 -> median 2.5.
+  EXPECT_DOUBLE_EQ(mdd::median_bandwidth(x, torch::tensor({3.0, 4.0}).view({2, 1})), 2.5);
+}
+
+TEST(MMD, ZeroInExpectationPositiveWhenShifted) {
+  double same = 0;
+  const int reps = 10;
+  for (int r = 0; r < reps; ++r) {
+    auto a = torch::randn({100, 4}, gen(2 * r)), b = torch::randn({100, 4}, gen(2 * r + 1));
+    same += mdd::mmd2(a, b);
+  }
+  same /= reps;
+  auto a = torch::randn({100, 4}, gen(50)), b = torch::randn({100, 4}, gen(51)) + 1.0;
+  const double shifted = mdd::mmd2(a, b);
+  EXPECT_LT(std::abs(same), 0.01);
+  EXPECT_GT(shifted, 20 * std::abs(same));
+  EXPECT_GT(mdd::mmd2(a, b, mdd::MMDOptions().multipliers({0.5, 1.0, 2.0})), 0.0);
+  EXPECT_THROW(mdd::mmd2(a, torch::randn({10, 3})), mdd::Error);
+}
+
+// ------------------------------------------------------------------------------ evaluator
+
+/// Grey 16x16 images, 3 classes: a bright 6x6 square in a class-specific place, plus noise.
+mdd::LabeledImages toy_set(int64_t per_class, uint64_t seed) {
+  const int64_t n = 3 * per_class;
+  auto g = gen(seed);
+  auto img = (torch::rand({n, 16, 16, 1}, g) * 60).to(torch::kFloat32);
+  auto labels = torch::arange(n, torch::kLong).remainder(3);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = labels[i].item<int64_t>();
+    img[i].slice(0, 2 + 4 * c, 8 + 4 * c).slice(1, 2 + 4 * c, 8 + 4 * c) += 180;
+  }
+  return {img.clamp(0, 255).to(torch::kUInt8), labels, {"a", "b", "c"}};
+}
+
+TEST(Evaluator, LearnsSeparableSetAndIsDeterministic) {
+  auto train = toy_set(10, 1), test = toy_set(20, 2);
+  auto opts = mdd::EvalOptions().protocol("dc").net("convnet2").width(16).epochs(12).repeats(2).seed(3).batch_size(8);
+  int64_t calls = 0;
+  auto res = mdd::evaluate(train, test, opts, [&](const mdd::Progress& p) {
+    ++calls;
+    EXPECT_EQ(p.total, 13);
+  });
+  ASSERT_EQ(res.best.size(), 2u);
+  EXPECT_EQ(calls, 26);
+  EXPECT_GE(res.mean, 90.0);
+  EXPECT_EQ(res.best, res.last);  // dc tests once, at the end
+  auto again = mdd::evaluate(train, test, opts);
+  EXPECT_EQ(again.best, res.best);
+}
+
+TEST(Evaluator, IdcRecipeRunsWithAugmentation) {
+  auto train = toy_set(4, 1), test = toy_set(4, 2);
+  auto opts = mdd::EvalOptions().protocol("idc").net("resnet_ap10").width(8).image_size(32).epochs(2).eval_every(1);
+  mdd::Evaluator ev(opts);
+  auto r = ev.resolve(train, test);
+  EXPECT_EQ(r.in_channels, 3);  // grey replicated for the RGB protocol
+  EXPECT_EQ(r.batch_size, 64);
+  EXPECT_EQ(r.augment, "idc");
+  EXPECT_EQ(r.mean, (std::vector<double>{0.485, 0.456, 0.406}));
+  auto res = ev.run(train, test);
+  ASSERT_EQ(res.best.size(), 1u);
+  EXPECT_GE(res.best[0], res.last[0]);
+  EXPECT_GE(res.best[0], 0.0);
+  EXPECT_LE(res.best[0], 100.0);
+  // The paper's epochs rule and the DC decay point.
+  EXPECT_EQ(mdd::ipc_epoch(1), 3000);
+  EXPECT_EQ(mdd::ipc_epoch(10), 2000);
+  EXPECT_EQ(mdd::ipc_epoch(50), 1500);
+  EXPECT_EQ(mdd::ipc_epoch(100), 1000);
+  EXPECT_EQ(mdd::ipc_epoch(10, 100), 1300);
+  EXPECT_EQ(mdd::ipc_epoch(10), mdd::Evaluator(mdd::EvalOptions()).resolve(toy_set(10, 1), test).epochs);
+  auto dc = mdd::Evaluator(mdd::EvalOptions().protocol("dc")).resolve(train, test);
+  EXPECT_EQ(dc.epochs, 300);
+  EXPECT_EQ(dc.milestones, (std::vector<int64_t>{152}));
+  EXPECT_EQ(dc.in_channels, 1);
+  EXPECT_EQ(dc.net, "convnet3");
+  EXPECT_EQ(dc.batch_size, 256);
+}
+
+TEST(Evaluator, BadOptionsThrow) {
+  auto train = toy_set(2, 1), test = toy_set(2, 2);
+  EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().protocol("imagenet")), mdd::Error);
+  EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().norm("layer")), mdd::Error);
+  EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().augment("dsa")), mdd::Error);
+  EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().repeats(0)), mdd::Error);
+  EXPECT_THROW(mdd::evaluate(train, test, mdd::EvalOptions().protocol("dc").net("vgg11").epochs(1)), mdd::Error);
+  auto bad = train;
+  bad.images = bad.images.to(torch::kFloat32);
+  EXPECT_THROW(mdd::evaluate(bad, test, mdd::EvalOptions().protocol("dc").epochs(1)), mdd::Error);
+  auto rgb = test;
+  rgb.images = rgb.images.expand({-1, -1, -1, 3}).contiguous();
+  EXPECT_THROW(mdd::evaluate(train, rgb, mdd::EvalOptions().protocol("dc").epochs(1)), mdd::Error);
+}
+
+}  // namespace
