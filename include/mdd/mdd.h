@@ -10,5 +10,7 @@
 #include "mdd/io/state_dict.h"
 #include "mdd/models/dit.h"
 #include "mdd/models/difffit.h"
+#include "mdd/models/codec.h"
+#include "mdd/models/autoencoder_kl.h"
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/minimax/minimax_loss.h"
