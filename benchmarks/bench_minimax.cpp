@@ -2,7 +2,7 @@
 // composition of the reference (per class: normalise, matmul, min/max, autograd).
 //   paper size: batch 8, 10 classes, latent 4x32x32, banks of 64 per class (full)
 //   at scale:   batch 256, banks of 256 and of 1024
-// Run with --benchmark_repetitions=3 (or more) and compare medians; the box may be shared.
+// Run with --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true and compare medians.
 #include <benchmark/benchmark.h>
 
 #include <set>
