@@ -238,6 +238,18 @@ TEST(Vae, FromPretrainedFolder) {
   EXPECT_TRUE(AllCloseRel("from_pretrained/dec_mean", vae->decode(vae->encode(io.at("x")).mean), io.at("dec_mean"),
                           1e-4, 1e-4));
 
+  // The same folder with a torch.save `.bin` instead (how the hub ships sd-vae-ft-*: old names).
+  // tests/data/vae_tiny_old_names.bin = torch.save(OrderedDict) of vae_tiny.weights.safetensors with
+  // to_q/to_k/to_v/to_out.0 renamed to query/key/value/proj_attn (python3-torch 1.13, zip format).
+  {
+    const std::string bin_dir = mdd_test::tmp_dir("vae_from_pretrained_bin");
+    write_text(bin_dir + "/config.json", cfg.dump(2));
+    std::filesystem::copy_file(mdd_test::data_path("vae_tiny_old_names.bin"),
+                               bin_dir + "/diffusion_pytorch_model.bin");
+    AutoencoderKL vb = AutoencoderKL::from_pretrained(bin_dir);
+    EXPECT_TRUE(AllCloseRel("from_pretrained_bin/dec_z_in", vb->decode(io.at("z_in")), io.at("dec_z_in"), 1e-4, 1e-4));
+  }
+
   // Unsupported or unknown config entries throw an mdd::Error naming the key.
   auto expect_config_error = [&](json bad, const std::string& key) {
     write_text(dir + "/config.json", bad.dump());
