@@ -1,0 +1,135 @@
+// mdd_evaluate: train fresh classifiers on a (distilled) image set and report test accuracy.
+//
+//   mdd_evaluate --train <distilled_root> --test <imagenet>/val --protocol idc --net resnet_ap10
+//   mdd_evaluate --fashion-mnist --ipc 10 --select random --protocol dc --repeats 3
+//
+// Image folders are `<root>/<class>/*.png|jpg`; the test folder uses the training set's classes.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "common/cli_progress.h"
+#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/image_folder.h"
+#include "mdd/eval/evaluator.h"
+#include "mdd/eval/selection.h"
+#include "mdd/util/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Evaluate a training set (e.g. a distilled one) by training fresh classifiers on it"};
+  std::string train_dir, test_dir, fmnist_dir = "/usr/share/datasets/fashion-mnist", report, select = "random";
+  bool fashion = false;
+  int64_t ipc = 0, feature_epochs = 5, threads = 2, load_size = 0;
+  mdd::EvalOptions o;
+  std::string protocol = "idc", net, norm, device = "cpu";
+  int64_t epochs = 0, repeats = 1, width = 0, batch = 0, eval_every = 0;
+  uint64_t seed = 0;
+  app.add_option("--train", train_dir, "training image folder <root>/<class>/*");
+  app.add_option("--test", test_dir, "test image folder (same class names)");
+  app.add_flag("--fashion-mnist", fashion, "use Fashion-MNIST (train split -> selection, test split -> test)");
+  app.add_option("--fmnist-dir", fmnist_dir, "Fashion-MNIST directory")->capture_default_str();
+  app.add_option("--ipc", ipc, "images per class taken from the training set (0 = all)");
+  app.add_option("--select", select, "coreset: random | first | herding | kcenter")->capture_default_str();
+  app.add_option("--feature-epochs", feature_epochs,
+                 "herding/kcenter: epochs of the full-data network whose embeddings are used")->capture_default_str();
+  app.add_option("--protocol", protocol, "idc | dc")->capture_default_str();
+  app.add_option("--net", net, "convnet<d> | resnet_ap<d> | resnet<d> (default: protocol's)");
+  app.add_option("--norm", norm, "instance | batch | none (default instance)");
+  app.add_option("--width", width, "base width (0 = reference)");
+  app.add_option("--epochs", epochs, "0 = protocol rule");
+  app.add_option("--eval-every", eval_every, "epochs between tests (0 = protocol)");
+  app.add_option("--batch-size", batch, "0 = protocol");
+  app.add_option("--repeats", repeats, "training runs (seeds seed, seed+1, ...)")->capture_default_str();
+  app.add_option("--seed", seed, "base seed")->capture_default_str();
+  app.add_option("--size", load_size, "image folders: Resize+CenterCrop size at load (0 = idc: 224, dc: as stored)");
+  app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
+  app.add_option("--device", device, "cpu | cuda:0 ...")->capture_default_str();
+  app.add_option("--report", report, "write a JSON report here");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    torch::set_num_threads(static_cast<int>(threads));
+    o.protocol(protocol).net(net).norm(norm).width(width).epochs(epochs).eval_every(eval_every).batch_size(batch)
+        .repeats(repeats).seed(seed).device(device);
+    mdd_examples::ProgressPrinter printer;
+    const auto t0 = std::chrono::steady_clock::now();
+    mdd::LabeledImages train, test;
+    nlohmann::json rep;
+    if (fashion) {
+      train = mdd::load_fashion_mnist(fmnist_dir, "train");
+      test = mdd::load_fashion_mnist(fmnist_dir, "test");
+      // DC's FashionMNIST statistics (utils.py get_dataset).
+      o.mean({0.2861}).std({0.3530});
+      if (ipc > 0) {
+        torch::Tensor features;
+        if (select == "herding" || select == "kcenter") {
+          // Penultimate embeddings of a ConvNet trained on the full training set.
+          auto fo = o;
+          fo.epochs(feature_epochs).repeats(1).eval_every(0);
+          mdd::Evaluator fe(fo);
+          double best = 0, last = 0;
+          auto fnet = fe.train_once(train, test, seed + 1000, &best, &last, printer.callback());
+          const auto r = fe.resolve(train, test);
+          features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
+          rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
+          std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
+        }
+        train = mdd::subset(train, mdd::select_coreset(select, features, train.labels, ipc, seed));
+      }
+    } else {
+      if (train_dir.empty() || test_dir.empty()) throw mdd::Error("give --train and --test, or --fashion-mnist");
+      const int64_t size = load_size > 0 ? load_size : (protocol == "idc" ? 224 : 0);
+      mdd::ImageTransform tf = size > 0 ? mdd::resize_center_crop_transform(size) : mdd::ImageTransform{};
+      mdd::ImageFolder tr(train_dir, mdd::ImageFolderOptions().ipc(ipc));
+      mdd::ImageFolder te(test_dir, mdd::ImageFolderOptions().classes(tr.classes()));
+      train = tr.load(tf, threads, printer.callback());
+      test = te.load(tf, threads, printer.callback());
+      train.class_names = tr.classes();
+    }
+    mdd::Evaluator ev(o);
+    const auto r = ev.resolve(train, test);
+    std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
+                 r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)train.images.size(0),
+                 (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
+    const auto res = ev.run(train, test, printer.callback());
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("top-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
+                res.mean, res.std, res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
+    if (!report.empty()) {
+      rep["protocol"] = r.protocol;
+      rep["net"] = r.net;
+      rep["norm"] = r.norm;
+      rep["epochs"] = r.epochs;
+      rep["batch_size"] = r.batch_size;
+      rep["lr"] = r.lr;
+      rep["augment"] = r.augment;
+      rep["mean_std_norm"] = {r.mean, r.std};
+      rep["train_images"] = train.images.size(0);
+      rep["test_images"] = test.images.size(0);
+      rep["select"] = fashion ? select : "folder";
+      rep["ipc"] = ipc;
+      rep["seed"] = seed;
+      rep["best"] = res.best;
+      rep["last"] = res.last;
+      rep["mean"] = res.mean;
+      rep["std"] = res.std;
+      rep["last_mean"] = res.last_mean;
+      rep["last_std"] = res.last_std;
+      rep["eval_seconds"] = res.seconds;
+      rep["total_seconds"] = total;
+      rep["threads"] = threads;
+      std::ofstream f(report);
+      f << rep.dump(2) << "\n";
+      if (!f) throw mdd::Error("cannot write report " + report);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
