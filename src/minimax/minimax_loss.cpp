@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
 #include <torch/torch.h>
 
@@ -224,20 +225,28 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
     const int64_t B = pred.size(0);
     const int64_t D = B > 0 ? pred.numel() / B : c10::multiply_integers(pred.sizes().slice(1));
     const auto ct = pred.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-    const auto dev = pred.device();
+    // Where the kernels run: the prediction's device, or the host when it is a device without mdd
+    // kernels (e.g. CUDA tensors with a build that has MDD_WITH_CUDA off): then inputs are copied
+    // to the host and results back (correct, not fast).
+    const auto out_dev = pred.device();
+#ifdef MDD_WITH_CUDA
+    const bool have_kernels = out_dev.is_cpu() || out_dev.is_cuda();
+#else
+    const bool have_kernels = out_dev.is_cpu();
+#endif
+    const auto dev = have_kernels ? out_dev : torch::Device(torch::kCPU);
     const auto fopt = torch::TensorOptions().dtype(ct).device(dev);
     const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(dev);
     const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
     const bool cuda = dev.is_cuda();
-#ifndef MDD_WITH_CUDA
-    if (cuda) throw Error("minimax_loss: pred_x0 is on CUDA but mdd was built without CUDA kernels");
-#endif
+    c10::OptionalDeviceGuard device_guard;  // kernels launch on the current device: make it pred's
+    if (cuda) device_guard.reset_device(dev);
     const int64_t ncls = std::min(real->num_classes(), gen->num_classes());
     const Plan plan = make_plan(labels.to(torch::kCPU, torch::kLong).contiguous(), ncls);
     const double n_distinct = static_cast<double>(plan.classes.size());
 
     auto P = pred.detach().reshape({B, D});
-    if (P.scalar_type() != ct) P = P.to(ct);
+    if (P.scalar_type() != ct || P.device() != dev) P = P.to(dev, ct);
     P = P.contiguous();
     auto perm_t = torch::tensor(plan.perm, torch::kLong).to(dev);
     auto Q = plan.identity ? P : P.index_select(0, perm_t);
@@ -287,9 +296,10 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
       const MemoryBank* banks[2] = {real, gen};
       for (int w = 0; w < 2; ++w) {
         const MemoryBank& bk = *banks[w];
-        auto M = bank_rows(bk, cr.label, ct);
-        if (M.data_ptr() != bk.storage(cr.label).data_ptr()) keep_alive.push_back(M);
-        auto norms = bk.norms(cr.label);
+        auto M = bank_rows(bk, cr.label, ct).to(dev);
+        auto norms = bk.norms(cr.label).to(dev);
+        keep_alive.push_back(M);
+        keep_alive.push_back(norms);
         SelectJob j;
         j.queries = static_cast<const char*>(Q.data_ptr()) + cr.offset * D * Q.element_size();
         j.q_norms = q_norms.data_ptr<double>() + cr.offset;
@@ -337,8 +347,8 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
                                     std::max(n_distinct, 1.0), terms.data_ptr<double>(),
                                     c10::cuda::getCurrentCUDAStream(dev.index()).stream());
       }
-      R = terms[0];
-      Dv = terms[1];
+      R = terms.select(0, 0).clone();  // own storage: outputs must not be views of a temporary
+      Dv = terms.select(0, 1).clone();
 #endif
     } else {
       auto* sel = reinterpret_cast<Selection*>(sel_buf.data_ptr());
@@ -375,7 +385,6 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
     } else {
       pairs = torch::empty({0, 5}, lopt);
     }
-    ctx->mark_non_differentiable({pairs});
 
     ctx->saved_data["Q"] = Q;
     ctx->saved_data["perm"] = perm_t;
@@ -387,7 +396,10 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
     ctx->saved_data["lambda_d"] = options.lambda_d();
     ctx->saved_data["in_dtype"] = static_cast<int64_t>(pred.scalar_type());
     ctx->saved_data["in_shape"] = pred.sizes().vec();
-    return {R.to(ct), Dv.to(ct), total, pairs};
+    ctx->saved_data["out_device"] = out_dev;
+    auto out_pairs = pairs.to(out_dev);
+    ctx->mark_non_differentiable({out_pairs});
+    return {R.to(out_dev, ct), Dv.to(out_dev, ct), total.to(out_dev), out_pairs};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -403,6 +415,8 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
     const auto in_shape = ctx->saved_data["in_shape"].toIntVector();
     const int64_t B = Q.size(0), D = Q.size(1);
     auto grad = torch::zeros({B, D}, Q.options());
+    c10::OptionalDeviceGuard device_guard;
+    if (Q.is_cuda()) device_guard.reset_device(Q.device());
     if (num_active > 0) {
       if (Q.is_cuda()) {
 #ifdef MDD_WITH_CUDA
@@ -418,7 +432,7 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
                                       c10::cuda::getCurrentCUDAStream(Q.device().index()).stream());
 #endif
       } else {
-        auto gv = [&](int i) { return grad_outputs[i].defined() ? grad_outputs[i].item<double>() : 0.0; };
+        auto gv = [&](int i) { return grad_outputs[i].defined() ? grad_outputs[i].item().toDouble() : 0.0; };
         const double coef[2] = {-(gv(0) + lr * gv(2)) / n, (gv(1) + ld * gv(2)) / n};
         const auto* sel = reinterpret_cast<const Selection*>(sel_buf.data_ptr());
         AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "minimax_backward", [&] {
@@ -427,8 +441,7 @@ class MinimaxFunction : public torch::autograd::Function<MinimaxFunction> {
         });
       }
     }
-    auto gp = grad.view(in_shape);
-    if (gp.scalar_type() != in_dtype) gp = gp.to(in_dtype);
+    auto gp = grad.view(in_shape).to(ctx->saved_data["out_device"].toDevice(), in_dtype);
     return {gp, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
