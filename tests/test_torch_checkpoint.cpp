@@ -158,6 +158,13 @@ TEST(TorchCheckpoint, MalformedTensorRecordsAreErrors) {
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("not_storage.pt")); }, "not a storage"));
 }
 
+TEST(TorchCheckpoint, ResourceExhaustionIsBounded) {
+  // Each of these would need gigabytes or exponential time if the loader followed it naively.
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("amplify.pt")); }, "amplification"));
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("explode.pt")); }, "too many dict entries"));
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("deep.pt")); }, "nested deeper than 64"));
+}
+
 TEST(TorchCheckpoint, PatchedArchivesAreErrors) {
   const auto dir = mdd_test::tmp_dir("pt_patched");
   const std::string good = slurp(pt("state_dict.pt"));

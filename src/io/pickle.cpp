@@ -23,7 +23,7 @@ using Kind = PickleValue::Kind;
 constexpr size_t kMaxStack = size_t(1) << 22;
 constexpr size_t kMaxMarks = size_t(1) << 16;
 constexpr size_t kMaxMemo = size_t(1) << 24;
-constexpr size_t kMaxValues = size_t(1) << 27;
+constexpr size_t kMaxValues = size_t(1) << 23;  // ~200 bytes each
 constexpr size_t kMaxDims = 64;
 
 bool module_in(const std::string& module, std::initializer_list<const char*> list) {
@@ -141,7 +141,14 @@ std::string PickleValue::describe() const {
 }
 
 Unpickler::Unpickler(const uint8_t* data, size_t size, std::string what, PersistentLoad persistent_load)
-    : data_(data), size_(size), what_(std::move(what)), persistent_load_(std::move(persistent_load)) {}
+    : data_(data), size_(size), what_(std::move(what)), persistent_load_(std::move(persistent_load)) {
+  work_budget_ = 64 * uint64_t(size) + (uint64_t(64) << 20);
+}
+
+void Unpickler::charge(uint64_t units) {
+  work_ += units;
+  if (work_ > work_budget_) fail("the pickle asks for far more work than its size justifies (amplification through memo references?)");
+}
 
 void Unpickler::fail(const std::string& message) const {
   throw Error(fmt::format("{}: pickle offset {}: {}", what_, op_pos_, message));
@@ -245,6 +252,7 @@ PickleValue* Unpickler::global(const std::string& module_in_file, const std::str
   if (module == "__builtin__") module = "builtins";
   if (module == "copy_reg") module = "copyreg";
   if (module.empty() || name.empty() || module.size() > 1024 || name.size() > 1024) fail("malformed GLOBAL");
+  charge(module.size() + name.size());
   if (dangerous_global(module, name))
     throw Error(fmt::format("{}: refusing to load: the pickle references '{}.{}', which could execute code. The file "
                             "was not loaded and nothing in it was run. Only tensors, dicts, lists, tuples and plain "
@@ -257,6 +265,7 @@ PickleValue* Unpickler::global(const std::string& module_in_file, const std::str
 
 PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn) {
   if (args.size() < 4) fail(fmt::format("{} needs at least 4 arguments, got {}", fn, args.size()));
+  charge(args.size());
   PickleValue* st = args[0];
   if (st->kind != Kind::Storage) fail(fmt::format("{}: first argument is a {}, not a storage", fn, st->describe()));
   if (!is_int(args[1])) fail(fmt::format("{}: storage offset is a {}, not an int", fn, args[1]->describe()));
@@ -307,6 +316,7 @@ PickleValue* Unpickler::new_object(PickleValue* cls, const std::vector<PickleVal
   const std::string& q = cls->text;
   if (q == "collections.OrderedDict" || q == "builtins.dict" || q == "collections.defaultdict") return make(Kind::Dict);
   if (q == "builtins.list" || q == "builtins.set" || q == "builtins.frozenset") return make(Kind::List);
+  charge(args.size());
   PickleValue* o = make(Kind::Object);
   o->text = q;
   o->items = args;
@@ -316,6 +326,15 @@ PickleValue* Unpickler::new_object(PickleValue* cls, const std::vector<PickleVal
 PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValue*>& args, const char* opcode) {
   if (callable->kind != Kind::Global) fail(fmt::format("{} on a {} (only globals can be called)", opcode, callable->describe()));
   const std::string& q = callable->text;
+  // _rebuild_from_type_v2 calls recursively; nesting is bounded so a deep pickle cannot overflow
+  // the C++ stack.
+  struct DepthGuard {
+    int& d;
+    explicit DepthGuard(int& depth) : d(depth) { ++d; }
+    ~DepthGuard() { --d; }
+  } guard(call_depth_);
+  if (call_depth_ > 8) fail(fmt::format("calls of '{}' nested too deeply", q));
+  charge(args.size() + 1);
   auto arg_count = [&](size_t lo, size_t hi) {
     if (args.size() < lo || args.size() > hi) fail(fmt::format("{} called with {} arguments", q, args.size()));
   };
@@ -341,6 +360,7 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
     if (q != "collections.defaultdict" && !args.empty()) {
       // OrderedDict([(k, v), ...]) / dict([(k, v), ...])
       if (args.size() != 1 || (args[0]->kind != Kind::List && args[0]->kind != Kind::Tuple)) fail(fmt::format("{}: unsupported arguments", q));
+      charge(args[0]->items.size());
       for (PickleValue* kv : args[0]->items) {
         if ((kv->kind != Kind::Tuple && kv->kind != Kind::List) || kv->items.size() != 2) fail(fmt::format("{}: items must be pairs", q));
         set_item(d, kv->items[0], kv->items[1]);
@@ -353,6 +373,7 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
     PickleValue* l = make(q == "builtins.tuple" || q == "torch.Size" ? Kind::Tuple : Kind::List);
     if (!args.empty()) {
       if (args[0]->kind != Kind::List && args[0]->kind != Kind::Tuple) fail(fmt::format("{}: argument is a {}", q, args[0]->describe()));
+      charge(args[0]->items.size());
       l->items = args[0]->items;
     }
     return l;
@@ -363,6 +384,7 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
     if (args[0]->kind != Kind::Str) fail("_codecs.encode: argument is not a str");
     PickleValue* b = make(Kind::Bytes);
     const std::string& s = args[0]->text;
+    charge(s.size());
     for (size_t i = 0; i < s.size(); ++i) {
       const auto c = uint8_t(s[i]);
       if (c < 0x80) b->text.push_back(char(c));
@@ -376,6 +398,7 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
     return new_object(args[0], std::vector<PickleValue*>(args.begin() + 1, args.end()));
   }
   if (data_class(q)) {
+    charge(args.size());
     PickleValue* o = make(Kind::Object);
     o->text = q;
     o->items = args;
@@ -392,6 +415,7 @@ void Unpickler::set_item(PickleValue* target, PickleValue* key, PickleValue* val
     return;
   }
   if (target->kind != Kind::Dict) fail(fmt::format("SETITEM on a {}", target->describe()));
+  charge(key->text.size() + 1);
   const std::string k = key_of(key);
   if (!k.empty()) {
     if (!target->index) target->index = std::make_unique<std::unordered_map<std::string, size_t>>();
@@ -681,6 +705,7 @@ PickleValue* Unpickler::load() {
         if (target->kind == Kind::Object) target->state = state;      // inert: stored, nothing runs
         else if (target->kind == Kind::Tensor) { /* Python attributes on a tensor: irrelevant */ }
         else if (target->kind == Kind::Dict && state->kind == Kind::Dict) {
+          charge(state->entries.size());
           for (auto& kv : state->entries) set_item(target, kv.first, kv.second);
         } else fail(fmt::format("BUILD on a {}", target->describe()));
         break;

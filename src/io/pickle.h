@@ -80,6 +80,11 @@ class Unpickler {
   [[noreturn]] void fail(const std::string& message) const;
   /// Name used in messages.
   const std::string& what() const { return what_; }
+  /// Accounts for `units` of work (items or bytes copied, hashed or compared) that an opcode causes
+  /// beyond its own bytes. Memo references let a few pickle bytes reuse a huge object, so without
+  /// this budget a small hostile pickle could make the loader copy gigabytes; the budget is linear
+  /// in the pickle size.
+  void charge(uint64_t units);
 
  private:
   uint8_t read_u8();
@@ -110,6 +115,8 @@ class Unpickler {
   std::vector<PickleValue*> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PickleValue*> memo_;
+  uint64_t work_ = 0, work_budget_ = 0;
+  int call_depth_ = 0;
 };
 
 }  // namespace detail

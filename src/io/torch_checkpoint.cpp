@@ -46,7 +46,9 @@ struct StorageRecord {
 // Flattens nested dicts into dotted keys; only tensor leaves are kept.
 class Flattener {
  public:
-  Flattener(const std::string& what, size_t budget) : what_(what), budget_(budget) {}
+  // `budget` bounds the entries visited and `name_budget` the bytes of dotted names built, both
+  // linear in the pickle size: shared sub-dicts must not make flattening exponential.
+  Flattener(const std::string& what, size_t budget, uint64_t name_budget) : what_(what), budget_(budget), name_budget_(name_budget) {}
   std::map<std::string, const PickleValue*> out;
 
   void run(const PickleValue* dict, const std::string& prefix) {
@@ -60,6 +62,8 @@ class Flattener {
       else if (k->kind == Kind::Int) key = std::to_string(k->integer);  // e.g. optimizer state {0: {...}}
       else continue;
       std::string name = prefix.empty() ? key : prefix + "." + key;
+      if (name.size() > name_budget_) throw Error(fmt::format("{}: flattened key names exceed the size budget (shared sub-dicts?)", what_));
+      name_budget_ -= name.size();
       if (v->kind == Kind::Tensor) {
         if (!out.emplace(name, v).second)
           throw Error(fmt::format("{}: key '{}' occurs twice after flattening nested dicts", what_, name));
@@ -73,6 +77,7 @@ class Flattener {
  private:
   const std::string& what_;
   size_t budget_;
+  uint64_t name_budget_;
   std::unordered_set<const PickleValue*> path_;
 };
 
@@ -137,6 +142,7 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     if (type->kind != Kind::Global || !detail::torch_storage_dtype(type->text, &dtype))
       up.fail(fmt::format("persistent id names {} instead of a torch storage class", type->describe()));
     if (key->kind != Kind::Str) up.fail("storage key is not a str");
+    up.charge(key->text.size());
     if (numel->kind != Kind::Int || numel->integer < 0) up.fail(fmt::format("storage '{}' has an invalid element count", key->text));
     auto it = by_key.find(key->text);
     if (it != by_key.end()) {
@@ -203,7 +209,8 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
       }
     }
   }
-  Flattener flat(path, size_t(1) << 24);
+  const uint64_t pkl_size = uint64_t(pkl.numel());
+  Flattener flat(path, size_t(4 * pkl_size + 1024), 64 * pkl_size + (uint64_t(16) << 20));
   flat.run(chosen, "");
 
   // Storages become tensors without a copy: STORED records are views into the file buffer. When the

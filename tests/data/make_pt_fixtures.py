@@ -89,12 +89,18 @@ def craft_pickle(root):
 
 def write_archive(path, data_pkl, records, compress=False):
     """A zip laid out like torch.save's: archive/data.pkl, archive/data/<key>, archive/version."""
+    members = {"archive/data.pkl": data_pkl}
+    members.update({f"archive/data/{key}": raw for key, raw in records.items()})
+    members["archive/version"] = b"3\n"
+    write_zip(path, members, compress)
+
+
+def write_zip(path, members, compress):
+    # Fixed timestamps so that re-running the script reproduces the committed bytes.
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(path, "w", compression=method) as z:
-        z.writestr("archive/data.pkl", data_pkl)
-        for key, raw in records.items():
-            z.writestr(f"archive/data/{key}", raw)
-        z.writestr("archive/version", b"3\n")
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data, compress_type=method)
 
 
 def read_archive(path):
@@ -216,9 +222,7 @@ def main():
     # 4. The same state_dict with DEFLATED members, and with ZIP64 records everywhere.
     members = read_archive(p("state_dict.pt"))
     prefix = next(n for n in members if n.endswith("/data.pkl")).split("/")[0]
-    with zipfile.ZipFile(p("deflated.pt"), "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for n, d in members.items():
-            z.writestr(n, d)
+    write_zip(p("deflated.pt"), members, compress=True)
     write_zip64(p("zip64.pt"), members)
 
     # 5. Legacy (pre-1.6) serialisation: refused with a clear message.
@@ -243,6 +247,19 @@ def main():
     write_archive(p("bad_numel.pt"), craft_pickle({"a": FakeTensor(FakeStorage("0", torch.FloatStorage, 7), 0, [6], [1])}),
                   {"0": six})
     write_archive(p("not_storage.pt"), craft_pickle({"a": FakeTensor(6, 0, [6], [1])}), {"0": six})
+
+    # 8. Resource exhaustion: a 1 MB key reused through the memo 100k times (would copy 100 GB),
+    # dicts shared 2^40 ways (exponential flattening), dicts nested 100 deep. DEFLATED keeps them tiny.
+    big = b"\x80\x02X" + struct.pack("<I", 1 << 20) + b"k" * (1 << 20) + b"q\x00]" + b"}h\x00h\x00sa" * 100000 + b"."
+    write_archive(p("amplify.pt"), big, {}, compress=True)
+    d = {"w": FakeTensor(st, 0, [6], [1])}
+    for _ in range(40):
+        d = {"a": d, "b": d}
+    write_archive(p("explode.pt"), craft_pickle(d), {"0": six}, compress=True)
+    d = {"w": FakeTensor(st, 0, [6], [1])}
+    for _ in range(100):
+        d = {"x": d}
+    write_archive(p("deep.pt"), craft_pickle(d), {"0": six}, compress=True)
 
     total = sum(os.path.getsize(p(f)) for f in os.listdir(args.out))
     print(f"wrote {len(os.listdir(args.out))} files, {total} bytes, to {args.out}")
