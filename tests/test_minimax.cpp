@@ -215,6 +215,23 @@ TEST(MinimaxLoss, MatchesPlainCompositionFloat32) {
   }
 }
 
+TEST(MinimaxLoss, HalfPredictionComputedInFloat) {
+  auto g = at::detail::createCPUGenerator(3);
+  MemoryBank real(2, 4), gen(2, 4);
+  real.push(torch::randn({4, 16}, g), torch::tensor({0, 0, 1, 1}, torch::kLong));
+  gen.push(torch::randn({4, 16}, g), torch::tensor({0, 1, 1, 1}, torch::kLong));
+  auto labels = torch::tensor({1, 0, 1}, torch::kLong);
+  auto p32 = torch::randn({3, 16}, g).to(torch::kHalf).to(torch::kFloat).requires_grad_(true);
+  auto p16 = p32.detach().to(torch::kHalf).requires_grad_(true);
+  auto t32 = minimax_loss(p32, labels, real, gen);
+  auto t16 = minimax_loss(p16, labels, real, gen);
+  EXPECT_EQ(t16.total.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(mdd_test::AllClose(t16.total, t32.total, 0.0));  // same float32 computation
+  auto g16 = grad_of(t16.total, p16);
+  EXPECT_EQ(g16.scalar_type(), torch::kHalf);
+  EXPECT_TRUE(mdd_test::AllClose(g16, grad_of(t32.total, p32), 1e-6));
+}
+
 TEST(MinimaxLoss, NoContributingClassGivesZero) {
   MemoryBank real(3, 4), gen(3, 4);
   auto pred = torch::randn({2, 8}).requires_grad_(true);
