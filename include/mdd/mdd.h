@@ -12,5 +12,8 @@
 #include "mdd/models/difffit.h"
 #include "mdd/models/codec.h"
 #include "mdd/models/autoencoder_kl.h"
+#include "mdd/diffusion/schedule.h"
+#include "mdd/diffusion/gaussian_diffusion.h"
+#include "mdd/diffusion/sampler.h"
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/minimax/minimax_loss.h"
