@@ -134,6 +134,14 @@ TEST(TorchCheckpoint, ViewsShareStorageWithPyTorchStrides) {
   EXPECT_FALSE(got.at("h").is_alias_of(base));
 }
 
+TEST(TorchCheckpoint, Torch2StyleUntypedStorageAndMetadata) {
+  const auto m = io::load_torch_checkpoint(pt("torch2_style.pt"));
+  const auto expected = torch::tensor({12, 13, 14, 15, 16, 17}, torch::kByte).view({2, 3});
+  ASSERT_EQ(m.count("u8"), 1u);
+  EXPECT_EQ(m.at("u8").scalar_type(), torch::kByte);
+  EXPECT_TRUE(torch::equal(m.at("u8"), expected));
+}
+
 TEST(TorchCheckpoint, HostilePicklesAreRefusedAndNeverRun) {
   std::remove(kMarker);
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("hostile_system.pt")); }, "posix.system"));

@@ -212,6 +212,7 @@ def main():
     views["step"] = base[:, ::2]
     views["h"] = other[2:8]
     views["h_all"] = other
+    views["param"] = torch.nn.Parameter(torch.arange(3, dtype=torch.float32))  # _rebuild_parameter
     torch.save(views, p("views.pt"))
     meta = {}
     for k, v in views.items():
@@ -247,6 +248,26 @@ def main():
     write_archive(p("bad_numel.pt"), craft_pickle({"a": FakeTensor(FakeStorage("0", torch.FloatStorage, 7), 0, [6], [1])}),
                   {"0": six})
     write_archive(p("not_storage.pt"), craft_pickle({"a": FakeTensor(6, 0, [6], [1])}), {"0": six})
+
+    # torch 2.x style: tensor rebuilt with the 7-argument _rebuild_tensor_v2 (metadata) over a
+    # torch.UntypedStorage (bytes). torch 1.13 has no torch.UntypedStorage, so a stand-in class is
+    # registered under that name just long enough to pickle the reference.
+    class UntypedStorage:
+        pass
+    UntypedStorage.__module__, UntypedStorage.__qualname__ = "torch", "UntypedStorage"
+    had = hasattr(torch, "UntypedStorage")
+    saved = getattr(torch, "UntypedStorage", None)
+    torch.UntypedStorage = UntypedStorage
+    try:
+        ut = FakeStorage("0", UntypedStorage, 8)
+        t2 = FakeTensor(ut, 2, [2, 3], [3, 1])
+        t2.args = t2.args + ({},)
+        write_archive(p("torch2_style.pt"), craft_pickle({"u8": t2}), {"0": bytes(range(10, 18))})
+    finally:
+        if had:
+            torch.UntypedStorage = saved
+        else:
+            del torch.UntypedStorage
 
     # 8. Resource exhaustion: a 1 MB key reused through the memo 100k times (would copy 100 GB),
     # dicts shared 2^40 ways (exponential flattening), dicts nested 100 deep. DEFLATED keeps them tiny.
