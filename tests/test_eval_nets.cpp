@@ -67,7 +67,9 @@ TEST_P(EvalNetGolden, MatchesReference) {
   impl->eval();
   torch::NoGradGuard no_grad;
   const auto& x = io.at("x");
-  EXPECT_TRUE(NpAllClose(net.forward<torch::Tensor>(x), io.at("logits"), tol)) << c.name << " logits";
+  const auto logits = net.forward<torch::Tensor>(x);
+  EXPECT_TRUE(NpAllClose(logits, io.at("logits"), tol)) << c.name << " logits";
+  RecordProperty("logits_max_abs_err", std::to_string(mdd_test::max_abs_diff(logits, io.at("logits"))));
   const auto feats = impl->features(x);
   for (int i : c.feats) {
     EXPECT_TRUE(NpAllClose(feats.at(i), io.at("feat." + std::to_string(i)), tol)) << c.name << " feat." << i;
