@@ -4,8 +4,10 @@
 //   mdd_evaluate --fashion-mnist --ipc 10 --select random --protocol dc --repeats 3
 //
 // Image folders are `<root>/<class>/*.png|jpg`; the test folder uses the training set's classes.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -34,7 +36,7 @@ int main(int argc, char** argv) {
   app.add_flag("--fashion-mnist", fashion, "use Fashion-MNIST (train split -> selection, test split -> test)");
   app.add_option("--fmnist-dir", fmnist_dir, "Fashion-MNIST directory")->capture_default_str();
   app.add_option("--ipc", ipc, "images per class taken from the training set (0 = all)");
-  app.add_option("--select", select, "coreset: random | first | herding | kcenter")->capture_default_str();
+  app.add_option("--select", select, "coreset: random | first | herding | kcenter, or a comma list (reports get a <method>_ prefix)")->capture_default_str();
   app.add_option("--feature-epochs", feature_epochs,
                  "herding/kcenter: epochs of the full-data network whose embeddings are used")->capture_default_str();
   app.add_option("--protocol", protocol, "idc | dc")->capture_default_str();
@@ -60,14 +62,22 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     mdd::LabeledImages train, test;
     nlohmann::json rep;
+    torch::Tensor features;
+    std::vector<std::string> methods;  // --select a,b: one feature network shared by all methods
+    for (size_t b = 0, e; b <= select.size(); b = e + 1) {
+      e = select.find(',', b);
+      if (e == std::string::npos) e = select.size();
+      if (e > b) methods.push_back(select.substr(b, e - b));
+    }
     if (fashion) {
       train = mdd::load_fashion_mnist(fmnist_dir, "train");
       test = mdd::load_fashion_mnist(fmnist_dir, "test");
       // DC's FashionMNIST statistics (utils.py get_dataset).
       o.mean({0.2861}).std({0.3530});
       if (ipc > 0) {
-        torch::Tensor features;
-        if (select == "herding" || select == "kcenter") {
+        const bool needs_features = std::any_of(methods.begin(), methods.end(),
+                                                [](const std::string& m) { return m == "herding" || m == "kcenter"; });
+        if (needs_features) {
           // Penultimate embeddings of a ConvNet trained on the full training set.
           auto fo = o;
           fo.epochs(feature_epochs).repeats(1).eval_every(0);
@@ -79,7 +89,6 @@ int main(int argc, char** argv) {
           rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
           std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
         }
-        train = mdd::subset(train, mdd::select_coreset(select, features, train.labels, ipc, seed));
       }
     } else {
       if (train_dir.empty() || test_dir.empty()) throw mdd::Error("give --train and --test, or --fashion-mnist");
@@ -91,41 +100,53 @@ int main(int argc, char** argv) {
       test = te.load(tf, threads, printer.callback());
       train.class_names = tr.classes();
     }
-    mdd::Evaluator ev(o);
-    const auto r = ev.resolve(train, test);
-    std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
-                 r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)train.images.size(0),
-                 (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
-    const auto res = ev.run(train, test, printer.callback());
-    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("top-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
-                res.mean, res.std, res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
-    if (!report.empty()) {
-      rep["protocol"] = r.protocol;
-      rep["net"] = r.net;
-      rep["norm"] = r.norm;
-      rep["epochs"] = r.epochs;
-      rep["batch_size"] = r.batch_size;
-      rep["lr"] = r.lr;
-      rep["augment"] = r.augment;
-      rep["mean_std_norm"] = {r.mean, r.std};
-      rep["train_images"] = train.images.size(0);
-      rep["test_images"] = test.images.size(0);
-      rep["select"] = fashion ? select : "folder";
-      rep["ipc"] = ipc;
-      rep["seed"] = seed;
-      rep["best"] = res.best;
-      rep["last"] = res.last;
-      rep["mean"] = res.mean;
-      rep["std"] = res.std;
-      rep["last_mean"] = res.last_mean;
-      rep["last_std"] = res.last_std;
-      rep["eval_seconds"] = res.seconds;
-      rep["total_seconds"] = total;
-      rep["threads"] = threads;
-      std::ofstream f(report);
-      f << rep.dump(2) << "\n";
-      if (!f) throw mdd::Error("cannot write report " + report);
+    auto run_one = [&](const mdd::LabeledImages& train, const std::string& select_name, nlohmann::json rep) {
+      mdd::Evaluator ev(o);
+      const auto r = ev.resolve(train, test);
+      std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
+                   r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)train.images.size(0),
+                   (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
+      const auto res = ev.run(train, test, printer.callback());
+      const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("top-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
+                  res.mean, res.std, res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
+      if (!report.empty()) {
+        rep["protocol"] = r.protocol;
+        rep["net"] = r.net;
+        rep["norm"] = r.norm;
+        rep["epochs"] = r.epochs;
+        rep["batch_size"] = r.batch_size;
+        rep["lr"] = r.lr;
+        rep["augment"] = r.augment;
+        rep["mean_std_norm"] = {r.mean, r.std};
+        rep["train_images"] = train.images.size(0);
+        rep["test_images"] = test.images.size(0);
+        rep["select"] = select_name;
+        rep["ipc"] = ipc;
+        rep["seed"] = seed;
+        rep["best"] = res.best;
+        rep["last"] = res.last;
+        rep["mean"] = res.mean;
+        rep["std"] = res.std;
+        rep["last_mean"] = res.last_mean;
+        rep["last_std"] = res.last_std;
+        rep["eval_seconds"] = res.seconds;
+        rep["total_seconds"] = total;
+        rep["threads"] = threads;
+        std::filesystem::path path(report);
+        if (methods.size() > 1) path = path.parent_path() / (select_name + "_" + path.filename().string());
+        std::ofstream f(path);
+        f << rep.dump(2) << "\n";
+        if (!f) throw mdd::Error("cannot write report " + path.string());
+      }
+    };
+    if (fashion && ipc > 0) {
+      for (const auto& m : methods) {
+        std::fprintf(stderr, "== selection %s, %lld per class\n", m.c_str(), (long long)ipc);
+        run_one(mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)), m, rep);
+      }
+    } else {
+      run_one(train, fashion ? "all" : "folder", rep);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
