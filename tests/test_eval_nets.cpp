@@ -53,6 +53,8 @@ struct GoldenCase {
   int64_t image_size, width;
   std::vector<int> feats;  // which feat.<i> the io file holds
 };
+// Printed by name so ctest's discovered test names are stable (not raw object bytes).
+void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
 
 class EvalNetGolden : public ::testing::TestWithParam<GoldenCase> {};
 
@@ -106,6 +108,7 @@ INSTANTIATE_TEST_SUITE_P(
 struct KeysCase {
   std::string file, net;
 };
+void PrintTo(const KeysCase& c, std::ostream* os) { *os << c.file; }
 class EvalNetKeys : public ::testing::TestWithParam<KeysCase> {};
 
 TEST_P(EvalNetKeys, FullSizeKeysAndShapes) {
