@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "io/safetensors_internal.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 

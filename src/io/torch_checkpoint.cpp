@@ -7,16 +7,13 @@
 #include <fmt/format.h>
 
 #include "io/pickle.h"
+#include "io/safetensors_internal.h"
 #include "io/zip_reader.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 
 namespace mdd {
 namespace io {
-
-// Defined in safetensors.cpp (same library): parses a buffer that is already in memory without
-// copying it, so load_weights reads the file exactly once whatever its format.
-SafeTensors parse_safetensors_buffer(const torch::Tensor& buffer, const std::string& what);
 
 namespace {
 
