@@ -8,6 +8,7 @@
 #include <torch/nn/functional/upsampling.h>
 #include <torch/torch.h>
 
+#include "mdd/io/image.h"
 #include "mdd/util/error.h"
 
 namespace mdd {
@@ -149,10 +150,9 @@ torch::Tensor normalize_batch(const torch::Tensor& images, const std::vector<dou
   if (static_cast<int64_t>(mean.size()) != c || static_cast<int64_t>(std.size()) != c) {
     throw Error(fmt::format("normalize_batch: {} channels but mean/std have {}/{} entries", c, mean.size(), std.size()));
   }
-  auto opts = torch::TensorOptions().dtype(images.scalar_type()).device(images.device());
-  auto m = torch::tensor(mean, torch::kFloat64).to(opts).view({1, c, 1, 1});
-  auto s = torch::tensor(std, torch::kFloat64).to(opts).view({1, c, 1, 1});
-  return (images - m) / s;
+  // The arithmetic is io/image.h's normalize (torchvision's sub-then-div); only the stricter
+  // per-channel check is specific to batches.
+  return normalize(images, mean, std);
 }
 
 CutMixBatch cutmix(const torch::Tensor& images, const torch::Tensor& labels, torch::Generator generator,
