@@ -1,0 +1,173 @@
+#pragma once
+/// \file
+/// The Minimax-Diffusion fine-tuning loop (reference MinimaxDiffusion train_dit.py) and the same
+/// loop for pre-training a DiT from scratch.
+///
+/// One step (train_dit.py:233-285): draw a batch of latents z0 with local labels ry and model
+/// labels y; t ~ U{0..T-1}; label dropout (prob. `class_dropout_prob`, null class) on y;
+/// `training_losses` (eps MSE + VB) gives the loss and x̂0 = pred_xstart; with minimax on, for
+/// every class c in the batch whose generated memory is not empty add
+/// [λr (1 − min cos(x̂0_c, real_c)) + λd max cos(x̂0_c, generated_c)] / |classes in batch|;
+/// backward, AdamW step, EMA update of all parameters; then push z0 into the real memory and the
+/// detached x̂0 into the generated memory of their local class (after the loss, so a batch is
+/// never compared with itself).
+///
+/// Randomness: every draw of step s (batch order excepted) comes from one CPU generator seeded
+/// with a hash of (seed, s), and the batch order of epoch e from (seed, e). A run resumed from a
+/// checkpoint therefore continues exactly as the uninterrupted run would (bit for bit on CPU).
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include "mdd/data/training_data.h"
+#include "mdd/diffusion/gaussian_diffusion.h"
+#include "mdd/minimax/memory_bank.h"
+#include "mdd/models/dit.h"
+#include "mdd/train/adamw.h"
+#include "mdd/util/progress.h"
+
+namespace mdd {
+
+/// Options of the training loop. Defaults are the reference fine-tuning run (run.sh).
+struct FinetuneOptions {
+  /// Optimiser steps in total (the reference uses the step-12000 checkpoint).
+  TORCH_ARG(int64_t, steps) = 12000;
+  /// Images per step (reference --global-batch-size 8).
+  TORCH_ARG(int64_t, batch_size) = 8;
+  /// AdamW learning rate (constant).
+  TORCH_ARG(double, lr) = 1e-3;
+  /// AdamW weight decay.
+  TORCH_ARG(double, weight_decay) = 0.0;
+  /// EMA decay applied after every step (the EMA starts as a copy of the initial model).
+  TORCH_ARG(double, ema_decay) = 0.9999;
+  /// DiffFit: add gammas to the first `gamma_blocks` blocks (unless present) and train only
+  /// biases, gammas and the class table. false: train every parameter except pos_embed.
+  TORCH_ARG(bool, difffit) = true;
+  /// Blocks that get DiffFit gammas.
+  TORCH_ARG(int64_t, gamma_blocks) = 14;
+  /// Add the minimax terms (reference --condense).
+  TORCH_ARG(bool, minimax) = true;
+  /// Weight of 1 − min cos to the real memory (--lambda-pos).
+  TORCH_ARG(double, lambda_r) = 0.002;
+  /// Weight of max cos to the generated memory (--lambda-neg).
+  TORCH_ARG(double, lambda_d) = 0.008;
+  /// Items per class in each memory (--memory-size).
+  TORCH_ARG(int64_t, memory_size) = 64;
+  /// Label-dropout probability during training (DiT: 0.1; the null class is the model's).
+  TORCH_ARG(double, class_dropout_prob) = 0.1;
+  /// Diffusion steps and schedule of the training process (create_diffusion("")).
+  TORCH_ARG(int64_t, diffusion_steps) = 1000;
+  TORCH_ARG(std::string, noise_schedule) = "linear";
+  /// Seed of the data order and of every per-step draw.
+  TORCH_ARG(uint64_t, seed) = 0;
+  /// Write a checkpoint every this many steps (0 = only at the end) into `checkpoint_dir`.
+  TORCH_ARG(int64_t, ckpt_every) = 0;
+  /// Where checkpoints go ("" = no checkpoints).
+  TORCH_ARG(std::string, checkpoint_dir) = "";
+  /// Complete checkpoints kept (older ones deleted); 0 = keep all.
+  TORCH_ARG(int64_t, keep_checkpoints) = 2;
+  /// Steps between TrainStats reports (0 = never).
+  TORCH_ARG(int64_t, log_every) = 100;
+  /// Device the model is trained on (the data stays on the CPU and is moved per batch).
+  TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
+  /// Free-form JSON object stored in every checkpoint's sidecar (e.g. the resolved config).
+  TORCH_ARG(std::string, config_json) = "{}";
+};
+
+/// Losses of one step (host values).
+struct TrainStats {
+  int64_t step = 0;             ///< steps completed
+  int64_t total = 0;            ///< steps planned
+  double loss = 0;              ///< total loss of the last step
+  double diffusion = 0;         ///< mean(MSE + VB) of the last step
+  double representativeness = 0;  ///< the unweighted R term of the last step (sum over classes / n)
+  double diversity = 0;         ///< the unweighted D term of the last step
+  double mean_loss = 0;         ///< mean total loss since the previous report
+  double images_per_s = 0;      ///< throughput since the previous report
+  double elapsed_s = 0;         ///< wall time since train() started
+};
+/// Receives TrainStats every `log_every` steps.
+using TrainLogFn = std::function<void(const TrainStats&)>;
+
+/// Every input of one step, as the loop draws them (for tests and debugging).
+struct StepInputs {
+  LatentBatch batch;           ///< z0 and labels (CPU)
+  torch::Tensor t;             ///< int64 [B]
+  torch::Tensor noise;         ///< float32 [B, c, h, w]
+  torch::Tensor model_labels;  ///< after label dropout, int64 [B]
+};
+
+/// The loss of one step and its parts (tensors on the training device; `loss` has grad).
+struct StepLoss {
+  torch::Tensor loss, diffusion, representativeness, diversity, minimax, pred_xstart;
+};
+
+/// Fine-tunes (or pre-trains) a DiT. Owns the model's EMA copy, the optimizer and the memories.
+class Finetuner {
+ public:
+  /// Prepares `model` (moved to the device; DiffFit applied when requested and absent) and makes
+  /// the EMA copy. Throws mdd::Error on inconsistent options or data (latent shape, labels).
+  Finetuner(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options = {});
+
+  /// Loads the newest readable checkpoint of `checkpoint_dir` (model, EMA, optimizer, memories,
+  /// step). Returns false when there is none. Throws mdd::Error when the checkpoint does not fit
+  /// this model (names the key) or was written with a different loop configuration.
+  bool resume();
+
+  /// Runs until `steps` are done, writing checkpoints as configured (and one at the end).
+  /// Progress stage "finetune" (or `stage`), one event per step. A NaN/Inf loss throws mdd::Error
+  /// naming the step and the last good checkpoint; nothing is written for the bad step.
+  void train(const ProgressFn& progress = {}, const TrainLogFn& log = {}, const std::string& stage = "finetune");
+
+  /// One training step (no checkpointing). Returns its losses.
+  TrainStats step();
+
+  /// The inputs step `step` (0-based) draws; pure function of (seed, step, data).
+  StepInputs inputs(int64_t step) const;
+  /// The loss for `in` with the current weights and memories (no update, no push).
+  StepLoss loss(const StepInputs& in);
+
+  /// Writes a checkpoint of the current state; returns it (requires `checkpoint_dir`).
+  std::string save_checkpoint();
+
+  /// Steps done so far.
+  int64_t step_count() const { return step_; }
+  DiT model() const { return model_; }
+  /// The EMA model (use it for sampling).
+  DiT ema() const { return ema_; }
+  MemoryBank& real_memory() { return real_; }
+  MemoryBank& generated_memory() { return generated_; }
+  const GaussianDiffusion& diffusion() const { return diffusion_; }
+  const FinetuneOptions& options() const { return options_; }
+  AdamW& optimizer() { return *optimizer_; }
+
+ private:
+  void check_finite(const StepLoss& l) const;
+  DiT model_, ema_;
+  std::shared_ptr<const TrainingData> data_;
+  FinetuneOptions options_;
+  GaussianDiffusion diffusion_;
+  MemoryBank real_, generated_;
+  std::unique_ptr<AdamW> optimizer_;
+  int64_t step_ = 0;
+  std::string last_checkpoint_;
+};
+
+/// Options of `Pretrainer` (train a DiT from scratch; DiT train.py defaults where they fit).
+FinetuneOptions pretrain_defaults();
+
+/// The same loop with every parameter trainable and no minimax terms, for domains without a
+/// released class-conditional DiT. `options.difffit()`/`minimax()` must be false.
+class Pretrainer : public Finetuner {
+ public:
+  Pretrainer(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options = pretrain_defaults());
+};
+
+/// The per-step generator seed: splitmix64 mix of (seed, step).
+uint64_t step_seed(uint64_t seed, int64_t step);
+
+}  // namespace mdd

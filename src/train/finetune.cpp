@@ -1,0 +1,300 @@
+#include "mdd/train/finetune.h"
+
+#include <chrono>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "mdd/io/state_dict.h"
+#include "mdd/minimax/minimax_loss.h"
+#include "mdd/models/difffit.h"
+#include "mdd/train/checkpoint.h"
+#include "mdd/train/ema.h"
+#include "mdd/util/error.h"
+
+namespace mdd {
+namespace {
+
+uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+int64_t count_gamma_blocks(const DiT& model) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < model->options().depth(); ++i)
+    if (model->block(i)->has_gammas()) ++n;
+  return n;
+}
+
+// The parts of the loop configuration a resumed run must share with the run that wrote the
+// checkpoint (everything that changes what a step computes). `steps` may grow.
+nlohmann::json loop_signature(const FinetuneOptions& o) {
+  return {{"batch_size", o.batch_size()},       {"lr", o.lr()},
+          {"weight_decay", o.weight_decay()},   {"ema_decay", o.ema_decay()},
+          {"difffit", o.difffit()},             {"gamma_blocks", o.gamma_blocks()},
+          {"minimax", o.minimax()},             {"lambda_r", o.lambda_r()},
+          {"lambda_d", o.lambda_d()},           {"memory_size", o.memory_size()},
+          {"class_dropout_prob", o.class_dropout_prob()}, {"diffusion_steps", o.diffusion_steps()},
+          {"noise_schedule", o.noise_schedule()}, {"seed", std::to_string(o.seed())}};
+}
+
+io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m) out.emplace(prefix + kv.first, kv.second);
+  return out;
+}
+
+io::TensorMap strip_prefix(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m)
+    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), kv.second);
+  return out;
+}
+
+}  // namespace
+
+uint64_t step_seed(uint64_t seed, int64_t step) { return mix64(seed ^ mix64(0xF17E7u + uint64_t(step))); }
+
+FinetuneOptions pretrain_defaults() {
+  FinetuneOptions o;
+  // DiT train.py: AdamW lr 1e-4, wd 0, every parameter trainable, no minimax. The EMA decay is
+  // lowered from 0.9999 because from-scratch runs here are thousands, not millions, of steps.
+  o.lr(1e-4).difffit(false).minimax(false).ema_decay(0.999).batch_size(64).steps(10000);
+  return o;
+}
+
+Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options)
+    : model_(std::move(model)),
+      ema_(nullptr),
+      data_(std::move(data)),
+      options_(std::move(options)),
+      diffusion_(DiffusionOptions()
+                     .num_timesteps(options_.diffusion_steps())
+                     .noise_schedule(options_.noise_schedule())
+                     .learn_sigma(model_ ? model_->options().learn_sigma() : true)),
+      real_(data_ ? data_->num_classes() : 1, std::max<int64_t>(options_.memory_size(), 1)),
+      generated_(data_ ? data_->num_classes() : 1, std::max<int64_t>(options_.memory_size(), 1)) {
+  if (!model_) throw Error("Finetuner: model is empty");
+  if (!data_) throw Error("Finetuner: no training data");
+  const auto& mo = model_->options();
+  const auto& o = options_;
+  if (o.steps() < 0 || o.batch_size() <= 0) throw Error("Finetuner: steps must be >= 0 and batch_size > 0");
+  if (o.memory_size() <= 0) throw Error("Finetuner: memory_size must be > 0");
+  if (!(o.class_dropout_prob() >= 0 && o.class_dropout_prob() < 1)) throw Error("Finetuner: class_dropout_prob must lie in [0, 1)");
+  if (o.class_dropout_prob() > 0 && mo.class_dropout_prob() <= 0)
+    throw Error("Finetuner: label dropout requested but the model has no null-class row (class_dropout_prob = 0)");
+  if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("Finetuner: ckpt_every and log_every must be >= 0");
+  if (data_->size() < o.batch_size())
+    throw Error(fmt::format("Finetuner: batch_size {} exceeds the {} training items", o.batch_size(), data_->size()));
+  const std::vector<int64_t> want{mo.in_channels(), mo.input_size(), mo.input_size()};
+  if (data_->latent_shape() != want)
+    throw Error(fmt::format("Finetuner: training latents have shape {} but the model expects [{}, {}, {}]",
+                            c10::str(c10::IntArrayRef(data_->latent_shape())), want[0], want[1], want[2]));
+  if (nlohmann::json::accept(o.config_json()) == false) throw Error("Finetuner: config_json is not valid JSON");
+
+  model_->to(o.device());
+  if (o.difffit()) {
+    if (!has_difffit(model_)) {
+      apply_difffit(model_, DiffFitOptions().gamma_blocks(o.gamma_blocks()));
+    } else {
+      for (auto& p : model_->named_parameters()) p.value().set_requires_grad(is_difffit_trainable(p.key()));
+    }
+  } else {
+    for (auto& p : model_->named_parameters()) p.value().set_requires_grad(p.key() != "pos_embed");
+  }
+  // Label dropout is drawn explicitly from the step generator, so the module itself never drops.
+  model_->eval();
+
+  // EMA = an exact copy made before training (train_dit.py:176, update_ema(decay=0)).
+  ema_ = DiT(mo);
+  const int64_t gb = count_gamma_blocks(model_);
+  if (gb > 0) apply_difffit(ema_, DiffFitOptions().gamma_blocks(gb));
+  ema_->to(o.device());
+  load_state_dict(*ema_, state_dict(*model_), /*strict=*/true);
+  for (auto& p : ema_->parameters()) p.set_requires_grad(false);
+  ema_->eval();
+
+  auto params = trainable_parameters(*model_);
+  if (params.empty()) throw Error("Finetuner: the model has no trainable parameters");
+  optimizer_ = std::make_unique<AdamW>(params, AdamWOptions().lr(o.lr()).weight_decay(o.weight_decay()));
+}
+
+StepInputs Finetuner::inputs(int64_t step) const {
+  if (step < 0) throw Error("Finetuner::inputs: negative step");
+  const int64_t b = options_.batch_size();
+  const int64_t per_epoch = data_->size() / b;  // drop_last, as the reference's DataLoader
+  const int64_t epoch = step / per_epoch, k = step % per_epoch;
+  const torch::Tensor order = epoch_order(data_->size(), options_.seed(), epoch);
+  StepInputs in;
+  auto gen = at::detail::createCPUGenerator(step_seed(options_.seed(), step));
+  in.batch = data_->batch(order.slice(0, k * b, (k + 1) * b).contiguous(), gen);
+  in.t = torch::randint(0, options_.diffusion_steps(), {b}, gen, torch::kInt64);
+  in.noise = torch::randn(in.batch.latents.sizes(), gen, torch::kFloat32);
+  in.model_labels = in.batch.model_labels.clone();
+  if (options_.class_dropout_prob() > 0) {
+    const torch::Tensor drop = torch::rand({b}, gen) < options_.class_dropout_prob();
+    in.model_labels = model_->y_embedder->drop_labels(in.model_labels, drop);
+  }
+  return in;
+}
+
+StepLoss Finetuner::loss(const StepInputs& in) {
+  const auto dev = options_.device();
+  const torch::Tensor x0 = in.batch.latents.to(dev);
+  const torch::Tensor t = in.t.to(dev);
+  const torch::Tensor noise = in.noise.to(dev);
+  const torch::Tensor y = in.model_labels.to(dev);
+  DiT m = model_;
+  ModelFn fn = [m, y](const torch::Tensor& x, const torch::Tensor& tt) mutable { return m->forward(x, tt, y); };
+  TrainingLosses tl = diffusion_.training_losses(fn, x0, t, noise);
+  StepLoss out;
+  out.diffusion = tl.loss.mean();
+  out.pred_xstart = tl.pred_xstart;
+  if (options_.minimax()) {
+    MinimaxTerms terms = minimax_loss(tl.pred_xstart, in.batch.labels.to(dev), real_, generated_,
+                                      MinimaxLossOptions().lambda_r(options_.lambda_r()).lambda_d(options_.lambda_d()).check_finite(false));
+    out.representativeness = terms.representativeness;
+    out.diversity = terms.diversity;
+    out.minimax = terms.total;
+    out.loss = out.diffusion + terms.total;
+  } else {
+    out.representativeness = torch::zeros({}, out.diffusion.options());
+    out.diversity = torch::zeros({}, out.diffusion.options());
+    out.minimax = torch::zeros({}, out.diffusion.options());
+    out.loss = out.diffusion;
+  }
+  return out;
+}
+
+void Finetuner::check_finite(const StepLoss& l) const {
+  const double v = l.loss.item<double>();
+  if (std::isfinite(v)) return;
+  throw Error(fmt::format(
+      "training diverged: loss is {} at step {} (diffusion {}, minimax {}); {}. Nothing was written for this step; "
+      "lower the learning rate or check the data.",
+      v, step_ + 1, l.diffusion.item<double>(), l.minimax.item<double>(),
+      last_checkpoint_.empty() ? std::string("no checkpoint was written yet")
+                               : "the last good checkpoint is " + last_checkpoint_));
+}
+
+TrainStats Finetuner::step() {
+  StepInputs in = inputs(step_);
+  optimizer_->zero_grad();
+  StepLoss l = loss(in);
+  check_finite(l);
+  l.loss.backward();
+  optimizer_->step();
+  update_ema(*ema_, *model_, options_.ema_decay());
+  if (options_.minimax()) {
+    // After the loss (train_dit.py:270-276): the batch is never compared with itself.
+    const torch::Tensor labels = in.batch.labels.to(options_.device());
+    real_.push(in.batch.latents.to(options_.device()), labels);
+    generated_.push(l.pred_xstart.detach(), labels);
+  }
+  ++step_;
+  TrainStats s;
+  s.step = step_;
+  s.total = options_.steps();
+  s.loss = l.loss.item<double>();
+  s.diffusion = l.diffusion.item<double>();
+  s.representativeness = l.representativeness.item<double>();
+  s.diversity = l.diversity.item<double>();
+  return s;
+}
+
+std::string Finetuner::save_checkpoint() {
+  if (options_.checkpoint_dir().empty()) throw Error("Finetuner::save_checkpoint: no checkpoint_dir set");
+  io::TensorMap t = with_prefix(state_dict(*model_), "model.");
+  for (auto& kv : with_prefix(state_dict(*ema_), "ema.")) t.emplace(kv);
+  for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
+  if (options_.minimax()) {
+    for (auto& kv : real_.state("bank.real.")) t.emplace(kv);
+    for (auto& kv : generated_.state("bank.generated.")) t.emplace(kv);
+  }
+  nlohmann::json meta;
+  meta["format"] = "mdd-train-checkpoint";
+  meta["loop"] = loop_signature(options_);
+  meta["steps_planned"] = options_.steps();
+  meta["config"] = nlohmann::json::parse(options_.config_json());
+  meta["seeds"] = {{"seed", std::to_string(options_.seed())},
+                   {"rule", "step s draws from a CPU generator seeded splitmix(seed, s); epoch e order from (seed, e)"}};
+  meta["model"] = {{"input_size", model_->options().input_size()},   {"patch_size", model_->options().patch_size()},
+                   {"in_channels", model_->options().in_channels()}, {"hidden_size", model_->options().hidden_size()},
+                   {"depth", model_->options().depth()},             {"num_heads", model_->options().num_heads()},
+                   {"num_classes", model_->options().num_classes()}, {"gamma_blocks", count_gamma_blocks(model_)}};
+  auto info = write_checkpoint(options_.checkpoint_dir(), step_, t, meta.dump(), options_.keep_checkpoints());
+  last_checkpoint_ = info.weights_path;
+  return info.weights_path;
+}
+
+bool Finetuner::resume() {
+  if (options_.checkpoint_dir().empty()) return false;
+  std::vector<std::string> skipped;
+  auto ck = read_latest_checkpoint(options_.checkpoint_dir(), &skipped);
+  if (!ck) return false;
+  nlohmann::json meta = nlohmann::json::parse(ck->meta_json);
+  const nlohmann::json want = loop_signature(options_);
+  if (!meta.contains("loop")) throw Error(ck->info.meta_path + ": not an mdd training checkpoint (no 'loop')");
+  for (auto it = want.begin(); it != want.end(); ++it) {
+    if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
+      throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
+                              it.key(), meta["loop"].value(it.key(), nlohmann::json()).dump(), it.value().dump()));
+  }
+  load_state_dict(*model_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
+  load_state_dict(*ema_, strip_prefix(ck->tensors, "ema."), /*strict=*/true);
+  optimizer_->load_state(ck->tensors, "opt.");
+  if (options_.minimax()) {
+    real_.load_state(ck->tensors, "bank.real.");
+    generated_.load_state(ck->tensors, "bank.generated.");
+  }
+  step_ = ck->info.step;
+  last_checkpoint_ = ck->info.weights_path;
+  return true;
+}
+
+void Finetuner::train(const ProgressFn& progress, const TrainLogFn& log, const std::string& stage) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  auto since = [](clock::time_point a) { return std::chrono::duration<double>(clock::now() - a).count(); };
+  const int64_t first = step_;
+  double loss_sum = 0;
+  int64_t loss_n = 0;
+  auto window_start = clock::now();
+  int64_t window_steps = 0;
+  if (progress) progress({stage, step_, options_.steps(), 0.0});
+  while (step_ < options_.steps()) {
+    TrainStats s = step();
+    loss_sum += s.loss;
+    ++loss_n;
+    ++window_steps;
+    if (progress) progress({stage, step_, options_.steps(), since(t0)});
+    const bool last = step_ == options_.steps();
+    if (log && options_.log_every() > 0 && (step_ % options_.log_every() == 0 || last)) {
+      s.mean_loss = loss_sum / double(loss_n);
+      const double w = since(window_start);
+      s.images_per_s = w > 0 ? double(window_steps * options_.batch_size()) / w : 0.0;
+      s.elapsed_s = since(t0);
+      log(s);
+      loss_sum = 0;
+      loss_n = 0;
+      window_steps = 0;
+      window_start = clock::now();
+    }
+    if (!options_.checkpoint_dir().empty() && ((options_.ckpt_every() > 0 && step_ % options_.ckpt_every() == 0) || last))
+      save_checkpoint();
+  }
+  (void)first;
+}
+
+Pretrainer::Pretrainer(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options)
+    : Finetuner(std::move(model), std::move(data),
+                (options.difffit() || options.minimax())
+                    ? throw Error("Pretrainer: difffit and minimax must be off (use Finetuner for fine-tuning)")
+                    : options) {}
+
+}  // namespace mdd

@@ -1,0 +1,315 @@
+// Fine-tuning loop: AdamW, EMA, checkpoints, the step's loss, memories, resume, NaN handling.
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "mdd/data/latent_cache.h"
+#include "mdd/data/training_data.h"
+#include "mdd/io/state_dict.h"
+#include "mdd/minimax/minimax_loss.h"
+#include "mdd/models/codec.h"
+#include "mdd/models/difffit.h"
+#include "mdd/train/adamw.h"
+#include "mdd/train/checkpoint.h"
+#include "mdd/train/ema.h"
+#include "mdd/train/finetune.h"
+#include "mdd/util/error.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using namespace mdd;
+using mdd_test::tmp_dir;
+
+namespace {
+
+bool equal_maps(const io::TensorMap& a, const io::TensorMap& b, std::string* why) {
+  if (a.size() != b.size()) {
+    *why = "size " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
+    return false;
+  }
+  for (const auto& kv : a) {
+    auto it = b.find(kv.first);
+    if (it == b.end() || !torch::equal(kv.second, it->second)) {
+      *why = kv.first;
+      return false;
+    }
+  }
+  return true;
+}
+
+// 3 classes x 8 grey 8x8 images in pixel space.
+std::shared_ptr<LatentTrainingData> tiny_data(const std::string& dir) {
+  auto gen = at::detail::createCPUGenerator(7);
+  LabeledImages d;
+  d.images = torch::randint(0, 256, {24, 8, 8, 1}, gen, torch::kInt64).to(torch::kUInt8);
+  d.labels = torch::arange(24, torch::kInt64).remainder(3);
+  d.class_names = {"a", "b", "c"};
+  IdentityCodec codec;
+  auto cache = LatentCache::build(dir + "/latents.safetensors", codec, d);
+  return std::make_shared<LatentTrainingData>(cache, 3);
+}
+
+DiT tiny_dit(uint64_t seed = 1) {
+  DiT m(DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
+  auto gen = at::detail::createCPUGenerator(seed);
+  m->initialize_weights(gen);
+  // Non-zero adaLN/final weights so gradients reach every parameter from step 1.
+  torch::NoGradGuard ng;
+  for (auto& p : m->parameters()) p.add_(torch::randn(p.sizes(), gen) * 0.02);
+  return m;
+}
+
+FinetuneOptions tiny_options() {
+  return FinetuneOptions().steps(6).batch_size(6).memory_size(4).gamma_blocks(1).lambda_r(0.3).lambda_d(0.7);
+}
+
+}  // namespace
+
+TEST(AdamW, MatchesTorchAdamW) {
+  auto gen = at::detail::createCPUGenerator(3);
+  torch::Tensor a = torch::randn({5, 4}, gen).requires_grad_(true);
+  torch::Tensor b = a.detach().clone().requires_grad_(true);
+  AdamW mine({a}, AdamWOptions().lr(0.01).weight_decay(0.1));
+  torch::optim::AdamW ref({b}, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+  for (int i = 0; i < 5; ++i) {
+    torch::Tensor target = torch::randn({5, 4}, gen);
+    mine.zero_grad();
+    ref.zero_grad();
+    (a - target).pow(2).sum().backward();
+    (b - target).pow(2).sum().backward();
+    mine.step();
+    ref.step();
+  }
+  EXPECT_TRUE(mdd_test::AllClose(a, b, 1e-6));
+  EXPECT_GT((a - torch::randn({5, 4}, gen)).abs().sum().item<double>(), 0);
+}
+
+TEST(AdamW, StateRoundTripAndValidation) {
+  torch::Tensor p = torch::ones({3}).requires_grad_(true);
+  AdamW opt({p});
+  p.sum().backward();
+  opt.step();
+  auto st = opt.state("opt.");
+  ASSERT_EQ(st.count("opt.0.exp_avg"), 1u);
+  torch::Tensor q = torch::ones({3}).requires_grad_(true);
+  AdamW opt2({q});
+  opt2.load_state(st, "opt.");
+  EXPECT_TRUE(torch::equal(opt2.state("opt.").at("opt.0.exp_avg_sq"), st.at("opt.0.exp_avg_sq")));
+  st["opt.0.exp_avg"] = torch::zeros({4});
+  EXPECT_THROW(opt2.load_state(st, "opt."), Error);
+  st.erase("opt.0.exp_avg");
+  st["opt.7.exp_avg"] = torch::zeros({3});
+  EXPECT_THROW(opt2.load_state(st, "opt."), Error);
+}
+
+TEST(Ema, UpdateIsConvexCombinationOfAllParameters) {
+  torch::nn::Linear a(3, 2), b(3, 2);
+  a->weight.set_requires_grad(false);  // frozen parameters are averaged too (reference: all named params)
+  const torch::Tensor ew = b->weight.detach().clone(), mw = a->weight.detach().clone();
+  update_ema(*b, *a, 0.9);
+  EXPECT_TRUE(mdd_test::AllClose(b->weight, 0.9 * ew + 0.1 * mw, 1e-7));
+  update_ema(*b, *a, 0.0);
+  EXPECT_TRUE(torch::equal(b->weight, a->weight));
+  torch::nn::Linear c(4, 2);
+  EXPECT_THROW(update_ema(*c, *a, 0.5), Error);
+  EXPECT_THROW(update_ema(*b, *a, 1.5), Error);
+}
+
+TEST(Checkpoint, WriteListReadKeepLast) {
+  const std::string dir = tmp_dir("ckpt_basic");
+  for (int64_t s : {10, 20, 30}) write_checkpoint(dir, s, {{"x", torch::full({2}, double(s))}}, R"({"a": 1})", 2);
+  auto all = list_checkpoints(dir);
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].step, 20);
+  EXPECT_EQ(all[1].step, 30);
+  EXPECT_TRUE(fs::exists(dir + "/0000030.safetensors"));
+  auto latest = read_latest_checkpoint(dir);
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->info.step, 30);
+  EXPECT_EQ(latest->tensors.at("x")[0].item<double>(), 30.0);
+  EXPECT_NE(latest->meta_json.find("\"a\""), std::string::npos);
+  EXPECT_THROW(write_checkpoint(dir, 40, {}, "[1]"), Error);
+}
+
+TEST(Checkpoint, TruncatedNewestIsSkipped) {
+  const std::string dir = tmp_dir("ckpt_trunc");
+  write_checkpoint(dir, 1, {{"x", torch::ones({100})}});
+  auto info = write_checkpoint(dir, 2, {{"x", torch::zeros({100})}});
+  fs::resize_file(info.weights_path, fs::file_size(info.weights_path) - 10);
+  EXPECT_THROW(read_checkpoint(info), Error);
+  std::vector<std::string> skipped;
+  auto latest = read_latest_checkpoint(dir, &skipped);
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->info.step, 1);
+  ASSERT_EQ(skipped.size(), 1u);
+  EXPECT_NE(skipped[0].find("0000002"), std::string::npos);
+  // A weights file without its sidecar (killed before the JSON was written) is not a checkpoint.
+  fs::remove(dir + "/0000001.json");
+  io::save_safetensors(dir + "/0000003.safetensors", {{"x", torch::ones({1})}});
+  std::ofstream(dir + "/junk.json") << "{";
+  EXPECT_EQ(list_checkpoints(dir).size(), 1u);
+  EXPECT_FALSE(read_latest_checkpoint(dir).has_value());
+}
+
+TEST(TrainingData, SubsetOrderAndLabels) {
+  torch::Tensor labels = torch::tensor({0, 1, 0, 1, 0, 2}, torch::kInt64);
+  EXPECT_TRUE(torch::equal(finetune_subset(labels, 1), torch::tensor({0, 1, 5}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(finetune_subset(labels, -1), torch::arange(6, torch::kInt64)));
+  EXPECT_THROW(finetune_subset(labels, 2), Error);
+  EXPECT_TRUE(torch::equal(epoch_order(10, 1, 3), epoch_order(10, 1, 3)));
+  EXPECT_FALSE(torch::equal(epoch_order(10, 1, 3), epoch_order(10, 1, 4)));
+}
+
+TEST(Finetuner, StepLossIsDiffusionPlusMinimax) {
+  const std::string dir = tmp_dir("ft_loss");
+  auto data = tiny_data(dir);
+  Finetuner ft(tiny_dit(), data, tiny_options());
+  ft.step();
+  ft.step();
+  StepInputs in = ft.inputs(2);
+  StepLoss l = ft.loss(in);
+  // Separately: the diffusion's training loss with the same draws, and the minimax loss on the
+  // memories as they are before step 3's push.
+  DiT m = ft.model();
+  const torch::Tensor y = in.model_labels;
+  ModelFn fn = [m, y](const torch::Tensor& x, const torch::Tensor& t) mutable { return m->forward(x, t, y); };
+  GaussianDiffusion diffusion;
+  TrainingLosses tl = diffusion.training_losses(fn, in.batch.latents, in.t, in.noise);
+  MinimaxTerms terms = minimax_loss(tl.pred_xstart, in.batch.labels, ft.real_memory(), ft.generated_memory(),
+                                    MinimaxLossOptions().lambda_r(0.3).lambda_d(0.7));
+  EXPECT_GT(terms.total.item<double>(), 0.0);  // both memories hold items of every class by now
+  EXPECT_TRUE(mdd_test::AllClose(l.diffusion, tl.loss.mean(), 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(l.minimax, terms.total, 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(l.loss, tl.loss.mean() + 0.3 * terms.representativeness + 0.7 * terms.diversity, 1e-6));
+  // About 10% of labels are dropped to the null class (3), never more than drawn.
+  EXPECT_TRUE((in.model_labels == in.batch.model_labels).logical_or(in.model_labels == 3).all().item<bool>());
+}
+
+TEST(Finetuner, MemoriesHoldTheBatchOfEachClassAfterTheStep) {
+  const std::string dir = tmp_dir("ft_banks");
+  auto data = tiny_data(dir);
+  Finetuner ft(tiny_dit(), data, tiny_options());
+  StepInputs in0 = ft.inputs(0);
+  ft.step();
+  for (int64_t c = 0; c < 3; ++c) {
+    const torch::Tensor mask = in0.batch.labels == c;
+    const int64_t n = mask.sum().item<int64_t>();
+    ASSERT_EQ(ft.real_memory().size(c), std::min<int64_t>(n, 4)) << "class " << c;
+    ASSERT_EQ(ft.generated_memory().size(c), std::min<int64_t>(n, 4));
+    if (n > 0 && n <= 4) {
+      EXPECT_TRUE(torch::equal(ft.real_memory().get(c), in0.batch.latents.index({mask})));
+    }
+  }
+  // After many steps each FIFO is capped at memory_size.
+  for (int i = 0; i < 4; ++i) ft.step();
+  for (int64_t c = 0; c < 3; ++c) EXPECT_EQ(ft.real_memory().size(c), 4);
+}
+
+TEST(Finetuner, DiffFitTrainsOnlyBiasesGammasAndClassTable) {
+  const std::string dir = tmp_dir("ft_difffit");
+  auto data = tiny_data(dir);
+  DiT init = tiny_dit();
+  const io::TensorMap before = state_dict(*init);
+  std::map<std::string, torch::Tensor> snapshot;
+  for (auto& kv : before) snapshot[kv.first] = kv.second.clone();
+  Finetuner ft(init, data, tiny_options().steps(2));
+  ft.train();
+  for (auto& kv : state_dict(*ft.model())) {
+    auto it = snapshot.find(kv.first);
+    if (it == snapshot.end()) continue;  // gammas are new
+    const bool changed = !torch::equal(kv.second, it->second);
+    EXPECT_EQ(changed, is_difffit_trainable(kv.first)) << kv.first;
+  }
+  // EMA moved towards the model by (1 - 0.9999) per step: still very close to the initial weights.
+  const torch::Tensor e = ft.ema()->y_embedder->embedding_table->weight;
+  EXPECT_FALSE(torch::equal(e, snapshot.at("y_embedder.embedding_table.weight")));
+  EXPECT_TRUE(mdd_test::AllClose(e, snapshot.at("y_embedder.embedding_table.weight"), 1e-3));
+}
+
+TEST(Finetuner, ResumeContinuesBitForBit) {
+  const std::string dir = tmp_dir("ft_resume");
+  auto data = tiny_data(dir);
+  // Uninterrupted: 6 steps.
+  Finetuner full(tiny_dit(), data, tiny_options());
+  full.train();
+  // Interrupted after 3 steps (checkpoint), then a new process resumes and finishes.
+  {
+    Finetuner first(tiny_dit(), data, tiny_options().steps(3).checkpoint_dir(dir + "/ck"));
+    first.train();
+  }
+  Finetuner second(tiny_dit(), data, tiny_options().checkpoint_dir(dir + "/ck"));
+  ASSERT_TRUE(second.resume());
+  EXPECT_EQ(second.step_count(), 3);
+  second.train();
+  EXPECT_EQ(second.step_count(), 6);
+  std::string why;
+  EXPECT_TRUE(equal_maps(state_dict(*full.model()), state_dict(*second.model()), &why)) << why;
+  EXPECT_TRUE(equal_maps(state_dict(*full.ema()), state_dict(*second.ema()), &why)) << why;
+  EXPECT_TRUE(equal_maps(full.optimizer().state(), second.optimizer().state(), &why)) << why;
+  for (int64_t c = 0; c < 3; ++c) {
+    EXPECT_TRUE(torch::equal(full.generated_memory().get(c), second.generated_memory().get(c)));
+    EXPECT_TRUE(torch::equal(full.real_memory().get(c), second.real_memory().get(c)));
+  }
+  // A resumed run with a different loop configuration is refused, naming the option.
+  Finetuner other(tiny_dit(), data, tiny_options().lambda_r(0.5).checkpoint_dir(dir + "/ck"));
+  try {
+    other.resume();
+    FAIL() << "expected mdd::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("lambda_r"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+// Training data whose latents turn NaN from a given draw on.
+class PoisonedData : public TrainingData {
+ public:
+  PoisonedData(std::shared_ptr<LatentTrainingData> inner, int64_t poison_after) : inner_(inner), after_(poison_after) {}
+  int64_t size() const override { return inner_->size(); }
+  int64_t num_classes() const override { return inner_->num_classes(); }
+  std::vector<int64_t> latent_shape() const override { return inner_->latent_shape(); }
+  torch::Tensor labels() const override { return inner_->labels(); }
+  LatentBatch batch(const torch::Tensor& idx, torch::Generator& g) const override {
+    LatentBatch b = inner_->batch(idx, g);
+    if (idx.numel() > 0 && ++calls_ > after_) b.latents.fill_(std::nan(""));
+    return b;
+  }
+
+ private:
+  std::shared_ptr<LatentTrainingData> inner_;
+  int64_t after_;
+  mutable int64_t calls_ = 0;
+};
+}  // namespace
+
+TEST(Finetuner, NanLossStopsWithStepAndLastCheckpoint) {
+  const std::string dir = tmp_dir("ft_nan");
+  auto data = std::make_shared<PoisonedData>(tiny_data(dir), 2);
+  Finetuner ft(tiny_dit(), data, tiny_options().ckpt_every(1).checkpoint_dir(dir + "/ck"));
+  try {
+    ft.train();
+    FAIL() << "expected mdd::Error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("step 3"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("0000002.safetensors"), std::string::npos) << msg;
+  }
+  auto latest = read_latest_checkpoint(dir + "/ck");
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->info.step, 2);
+}
+
+TEST(Finetuner, RejectsBadSetups) {
+  const std::string dir = tmp_dir("ft_bad");
+  auto data = tiny_data(dir);
+  EXPECT_THROW(Finetuner(tiny_dit(), data, tiny_options().batch_size(100)), Error);
+  EXPECT_THROW(Finetuner(DiT(DiTOptions(16, 2, 1, 32, 1, 2).num_classes(3)), data, tiny_options()), Error);
+  EXPECT_THROW(Pretrainer(tiny_dit(), data, tiny_options()), Error);
+  Pretrainer pre(tiny_dit(), data, pretrain_defaults().batch_size(6).steps(1));
+  pre.train();
+  EXPECT_FALSE(has_difffit(pre.model()));
+  EXPECT_FALSE(pre.model()->pos_embed.requires_grad());
+  EXPECT_TRUE(pre.model()->blocks->parameters().front().requires_grad());
+}
