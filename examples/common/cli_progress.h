@@ -21,6 +21,14 @@ class ProgressPrinter {
     return [this](const mdd::Progress& p) { update(p); };
   }
 
+  /// Ends a partially drawn bar line so that other output starts on a fresh line.
+  void interrupt() {
+    if (tty_ && !stage_.empty()) {
+      std::fputc('\n', stderr);
+      last_print_ = -1e9;
+    }
+  }
+
   void update(const mdd::Progress& p) {
     const bool done = p.total > 0 && p.step >= p.total;
     if (p.stage != stage_) {

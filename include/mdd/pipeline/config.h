@@ -1,0 +1,152 @@
+#pragma once
+/// \file
+/// The distillation pipeline's configuration (one JSON file, `configs/*.json`).
+///
+/// Every section and key is optional; missing keys keep the defaults below (the reference's
+/// values for the paper's ImageWoof run). Unknown keys, wrong types and invalid values are errors
+/// that name the key, so a typo never silently falls back to a default.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mdd {
+
+/// Where the images come from.
+struct DataConfig {
+  /// "fashion-mnist" (the Debian dataset package) or "imagefolder" (`root/<class>/<images>`).
+  std::string kind = "imagefolder";
+  /// fashion-mnist: the IDX directory; imagefolder: the training root (the ImageNet train dir).
+  std::string root = "/usr/share/datasets/fashion-mnist";
+  /// imagefolder: the test root with the same class folders (ImageNet val); "" = no test set.
+  std::string test_root = "";
+  /// imagefolder: the reference `--spec` ("woof", "nette", "idc"), sliced by nclass/phase.
+  std::string spec = "woof";
+  int64_t nclass = 10;
+  int64_t phase = 0;
+  /// Training crop size (ADM center_crop_arr) for imagefolder data.
+  int64_t image_size = 256;
+  /// Images per class used for fine-tuning (`--finetune-ipc`; -1 = all).
+  int64_t finetune_ipc = -1;
+  /// Decoding threads for image folders (0 = all cores).
+  int64_t threads = 0;
+};
+
+/// The latent codec.
+struct CodecConfig {
+  /// "identity" (pixel-space diffusion) or "vae" (AutoencoderKL, diffusers folder or file).
+  std::string kind = "vae";
+  /// VAE used to encode the training images (reference: sd-vae-ft-ema).
+  std::string encoder = "";
+  /// VAE used to decode samples (reference: sd-vae-ft-mse); "" = `encoder`.
+  std::string decoder = "";
+  /// Images per encoder/decoder call.
+  int64_t batch_size = 16;
+};
+
+/// The DiT.
+struct ModelConfig {
+  /// A reference preset ("DiT-XL/2", ...) or "custom" (the shape fields below).
+  std::string name = "DiT-XL/2";
+  int64_t input_size = 32;
+  int64_t patch_size = 2;
+  int64_t in_channels = 4;
+  int64_t hidden_size = 1152;
+  int64_t depth = 28;
+  int64_t num_heads = 16;
+  int64_t num_classes = 1000;
+  double class_dropout_prob = 0.1;
+  /// Pre-trained weights (reference DiT-XL-2-256x256.pt, or an mdd checkpoint); "" = pretrain first.
+  std::string checkpoint = "";
+};
+
+/// Pre-training from scratch (only when `model.checkpoint` is empty or `--pretrain` is given).
+struct PretrainConfig {
+  int64_t steps = 10000;
+  int64_t batch_size = 64;
+  double lr = 1e-4;
+  double ema_decay = 0.999;
+  int64_t ckpt_every = 500;
+  uint64_t seed = 0;
+};
+
+/// DiffFit (+ minimax) fine-tuning (reference run.sh).
+struct FinetuneConfig {
+  int64_t steps = 12000;
+  int64_t batch_size = 8;
+  double lr = 1e-3;
+  double weight_decay = 0.0;
+  double ema_decay = 0.9999;
+  int64_t gamma_blocks = 14;
+  double lambda_r = 0.002;
+  double lambda_d = 0.008;
+  int64_t memory_size = 64;
+  int64_t ckpt_every = 1000;
+  uint64_t seed = 0;
+};
+
+/// Sampling (reference sample.py, batched).
+struct SampleConfig {
+  /// Images per class.
+  int64_t ipc = 100;
+  /// Respacing of the sampling process ("50" = 50 DDPM steps; "ddim50" for DDIM).
+  std::string steps = "50";
+  double cfg_scale = 4.0;
+  /// "reference" (guide eps channels 0..2) or "all".
+  std::string guidance = "reference";
+  /// "ddpm" or "ddim".
+  std::string method = "ddpm";
+  int64_t batch_size = 16;
+  uint64_t seed = 0;
+};
+
+/// Evaluation of the distilled sets.
+struct EvaluateConfig {
+  /// "idc" (the paper's ImageNet protocol) or "dc" (ConvNet-3, DC/DSA).
+  std::string protocol = "idc";
+  int64_t repeats = 3;
+  /// Which sets to evaluate: "random" (real images), "dit" (pre-trained DiT, no fine-tuning),
+  /// "difffit" (fine-tuned without minimax), "minimax" (ours).
+  std::vector<std::string> methods = {"random", "minimax"};
+  /// 0 = the protocol's epochs.
+  int64_t epochs = 0;
+  /// Also train on the whole training set (reduced epochs: `full_set_epochs`).
+  bool full_set = false;
+  int64_t full_set_epochs = 1;
+  uint64_t seed = 0;
+  /// Evaluation image size for image folders (0 = protocol: idc 224).
+  int64_t image_size = 0;
+};
+
+/// The whole pipeline.
+struct DistillConfig {
+  /// Run name (reports and logs).
+  std::string name = "distill";
+  /// Everything is written below this directory.
+  std::string output_dir = "runs/distill";
+  /// Torch device ("cpu", "cuda", "cuda:1").
+  std::string device = "cpu";
+  /// Torch intra-op threads (0 = LibTorch's default).
+  int64_t threads = 0;
+  DataConfig data;
+  CodecConfig codec;
+  ModelConfig model;
+  PretrainConfig pretrain;
+  FinetuneConfig finetune;
+  SampleConfig sample;
+  EvaluateConfig evaluate;
+};
+
+/// Parses a config file. Throws mdd::Error naming the file and key on unknown keys, wrong types
+/// and invalid values.
+DistillConfig load_config(const std::string& path);
+/// Parses config text (`what` names the source in errors).
+DistillConfig parse_config(const std::string& json_text, const std::string& what = "<config>");
+/// Applies one "section.key=value" override (value parsed as JSON, else taken as a string), with the
+/// same checks as the file.
+void apply_override(DistillConfig& config, const std::string& assignment);
+/// The fully resolved config as pretty JSON (every key, defaults included).
+std::string config_to_json(const DistillConfig& config);
+/// Throws mdd::Error when values are inconsistent (e.g. unknown method, non-positive sizes).
+void validate_config(const DistillConfig& config);
+
+}  // namespace mdd

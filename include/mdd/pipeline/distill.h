@@ -1,0 +1,111 @@
+#pragma once
+/// \file
+/// The distillation pipeline: (pre-train) → fine-tune → sample → evaluate → report, each stage
+/// reusable on its own and resumable (finished stages are detected on disk and skipped, an
+/// interrupted fine-tune resumes from its last checkpoint).
+///
+/// Layout under `config.output_dir`:
+///   config.json                         the resolved config of the last run
+///   cache/latents.safetensors           encoder posteriors of the training images (and mirrors)
+///   pretrain/ema.safetensors            pre-trained DiT (EMA) when the pipeline pre-trains
+///   <variant>/checkpoints/, <variant>/ema.safetensors   fine-tuning ("difffit", "minimax")
+///   samples/<class>/<k>.png             the distilled set (minimax); samples-<method>/ for others
+///   <samples dir>/samples.safetensors   latents, labels and images of that set
+///   eval/<method>.json                  evaluation results (reused when the inputs are unchanged)
+///   report.json, report.md, contact_sheet.png
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/training_data.h"
+#include "mdd/eval/evaluator.h"
+#include "mdd/models/codec.h"
+#include "mdd/models/dit.h"
+#include "mdd/pipeline/config.h"
+#include "mdd/train/finetune.h"
+#include "mdd/util/progress.h"
+
+namespace mdd {
+
+/// Callbacks of a pipeline run (all optional). The library never prints; examples render these.
+struct PipelineCallbacks {
+  /// Progress of long stages ("load_images", "encode_latents", "pretrain", "finetune-minimax",
+  /// "sample-minimax", "evaluate-random", ...).
+  ProgressFn progress;
+  /// Loss reports of training stages.
+  TrainLogFn train_log;
+  /// One human-readable line per notable event (stage start/skip/finish, files written).
+  std::function<void(const std::string&)> log;
+};
+
+/// The real data of a run.
+struct PipelineData {
+  /// Training images (uint8 [N, H, W, C]) with local labels and class names.
+  LabeledImages train;
+  /// Test images (empty tensors when the config has no test set).
+  LabeledImages test;
+  /// Folder name of each class in sample outputs (synsets for ImageNet, sanitised names otherwise).
+  std::vector<std::string> class_dirs;
+  /// The label the DiT is conditioned on for each local class.
+  std::vector<int64_t> model_labels;
+};
+
+/// Loads the training (and test) images the config names.
+PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallbacks& callbacks = {});
+
+/// A freshly initialised DiT of the configured architecture (seeded with `seed`).
+DiT make_model(const ModelConfig& config, uint64_t seed = 0);
+/// A DiT of the configured architecture with weights from `path` (any format load_model_weights
+/// reads; DiffFit gammas are added when the file has them). Loaded strictly: every key must match.
+DiT load_model(const ModelConfig& config, const std::string& path, const std::string& entry = "");
+/// The codec for encoding ("encoder") or decoding ("decoder") under the config.
+std::shared_ptr<Codec> make_codec(const CodecConfig& config, const std::string& role, const std::string& device);
+
+/// Latent training data (cached posteriors of the training images, `finetune_ipc` subset).
+std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
+                                                       const PipelineCallbacks& callbacks = {});
+
+/// Pre-trains a DiT from scratch (resuming `pretrain/checkpoints` when present) and writes its EMA
+/// weights to `<output_dir>/pretrain/ema.safetensors`; returns that path. Skips the work when the
+/// file exists and `force` is false.
+std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force = false,
+                         const PipelineCallbacks& callbacks = {});
+
+/// Fine-tunes the weights at `init_weights` with DiffFit, with (`variant` "minimax") or without
+/// ("difffit") the minimax terms; resumes `<output_dir>/<variant>/checkpoints`; writes and returns
+/// `<output_dir>/<variant>/ema.safetensors` (skipped when it exists for the same settings).
+std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
+                         const std::string& variant, const PipelineCallbacks& callbacks = {});
+
+/// Samples `sample.ipc` images per class from `weights` (EMA) into `out_dir` (`<class>/<k>.png`,
+/// samples.safetensors, sample_config.json) and returns them as a labelled set. Reuses an existing
+/// samples.safetensors written with the same weights and settings.
+LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
+                         const std::string& out_dir, const std::string& stage = "sample",
+                         const PipelineCallbacks& callbacks = {});
+
+/// Evaluates a training set on the test set under `config.evaluate` (protocol, repeats, seed),
+/// caching the result in `<output_dir>/eval/<name>.json`.
+EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
+                        const std::string& name, const PipelineCallbacks& callbacks = {});
+
+/// What `run_distill` does beyond the config.
+struct DistillRunOptions {
+  /// Pre-train from scratch even when `model.checkpoint` is set.
+  bool force_pretrain = false;
+  /// Stop after sampling (no evaluation, no report table).
+  bool skip_evaluate = false;
+};
+
+/// The whole pipeline. Writes report.json (`results.<method>.{mean,std,runs}`, `ipc`, `protocol`,
+/// `timings_s`, ...), report.md and contact_sheet.png; returns the path of report.json.
+std::string run_distill(const DistillConfig& config, const DistillRunOptions& options = {},
+                        const PipelineCallbacks& callbacks = {});
+
+/// A class name made safe as a folder name ("T-shirt/top" -> "T-shirt_top").
+std::string sanitize_class_dir(const std::string& name);
+
+}  // namespace mdd

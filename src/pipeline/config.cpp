@@ -1,0 +1,304 @@
+#include "mdd/pipeline/config.h"
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "mdd/util/error.h"
+
+namespace mdd {
+namespace {
+
+using json = nlohmann::json;
+
+struct Field {
+  std::function<void(const json&, const std::string& where)> set;
+  std::function<json()> get;
+};
+
+std::string type_name(const json& j) { return j.type_name(); }
+
+template <class T>
+Field field(T& ref);
+
+template <>
+Field field(std::string& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_string()) throw Error(fmt::format("{}: expected a string, got {}", where, type_name(j)));
+            ref = j.get<std::string>();
+          },
+          [&ref] { return json(ref); }};
+}
+template <>
+Field field(int64_t& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_number_integer()) throw Error(fmt::format("{}: expected an integer, got {}", where, j.dump()));
+            ref = j.get<int64_t>();
+          },
+          [&ref] { return json(ref); }};
+}
+template <>
+Field field(uint64_t& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_number_integer() || (j.is_number_integer() && !j.is_number_unsigned() && j.get<int64_t>() < 0))
+              throw Error(fmt::format("{}: expected a non-negative integer, got {}", where, j.dump()));
+            ref = j.get<uint64_t>();
+          },
+          [&ref] { return json(ref); }};
+}
+template <>
+Field field(double& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_number()) throw Error(fmt::format("{}: expected a number, got {}", where, j.dump()));
+            ref = j.get<double>();
+          },
+          [&ref] { return json(ref); }};
+}
+template <>
+Field field(bool& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_boolean()) throw Error(fmt::format("{}: expected true or false, got {}", where, j.dump()));
+            ref = j.get<bool>();
+          },
+          [&ref] { return json(ref); }};
+}
+template <>
+Field field(std::vector<std::string>& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, j.dump()));
+            std::vector<std::string> v;
+            for (const auto& e : j) {
+              if (!e.is_string()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, j.dump()));
+              v.push_back(e.get<std::string>());
+            }
+            ref = v;
+          },
+          [&ref] { return json(ref); }};
+}
+
+// Every key of the config, in file order, bound to `c`.
+std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
+  std::vector<std::pair<std::string, Field>> f;
+  auto add = [&f](const std::string& k, Field x) { f.emplace_back(k, std::move(x)); };
+  add("name", field(c.name));
+  add("output_dir", field(c.output_dir));
+  add("device", field(c.device));
+  add("threads", field(c.threads));
+  add("data.kind", field(c.data.kind));
+  add("data.root", field(c.data.root));
+  add("data.test_root", field(c.data.test_root));
+  add("data.spec", field(c.data.spec));
+  add("data.nclass", field(c.data.nclass));
+  add("data.phase", field(c.data.phase));
+  add("data.image_size", field(c.data.image_size));
+  add("data.finetune_ipc", field(c.data.finetune_ipc));
+  add("data.threads", field(c.data.threads));
+  add("codec.kind", field(c.codec.kind));
+  add("codec.encoder", field(c.codec.encoder));
+  add("codec.decoder", field(c.codec.decoder));
+  add("codec.batch_size", field(c.codec.batch_size));
+  add("model.name", field(c.model.name));
+  add("model.input_size", field(c.model.input_size));
+  add("model.patch_size", field(c.model.patch_size));
+  add("model.in_channels", field(c.model.in_channels));
+  add("model.hidden_size", field(c.model.hidden_size));
+  add("model.depth", field(c.model.depth));
+  add("model.num_heads", field(c.model.num_heads));
+  add("model.num_classes", field(c.model.num_classes));
+  add("model.class_dropout_prob", field(c.model.class_dropout_prob));
+  add("model.checkpoint", field(c.model.checkpoint));
+  add("pretrain.steps", field(c.pretrain.steps));
+  add("pretrain.batch_size", field(c.pretrain.batch_size));
+  add("pretrain.lr", field(c.pretrain.lr));
+  add("pretrain.ema_decay", field(c.pretrain.ema_decay));
+  add("pretrain.ckpt_every", field(c.pretrain.ckpt_every));
+  add("pretrain.seed", field(c.pretrain.seed));
+  add("finetune.steps", field(c.finetune.steps));
+  add("finetune.batch_size", field(c.finetune.batch_size));
+  add("finetune.lr", field(c.finetune.lr));
+  add("finetune.weight_decay", field(c.finetune.weight_decay));
+  add("finetune.ema_decay", field(c.finetune.ema_decay));
+  add("finetune.gamma_blocks", field(c.finetune.gamma_blocks));
+  add("finetune.lambda_r", field(c.finetune.lambda_r));
+  add("finetune.lambda_d", field(c.finetune.lambda_d));
+  add("finetune.memory_size", field(c.finetune.memory_size));
+  add("finetune.ckpt_every", field(c.finetune.ckpt_every));
+  add("finetune.seed", field(c.finetune.seed));
+  add("sample.ipc", field(c.sample.ipc));
+  add("sample.steps", field(c.sample.steps));
+  add("sample.cfg_scale", field(c.sample.cfg_scale));
+  add("sample.guidance", field(c.sample.guidance));
+  add("sample.method", field(c.sample.method));
+  add("sample.batch_size", field(c.sample.batch_size));
+  add("sample.seed", field(c.sample.seed));
+  add("evaluate.protocol", field(c.evaluate.protocol));
+  add("evaluate.repeats", field(c.evaluate.repeats));
+  add("evaluate.methods", field(c.evaluate.methods));
+  add("evaluate.epochs", field(c.evaluate.epochs));
+  add("evaluate.full_set", field(c.evaluate.full_set));
+  add("evaluate.full_set_epochs", field(c.evaluate.full_set_epochs));
+  add("evaluate.seed", field(c.evaluate.seed));
+  add("evaluate.image_size", field(c.evaluate.image_size));
+  return f;
+}
+
+const std::set<std::string>& sections() {
+  static const std::set<std::string> s{"data", "codec", "model", "pretrain", "finetune", "sample", "evaluate"};
+  return s;
+}
+
+std::string known_keys(const std::vector<std::pair<std::string, Field>>& f, const std::string& section) {
+  std::string out;
+  for (const auto& kv : f) {
+    const auto dot = kv.first.find('.');
+    const std::string sec = dot == std::string::npos ? "" : kv.first.substr(0, dot);
+    if (sec != section) continue;
+    if (!out.empty()) out += ", ";
+    out += dot == std::string::npos ? kv.first : kv.first.substr(dot + 1);
+  }
+  if (section.empty())
+    for (const auto& s : sections()) out += ", " + s;
+  return out;
+}
+
+void set_key(DistillConfig& c, const std::string& key, const json& value, const std::string& what) {
+  auto f = fields(c);
+  for (auto& kv : f) {
+    if (kv.first == key) {
+      kv.second.set(value, fmt::format("{}: '{}'", what, key));
+      return;
+    }
+  }
+  const auto dot = key.find('.');
+  const std::string sec = dot == std::string::npos ? "" : key.substr(0, dot);
+  if (!sec.empty() && !sections().count(sec))
+    throw Error(fmt::format("{}: unknown section '{}' (known: {})", what, sec, known_keys(f, "")));
+  throw Error(fmt::format("{}: unknown key '{}' (known keys{}: {})", what, key, sec.empty() ? "" : " of '" + sec + "'",
+                          known_keys(f, sec)));
+}
+
+}  // namespace
+
+DistillConfig parse_config(const std::string& text, const std::string& what) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("{}: not valid JSON: {}", what, e.what()));
+  }
+  if (!j.is_object()) throw Error(what + ": the config must be a JSON object");
+  DistillConfig c;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key().rfind("//", 0) == 0 || it.key() == "comment") continue;  // comments are allowed
+    if (sections().count(it.key())) {
+      if (!it.value().is_object())
+        throw Error(fmt::format("{}: '{}' must be an object of keys", what, it.key()));
+      for (auto jt = it.value().begin(); jt != it.value().end(); ++jt) {
+        if (jt.key().rfind("//", 0) == 0 || jt.key() == "comment") continue;
+        set_key(c, it.key() + "." + jt.key(), jt.value(), what);
+      }
+    } else {
+      set_key(c, it.key(), it.value(), what);
+    }
+  }
+  validate_config(c);
+  return c;
+}
+
+DistillConfig load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open config file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_config(ss.str(), path);
+}
+
+void apply_override(DistillConfig& config, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw Error("override '" + assignment + "': expected section.key=value, e.g. finetune.steps=500");
+  const std::string key = assignment.substr(0, eq), raw = assignment.substr(eq + 1);
+  json value;
+  try {
+    value = json::parse(raw);
+  } catch (const std::exception&) {
+    value = raw;  // bare strings need no quotes on a command line
+  }
+  DistillConfig copy = config;
+  set_key(copy, key, value, "override");
+  validate_config(copy);
+  config = copy;
+}
+
+std::string config_to_json(const DistillConfig& config) {
+  DistillConfig c = config;
+  json j = json::object();
+  for (auto& kv : fields(c)) {
+    const auto dot = kv.first.find('.');
+    if (dot == std::string::npos)
+      j[kv.first] = kv.second.get();
+    else
+      j[kv.first.substr(0, dot)][kv.first.substr(dot + 1)] = kv.second.get();
+  }
+  return j.dump(2);
+}
+
+void validate_config(const DistillConfig& c) {
+  auto fail = [](const std::string& key, const std::string& msg) { throw Error("config: '" + key + "' " + msg); };
+  auto one_of = [&](const std::string& key, const std::string& v, std::initializer_list<const char*> allowed) {
+    std::string list;
+    for (const char* a : allowed) {
+      if (v == a) return;
+      list += std::string(list.empty() ? "" : ", ") + a;
+    }
+    fail(key, "is \"" + v + "\"; expected one of: " + list);
+  };
+  one_of("data.kind", c.data.kind, {"fashion-mnist", "imagefolder"});
+  one_of("codec.kind", c.codec.kind, {"identity", "vae"});
+  one_of("sample.guidance", c.sample.guidance, {"reference", "all"});
+  one_of("sample.method", c.sample.method, {"ddpm", "ddim"});
+  one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
+  for (const auto& m : c.evaluate.methods) one_of("evaluate.methods", m, {"random", "dit", "difffit", "minimax"});
+  if (c.output_dir.empty()) fail("output_dir", "must not be empty");
+  if (c.data.nclass <= 0) fail("data.nclass", "must be > 0");
+  if (c.data.phase < 0) fail("data.phase", "must be >= 0");
+  if (c.data.image_size <= 0) fail("data.image_size", "must be > 0");
+  if (c.data.kind == "imagefolder" && c.data.root.empty()) fail("data.root", "must name the training image folder");
+  if (c.codec.kind == "vae" && c.codec.encoder.empty() && c.codec.decoder.empty())
+    fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\"");
+  if (c.codec.batch_size <= 0) fail("codec.batch_size", "must be > 0");
+  for (auto [k, v] : {std::pair<const char*, int64_t>{"model.input_size", c.model.input_size},
+                      {"model.patch_size", c.model.patch_size}, {"model.in_channels", c.model.in_channels},
+                      {"model.hidden_size", c.model.hidden_size}, {"model.depth", c.model.depth},
+                      {"model.num_heads", c.model.num_heads}, {"model.num_classes", c.model.num_classes},
+                      {"pretrain.batch_size", c.pretrain.batch_size}, {"finetune.batch_size", c.finetune.batch_size},
+                      {"finetune.memory_size", c.finetune.memory_size}, {"sample.ipc", c.sample.ipc},
+                      {"sample.batch_size", c.sample.batch_size}, {"evaluate.repeats", c.evaluate.repeats},
+                      {"evaluate.full_set_epochs", c.evaluate.full_set_epochs}})
+    if (v <= 0) fail(k, "must be > 0");
+  for (auto [k, v] : {std::pair<const char*, int64_t>{"pretrain.steps", c.pretrain.steps}, {"finetune.steps", c.finetune.steps},
+                      {"pretrain.ckpt_every", c.pretrain.ckpt_every}, {"finetune.ckpt_every", c.finetune.ckpt_every},
+                      {"finetune.gamma_blocks", c.finetune.gamma_blocks}, {"evaluate.epochs", c.evaluate.epochs},
+                      {"threads", c.threads}, {"data.threads", c.data.threads}, {"evaluate.image_size", c.evaluate.image_size}})
+    if (v < 0) fail(k, "must be >= 0");
+  if (c.model.input_size % c.model.patch_size != 0) fail("model.patch_size", "must divide model.input_size");
+  if (c.model.hidden_size % c.model.num_heads != 0) fail("model.num_heads", "must divide model.hidden_size");
+  if (!(c.model.class_dropout_prob >= 0 && c.model.class_dropout_prob < 1)) fail("model.class_dropout_prob", "must lie in [0, 1)");
+  if (c.model.num_classes < c.data.nclass) fail("model.num_classes", "is smaller than data.nclass");
+  for (auto [k, v] : {std::pair<const char*, double>{"pretrain.lr", c.pretrain.lr}, {"finetune.lr", c.finetune.lr}})
+    if (!(v > 0)) fail(k, "must be > 0");
+  for (auto [k, v] : {std::pair<const char*, double>{"pretrain.ema_decay", c.pretrain.ema_decay},
+                      {"finetune.ema_decay", c.finetune.ema_decay}})
+    if (!(v >= 0 && v <= 1)) fail(k, "must lie in [0, 1]");
+  if (!(c.finetune.lambda_r >= 0) || !(c.finetune.lambda_d >= 0)) fail("finetune.lambda_r/lambda_d", "must be >= 0");
+  if (!(c.finetune.weight_decay >= 0)) fail("finetune.weight_decay", "must be >= 0");
+  if (!(c.sample.cfg_scale >= 0)) fail("sample.cfg_scale", "must be >= 0");
+  if (c.evaluate.methods.empty()) fail("evaluate.methods", "must list at least one method");
+}
+
+}  // namespace mdd

@@ -1,0 +1,542 @@
+#include "mdd/pipeline/distill.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "mdd/data/class_lists.h"
+#include "mdd/data/image_folder.h"
+#include "mdd/data/latent_cache.h"
+#include "mdd/diffusion/sampler.h"
+#include "mdd/eval/selection.h"
+#include "mdd/io/image.h"
+#include "mdd/io/safetensors.h"
+#include "mdd/io/state_dict.h"
+#include "mdd/models/autoencoder_kl.h"
+#include "mdd/models/difffit.h"
+#include "mdd/train/checkpoint.h"
+#include "mdd/util/error.h"
+#include "util/file_util.h"
+
+namespace fs = std::filesystem;
+
+namespace mdd {
+namespace {
+
+using json = nlohmann::json;
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+void say(const PipelineCallbacks& cb, const std::string& line) {
+  if (cb.log) cb.log(line);
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  fs::create_directories(fs::path(path).parent_path());
+  AtomicFileWriter w(path);
+  w.write(text.data(), text.size());
+  w.commit();
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json model_json(const ModelConfig& m) {
+  return {{"name", m.name},           {"input_size", m.input_size}, {"patch_size", m.patch_size},
+          {"in_channels", m.in_channels}, {"hidden_size", m.hidden_size}, {"depth", m.depth},
+          {"num_heads", m.num_heads}, {"num_classes", m.num_classes}, {"class_dropout_prob", m.class_dropout_prob}};
+}
+
+// A cheap identity of a weight file (size + mtime) for cache keys.
+std::string file_stamp(const std::string& path) {
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  if (ec) return "missing";
+  const auto mtime = fs::last_write_time(path, ec).time_since_epoch().count();
+  return fmt::format("{}:{}", size, static_cast<long long>(mtime));
+}
+
+int64_t gamma_blocks_in(const io::TensorMap& w) {
+  int64_t n = 0;
+  while (w.count(fmt::format("blocks.{}.gamma1", n))) ++n;
+  return n;
+}
+
+torch::Device device_of(const std::string& d) {
+  try {
+    return torch::Device(d);
+  } catch (const std::exception& e) {
+    throw Error("config: 'device' is \"" + d + "\", not a torch device (" + e.what() + ")");
+  }
+}
+
+json eval_json(const EvalResult& r) {
+  return {{"mean", r.mean}, {"std", r.std}, {"runs", r.best}, {"last", r.last},
+          {"last_mean", r.last_mean}, {"last_std", r.last_std}, {"seconds", r.seconds}};
+}
+
+EvalResult eval_from_json(const json& j) {
+  EvalResult r;
+  r.mean = j.at("mean").get<double>();
+  r.std = j.at("std").get<double>();
+  r.best = j.at("runs").get<std::vector<double>>();
+  r.last = j.at("last").get<std::vector<double>>();
+  r.last_mean = j.at("last_mean").get<double>();
+  r.last_std = j.at("last_std").get<double>();
+  r.seconds = j.at("seconds").get<double>();
+  return r;
+}
+
+ProgressFn staged(const PipelineCallbacks& cb, const std::string& stage) {
+  if (!cb.progress) return {};
+  auto p = cb.progress;
+  return [p, stage](const Progress& e) {
+    Progress q = e;
+    q.stage = stage;
+    p(q);
+  };
+}
+
+}  // namespace
+
+std::string sanitize_class_dir(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
+    out += ok ? c : '_';
+  }
+  if (out.empty() || out == "." || out == "..") out = "class";
+  return out;
+}
+
+PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallbacks& cb) {
+  PipelineData d;
+  const auto& dc = config.data;
+  if (dc.kind == "fashion-mnist") {
+    d.train = load_fashion_mnist(dc.root, "train");
+    d.test = load_fashion_mnist(dc.root, "test");
+    if (dc.nclass != 10) throw Error("config: 'data.nclass' must be 10 for Fashion-MNIST");
+    for (const auto& n : d.train.class_names) d.class_dirs.push_back(sanitize_class_dir(n));
+    for (int64_t c = 0; c < 10; ++c) d.model_labels.push_back(c);
+    return d;
+  }
+  ImageFolderOptions fo;
+  fo.spec(dc.spec).nclass(dc.nclass).phase(dc.phase).channels(config.model.in_channels == 1 ? 1 : 3);
+  ImageFolder train(dc.root, fo);
+  say(cb, fmt::format("data: {} training images of {} classes under {}", train.size(), train.classes().size(), dc.root));
+  d.train = train.load(adm_transform(dc.image_size), dc.threads, staged(cb, "load_images"));
+  d.class_dirs = train.classes();
+  // DiT label = index of the synset in the sorted listing of the root (data.py find_original_classes),
+  // which is the ImageNet index when the root is an ImageNet train dir.
+  d.model_labels = train.dit_labels();
+  if (!dc.test_root.empty()) {
+    ImageFolderOptions to = fo;
+    to.classes(train.classes()).spec("");
+    ImageFolder test(dc.test_root, to);
+    const int64_t size = config.evaluate.image_size > 0 ? config.evaluate.image_size
+                                                          : (config.evaluate.protocol == "idc" ? 224 : dc.image_size);
+    d.test = test.load(resize_center_crop_transform(size), dc.threads, staged(cb, "load_test_images"));
+  }
+  for (auto l : d.model_labels)
+    if (l < 0 || l >= config.model.num_classes)
+      throw Error(fmt::format("data: class label {} is outside the model's {} classes (is data.root the full "
+                              "ImageNet train folder?)", l, config.model.num_classes));
+  return d;
+}
+
+DiT make_model(const ModelConfig& m, uint64_t seed) {
+  DiTOptions o = m.name == "custom" ? DiTOptions(m.input_size, m.patch_size, m.in_channels, m.hidden_size, m.depth, m.num_heads)
+                                    : dit_options(m.name, m.input_size, m.num_classes);
+  o.num_classes(m.num_classes).class_dropout_prob(m.class_dropout_prob);
+  if (m.name == "custom") o.learn_sigma(true);
+  DiT model(o);
+  auto gen = at::detail::createCPUGenerator(seed);
+  model->initialize_weights(gen);
+  return model;
+}
+
+DiT load_model(const ModelConfig& config, const std::string& path, const std::string& entry) {
+  if (path.empty()) throw Error("load_model: no weight file given");
+  if (!fs::exists(path)) throw Error(path + ": model weights not found");
+  io::TensorMap w = load_model_weights(path, entry);
+  DiT model = make_model(config);
+  const int64_t gb = gamma_blocks_in(w);
+  if (gb > 0) apply_difffit(model, DiffFitOptions().gamma_blocks(gb));
+  try {
+    load_state_dict(*model, w, /*strict=*/true);
+  } catch (const Error& e) {
+    throw Error(path + ": weights do not fit the configured model (" + config.name + "): " + e.what());
+  }
+  return model;
+}
+
+std::shared_ptr<Codec> make_codec(const CodecConfig& c, const std::string& role, const std::string& device) {
+  if (c.kind == "identity") return std::make_shared<IdentityCodec>();
+  const std::string path = role == "decoder" && !c.decoder.empty() ? c.decoder : (c.encoder.empty() ? c.decoder : c.encoder);
+  auto vae = AutoencoderKL::from_pretrained(path);
+  return std::make_shared<VaeCodec>(vae, device_of(device));
+}
+
+std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
+                                                       const PipelineCallbacks& cb) {
+  auto codec = make_codec(config.codec, "encoder", config.device);
+  const std::string path = (fs::path(config.output_dir) / "cache" / "latents.safetensors").string();
+  fs::create_directories(fs::path(path).parent_path());
+  LatentCacheOptions lo;
+  lo.batch_size(config.codec.batch_size).device(device_of(config.device)).flip(true)
+      .codec_tag(config.codec.kind == "identity" ? "identity" : config.codec.encoder);
+  const auto t0 = clock_type::now();
+  LatentCache cache = LatentCache::build(path, *codec, data.train, lo, staged(cb, "encode_latents"));
+  say(cb, fmt::format("latents: {} {} ({:.1f} s)", cache.loaded_from_disk() ? "reused" : "encoded", path, seconds_since(t0)));
+  const auto& shape = cache.mean().sizes();
+  const auto& m = config.model;
+  if (shape[2] != m.in_channels || shape[3] != m.input_size || shape[4] != m.input_size)
+    throw Error(fmt::format("latents have shape [{}, {}, {}] but the model expects [{}, {}, {}] (check model.input_size / "
+                            "model.in_channels against data.image_size and the codec)",
+                            shape[2], shape[3], shape[4], m.in_channels, m.input_size, m.input_size));
+  torch::Tensor subset = finetune_subset(cache.labels(), config.data.finetune_ipc);
+  return std::make_shared<LatentTrainingData>(cache, int64_t(data.class_dirs.size()), data.model_labels, subset);
+}
+
+std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb) {
+  const fs::path dir = fs::path(config.output_dir) / "pretrain";
+  const std::string out = (dir / "ema.safetensors").string();
+  const auto& p = config.pretrain;
+  json sig = {{"model", model_json(config.model)}, {"steps", p.steps}, {"batch_size", p.batch_size}, {"lr", p.lr},
+              {"ema_decay", p.ema_decay}, {"seed", p.seed}, {"data", config.data.kind}, {"codec", config.codec.kind}};
+  if (!force && fs::exists(out)) {
+    auto st = io::load_safetensors(out);
+    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
+      say(cb, "pretrain: reusing " + out);
+      return out;
+    }
+  }
+  if (force) {
+    std::error_code ec;
+    fs::remove_all(dir / "checkpoints", ec);
+  }
+  auto train_data = make_training_data(config, data, cb);
+  FinetuneOptions o = pretrain_defaults();
+  o.steps(p.steps).batch_size(p.batch_size).lr(p.lr).ema_decay(p.ema_decay).seed(p.seed).ckpt_every(p.ckpt_every)
+      .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
+      .class_dropout_prob(config.model.class_dropout_prob).log_every(100).config_json(config_to_json(config));
+  Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
+  if (trainer.resume()) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
+  say(cb, fmt::format("pretrain: {} steps x {} images from scratch", p.steps, p.batch_size));
+  trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
+  io::save_safetensors(out, state_dict(*trainer.ema()),
+                       {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
+                        {"steps", std::to_string(trainer.step_count())}});
+  say(cb, "pretrain: wrote " + out);
+  return out;
+}
+
+std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
+                         const std::string& variant, const PipelineCallbacks& cb) {
+  if (variant != "difffit" && variant != "minimax")
+    throw Error("run_finetune: variant must be \"difffit\" or \"minimax\", got \"" + variant + "\"");
+  const bool minimax = variant == "minimax";
+  const fs::path dir = fs::path(config.output_dir) / variant;
+  const std::string out = (dir / "ema.safetensors").string();
+  const auto& f = config.finetune;
+  json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_stamp(init_weights)},
+              {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
+              {"finetune_ipc", config.data.finetune_ipc}};
+  if (fs::exists(out)) {
+    auto st = io::load_safetensors(out);
+    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
+      say(cb, fmt::format("finetune-{}: reusing {}", variant, out));
+      return out;
+    }
+  }
+  // Checkpoints of a run with other settings (or another init) must not be resumed.
+  const std::string sig_path = (dir / "signature.json").string();
+  if (read_text(sig_path) != sig.dump()) {
+    std::error_code ec;
+    fs::remove_all(dir / "checkpoints", ec);
+    write_text(sig_path, sig.dump());
+  }
+  auto train_data = make_training_data(config, data, cb);
+  FinetuneOptions o;
+  o.steps(f.steps).batch_size(f.batch_size).lr(f.lr).weight_decay(f.weight_decay).ema_decay(f.ema_decay)
+      .gamma_blocks(f.gamma_blocks).minimax(minimax).lambda_r(f.lambda_r).lambda_d(f.lambda_d).memory_size(f.memory_size)
+      .seed(f.seed).ckpt_every(f.ckpt_every).checkpoint_dir((dir / "checkpoints").string())
+      .class_dropout_prob(config.model.class_dropout_prob).device(device_of(config.device)).log_every(100)
+      .config_json(config_to_json(config));
+  Finetuner trainer(load_model(config.model, init_weights), train_data, o);
+  if (trainer.resume()) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
+  say(cb, fmt::format("finetune-{}: {} steps x {} images, DiffFit{}", variant, f.steps, f.batch_size,
+                      minimax ? fmt::format(" + minimax (lambda_r {}, lambda_d {}, memory {})", f.lambda_r, f.lambda_d,
+                                            f.memory_size)
+                              : ""));
+  trainer.train(staged(cb, "finetune-" + variant), cb.train_log, "finetune-" + variant);
+  io::save_safetensors(out, state_dict(*trainer.ema()),
+                       {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
+                        {"steps", std::to_string(trainer.step_count())}});
+  say(cb, fmt::format("finetune-{}: wrote {}", variant, out));
+  return out;
+}
+
+LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
+                         const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb) {
+  const auto& s = config.sample;
+  const int64_t nclass = int64_t(data.class_dirs.size());
+  json sig = {{"weights", weights}, {"stamp", file_stamp(weights)}, {"sample", json::parse(config_to_json(config))["sample"]},
+              {"codec", json::parse(config_to_json(config))["codec"]}, {"model", model_json(config.model)}};
+  const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
+  if (fs::exists(st_path)) {
+    auto st = io::load_safetensors(st_path);
+    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump() && st.tensors.count("images")) {
+      say(cb, stage + ": reusing " + st_path);
+      LabeledImages out;
+      out.images = st.tensors.at("images");
+      out.labels = st.tensors.at("labels");
+      out.class_names = data.train.class_names;
+      return out;
+    }
+  }
+  const auto dev = device_of(config.device);
+  DiT model = load_model(config.model, weights);
+  model->to(dev);
+  model->eval();
+  auto codec = make_codec(config.codec, "decoder", config.device);
+  SamplerOptions so;
+  so.batch_size(s.batch_size).timestep_respacing(s.method == "ddim" && s.steps.rfind("ddim", 0) != 0 ? "ddim" + s.steps : s.steps)
+      .learn_sigma(model->options().learn_sigma()).cfg_scale(s.cfg_scale).null_class(model->null_class())
+      .guidance(s.guidance == "all" ? CfgGuidance::kAllEpsChannels : CfgGuidance::kReference3Channels)
+      .method(s.method == "ddim" ? SamplingMethod::kDDIM : SamplingMethod::kDDPM).seed(s.seed)
+      .latent_shape({config.model.in_channels, config.model.input_size, config.model.input_size}).device(dev);
+  ConditionalModelFn fn = [model](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {
+    torch::NoGradGuard ng;
+    return model->forward(x, t, y);
+  };
+  Sampler sampler(fn, so);
+  std::vector<int64_t> local, dit, ids;
+  for (int64_t c = 0; c < nclass; ++c)
+    for (int64_t k = 0; k < s.ipc; ++k) {
+      local.push_back(c);
+      dit.push_back(data.model_labels[c]);
+      ids.push_back(c * s.ipc + k);  // image k of class c gets the same noise stream in every method
+    }
+  const auto t0 = clock_type::now();
+  say(cb, fmt::format("{}: {} images ({} per class), {} steps, CFG {}", stage, local.size(), s.ipc, s.steps, s.cfg_scale));
+  torch::Tensor latents =
+      sampler.sample(torch::tensor(dit, torch::kInt64), torch::tensor(ids, torch::kInt64), staged(cb, stage)).to(torch::kCPU);
+  // Decode in chunks; images in [-1, 1] -> uint8 as torchvision save_image.
+  std::vector<torch::Tensor> imgs;
+  {
+    torch::NoGradGuard ng;
+    for (int64_t b = 0; b < latents.size(0); b += config.codec.batch_size) {
+      auto z = latents.slice(0, b, std::min(latents.size(0), b + config.codec.batch_size));
+      auto x = codec->decode((z / codec->scaling_factor()).to(dev)).to(torch::kCPU, torch::kFloat32);
+      if (!torch::isfinite(x).all().item<bool>())
+        throw Error(stage + ": the sampler produced NaN/Inf images (diverged model weights in " + weights + "?)");
+      imgs.push_back(to_uint8_image(x));
+    }
+  }
+  torch::Tensor images = torch::cat(imgs, 0);
+  for (int64_t i = 0; i < images.size(0); ++i) {
+    const int64_t c = local[i], k = ids[i] - c * s.ipc;
+    const fs::path p = fs::path(out_dir) / data.class_dirs[c] / fmt::format("{}.png", k);
+    fs::create_directories(p.parent_path());
+    write_png(p.string(), images[i]);
+  }
+  torch::Tensor labels = torch::tensor(local, torch::kInt64);
+  io::save_safetensors(st_path,
+                       {{"latents", latents.contiguous()}, {"labels", labels},
+                        {"model_labels", torch::tensor(dit, torch::kInt64)}, {"images", images.contiguous()}},
+                       {{"format", "mdd-samples"}, {"signature", sig.dump()}});
+  json meta = json::parse(config_to_json(config));
+  write_text((fs::path(out_dir) / "sample_config.json").string(),
+             json({{"weights", weights}, {"sample", meta["sample"]}, {"model", meta["model"]}, {"codec", meta["codec"]},
+                   {"seeds", {{"seed", s.seed}, {"rule", "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
+                   {"seconds", seconds_since(t0)}})
+                 .dump(2) + "\n");
+  say(cb, fmt::format("{}: wrote {} PNGs under {} ({:.1f} s)", stage, images.size(0), out_dir, seconds_since(t0)));
+  LabeledImages out;
+  out.images = images;
+  out.labels = labels;
+  out.class_names = data.train.class_names;
+  return out;
+}
+
+EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
+                        const std::string& name, const PipelineCallbacks& cb) {
+  if (!test.images.defined() || test.images.numel() == 0)
+    throw Error("evaluate: no test set (set data.test_root for image folders)");
+  const auto& e = config.evaluate;
+  EvalOptions eo;
+  eo.protocol(e.protocol).repeats(e.repeats).seed(e.seed).epochs(name == "full" ? e.full_set_epochs : e.epochs)
+      .device(config.device);
+  if (e.image_size > 0) eo.image_size(e.image_size);
+  const std::string fp = dataset_fingerprint(train);
+  json sig = {{"protocol", e.protocol}, {"repeats", e.repeats}, {"seed", e.seed}, {"epochs", eo.epochs()},
+              {"image_size", e.image_size}, {"train", fp}, {"test", dataset_fingerprint(test)}};
+  const std::string path = (fs::path(config.output_dir) / "eval" / (name + ".json")).string();
+  const std::string cached = read_text(path);
+  if (!cached.empty()) {
+    try {
+      json j = json::parse(cached);
+      if (j.at("signature") == sig) {
+        say(cb, "evaluate-" + name + ": reusing " + path);
+        return eval_from_json(j.at("result"));
+      }
+    } catch (const std::exception&) {
+      // unreadable cache: evaluate again
+    }
+  }
+  say(cb, fmt::format("evaluate-{}: {} images, protocol {}, {} repeats", name, train.images.size(0), e.protocol, e.repeats));
+  EvalResult r = evaluate(train, test, eo, staged(cb, "evaluate-" + name));
+  write_text(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n");
+  say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", name, r.mean, r.std, r.seconds));
+  return r;
+}
+
+std::string run_distill(const DistillConfig& config, const DistillRunOptions& options, const PipelineCallbacks& cb) {
+  validate_config(config);
+  const auto t_all = clock_type::now();
+  const fs::path out(config.output_dir);
+  fs::create_directories(out);
+  write_text((out / "config.json").string(), config_to_json(config) + "\n");
+  json timings = json::object();
+  auto timed = [&](const std::string& key, auto&& fn) {
+    const auto t0 = clock_type::now();
+    auto r = fn();
+    timings[key] = std::round(seconds_since(t0) * 10) / 10;
+    return r;
+  };
+  PipelineData data = timed("load_data", [&] { return load_pipeline_data(config, cb); });
+  timed("latents", [&] { return make_training_data(config, data, cb); });
+  const auto& methods = config.evaluate.methods;
+  auto wants = [&](const std::string& m) { return std::find(methods.begin(), methods.end(), m) != methods.end(); };
+
+  std::string base = config.model.checkpoint;
+  if (base.empty() || options.force_pretrain) {
+    base = timed("pretrain", [&] { return run_pretrain(config, data, options.force_pretrain, cb); });
+  } else {
+    say(cb, "model: pre-trained weights " + base);
+  }
+  std::map<std::string, std::string> weights;
+  if (wants("dit")) weights["dit"] = base;
+  for (const std::string v : {"difffit", "minimax"})
+    if (wants(v)) weights[v] = timed("finetune_" + v, [&] { return run_finetune(config, data, base, v, cb); });
+
+  std::map<std::string, LabeledImages> sets;
+  for (const auto& kv : weights) {
+    const std::string dir = (out / (kv.first == "minimax" ? "samples" : "samples-" + kv.first)).string();
+    sets[kv.first] = timed("sample_" + kv.first, [&] { return run_sample(config, data, kv.second, dir, "sample-" + kv.first, cb); });
+  }
+  const int64_t ipc = config.sample.ipc;
+  const torch::Tensor random_idx = select_random(data.train.labels, ipc, config.evaluate.seed);
+  sets["random"] = subset(data.train, random_idx);
+
+  // Contact sheet: per class, the generated images (minimax, else the first generated method)
+  // followed by as many random real ones, separated by one empty cell.
+  {
+    std::string shown = sets.count("minimax") ? "minimax" : (sets.count("difffit") ? "difffit" : (sets.count("dit") ? "dit" : ""));
+    std::vector<torch::Tensor> rows;
+    const int64_t k = std::min<int64_t>(ipc, 10);
+    for (int64_t c = 0; c < int64_t(data.class_dirs.size()); ++c) {
+      std::vector<torch::Tensor> cells;
+      if (!shown.empty()) {
+        auto g = sets[shown].images.index({sets[shown].labels == c}).slice(0, 0, k);
+        cells.push_back(g);
+        cells.push_back(torch::zeros_like(g.slice(0, 0, 1)));
+      }
+      cells.push_back(sets["random"].images.index({sets["random"].labels == c}).slice(0, 0, k));
+      rows.push_back(torch::cat(cells, 0));
+    }
+    torch::Tensor sheet = contact_sheet(rows, 2, 255);
+    write_png((out / "contact_sheet.png").string(), sheet);
+    say(cb, fmt::format("contact sheet: {} (per class: {} {} | {} random real)", (out / "contact_sheet.png").string(), k,
+                        shown.empty() ? "-" : shown, k));
+  }
+
+  json results = json::object();
+  if (!options.skip_evaluate) {
+    for (const auto& m : methods) {
+      if (!sets.count(m)) continue;
+      EvalResult r = timed("evaluate_" + m, [&] { return run_evaluate(config, sets[m], data.test, m, cb); });
+      results[m] = eval_json(r);
+    }
+  }
+  json full = nullptr;
+  {
+    // The whole-set number: computed when asked for, otherwise reported if an earlier run cached it.
+    const std::string cached = (out / "eval" / "full.json").string();
+    if (!options.skip_evaluate && config.evaluate.full_set) {
+      EvalResult r = timed("evaluate_full", [&] { return run_evaluate(config, data.train, data.test, "full", cb); });
+      full = eval_json(r);
+      full["epochs"] = config.evaluate.full_set_epochs;
+    } else if (fs::exists(cached)) {
+      try {
+        json j = json::parse(read_text(cached));
+        full = j.at("result");
+        full["epochs"] = j.at("signature").at("epochs");
+        full["cached"] = true;
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  timings["total"] = std::round(seconds_since(t_all) * 10) / 10;
+
+  json report = {{"name", config.name},
+                 {"ipc", ipc},
+                 {"protocol", config.evaluate.protocol},
+                 {"repeats", config.evaluate.repeats},
+                 {"device", config.device},
+                 {"results", results},
+                 {"timings_s", timings},
+                 {"samples_dir", (out / "samples").string()},
+                 {"config", json::parse(config_to_json(config))}};
+  if (!full.is_null()) report["full_set"] = full;
+  const std::string report_path = (out / "report.json").string();
+  write_text(report_path, report.dump(2) + "\n");
+
+  static const std::map<std::string, std::string> label = {
+      {"random", "Random real images"},
+      {"dit", "Pre-trained DiT, no fine-tuning"},
+      {"difffit", "DiffFit fine-tune, no minimax"},
+      {"minimax", "Minimax fine-tune (ours)"}};
+  std::string md = fmt::format("# {} — IPC {}\n\nProtocol `{}` ({} repeats, top-1 % on {} test images).\n\n"
+                               "| method | accuracy (mean ± std) | runs |\n|---|---|---|\n",
+                               config.name, ipc, config.evaluate.protocol, config.evaluate.repeats,
+                               data.test.images.defined() ? data.test.images.size(0) : 0);
+  for (const auto& m : methods) {
+    if (!results.contains(m)) continue;
+    std::string runs;
+    for (double v : results[m]["runs"]) runs += fmt::format("{}{:.2f}", runs.empty() ? "" : " / ", v);
+    md += fmt::format("| {} | {:.2f} ± {:.2f} | {} |\n", label.at(m), results[m]["mean"].get<double>(),
+                      results[m]["std"].get<double>(), runs);
+  }
+  if (!full.is_null())
+    md += fmt::format("| Whole training set ({} images, {} epoch(s){}) | {:.2f} ± {:.2f} | |\n", data.train.images.size(0),
+                      full["epochs"].dump(), full.contains("cached") ? ", cached" : "", full["mean"].get<double>(),
+                      full["std"].get<double>());
+  md += "\nStage timings (s): ";
+  bool first = true;
+  for (auto it = timings.begin(); it != timings.end(); ++it) {
+    md += fmt::format("{}{} {}", first ? "" : ", ", it.key(), it.value().dump());
+    first = false;
+  }
+  md += "\n\n![contact sheet](contact_sheet.png)\n";
+  write_text((out / "report.md").string(), md);
+  say(cb, "report: " + report_path);
+  return report_path;
+}
+
+}  // namespace mdd
