@@ -298,6 +298,8 @@ void validate_config(const DistillConfig& c) {
   if (!(c.finetune.lambda_r >= 0) || !(c.finetune.lambda_d >= 0)) fail("finetune.lambda_r/lambda_d", "must be >= 0");
   if (!(c.finetune.weight_decay >= 0)) fail("finetune.weight_decay", "must be >= 0");
   if (!(c.sample.cfg_scale >= 0)) fail("sample.cfg_scale", "must be >= 0");
+  if (c.sample.guidance == "reference" && c.model.in_channels < 3)
+    fail("sample.guidance", "\"reference\" guides eps channels 0..2 and needs model.in_channels >= 3; use \"all\"");
   if (c.evaluate.methods.empty()) fail("evaluate.methods", "must list at least one method");
 }
 

@@ -1,0 +1,179 @@
+// Pipeline config parsing and a tiny end-to-end distillation on a synthetic image folder.
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "mdd/io/image.h"
+#include "mdd/io/safetensors.h"
+#include "mdd/pipeline/config.h"
+#include "mdd/pipeline/distill.h"
+#include "mdd/train/checkpoint.h"
+#include "mdd/util/error.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using namespace mdd;
+
+namespace {
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(Config, DefaultsAreTheReferenceRun) {
+  DistillConfig c = parse_config(R"({"codec": {"encoder": "vae"}})");
+  EXPECT_EQ(c.finetune.steps, 12000);
+  EXPECT_EQ(c.finetune.batch_size, 8);
+  EXPECT_DOUBLE_EQ(c.finetune.lr, 1e-3);
+  EXPECT_DOUBLE_EQ(c.finetune.ema_decay, 0.9999);
+  EXPECT_DOUBLE_EQ(c.finetune.lambda_r, 0.002);
+  EXPECT_DOUBLE_EQ(c.finetune.lambda_d, 0.008);
+  EXPECT_EQ(c.finetune.memory_size, 64);
+  EXPECT_EQ(c.sample.steps, "50");
+  EXPECT_DOUBLE_EQ(c.sample.cfg_scale, 4.0);
+  EXPECT_EQ(c.model.name, "DiT-XL/2");
+}
+
+TEST(Config, TyposAndBadValuesNameTheKey) {
+  std::string msg = error_of([] { parse_config(R"({"finetune": {"lamda_r": 0.1}})", "my.json"); });
+  EXPECT_NE(msg.find("my.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("finetune.lamda_r"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("lambda_r"), std::string::npos) << msg;  // lists the known keys
+  msg = error_of([] { parse_config(R"({"finetun": {}})"); });
+  EXPECT_NE(msg.find("finetun"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"outputdir": "x"})"); });
+  EXPECT_NE(msg.find("outputdir"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "finetune": {"steps": "many"}})"); });
+  EXPECT_NE(msg.find("finetune.steps"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "sample": {"method": "euler"}})"); });
+  EXPECT_NE(msg.find("sample.method"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "evaluate": {"methods": ["random", "gan"]}})"); });
+  EXPECT_NE(msg.find("evaluate.methods"), std::string::npos) << msg;
+  EXPECT_FALSE(error_of([] { parse_config("{not json"); }).empty());
+  EXPECT_FALSE(error_of([] { load_config("/nonexistent/config.json"); }).empty());
+}
+
+TEST(Config, RoundTripAndOverrides) {
+  DistillConfig c = parse_config(R"({"codec": {"kind": "identity"}, "sample": {"ipc": 7}})");
+  apply_override(c, "finetune.steps=123");
+  apply_override(c, "name=hello");
+  apply_override(c, "evaluate.methods=[\"random\"]");
+  EXPECT_EQ(c.finetune.steps, 123);
+  EXPECT_EQ(c.name, "hello");
+  DistillConfig d = parse_config(config_to_json(c));
+  EXPECT_EQ(config_to_json(d), config_to_json(c));
+  EXPECT_EQ(d.sample.ipc, 7);
+  EXPECT_THROW(apply_override(c, "finetune.stepz=1"), Error);
+  EXPECT_THROW(apply_override(c, "finetune.steps=-1"), Error);
+  EXPECT_EQ(c.finetune.steps, 123);  // a rejected override changes nothing
+}
+
+TEST(Config, ShippedConfigsParse) {
+  const fs::path dir = fs::path(MDD_TEST_DATA_DIR).parent_path().parent_path() / "configs";
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() != ".json") continue;
+    EXPECT_NO_THROW(load_config(e.path().string())) << e.path();
+    ++n;
+  }
+  EXPECT_GE(n, 5);
+}
+
+TEST(Pipeline, SanitizeClassDir) {
+  EXPECT_EQ(sanitize_class_dir("T-shirt/top"), "T-shirt_top");
+  EXPECT_EQ(sanitize_class_dir("n02096294"), "n02096294");
+  EXPECT_EQ(sanitize_class_dir(".."), "class");
+}
+
+// The whole pipeline on 3 classes x 8 grey 8x8 images: pretrain, both fine-tunes, sampling,
+// evaluation, report; then a re-run reuses every stage.
+TEST(Pipeline, TinyEndToEndAndReuse) {
+  const std::string root = mdd_test::tmp_dir("pipeline_e2e");
+  auto gen = at::detail::createCPUGenerator(5);
+  for (int c = 0; c < 3; ++c) {
+    fs::create_directories(root + "/images/cls" + std::to_string(c));
+    for (int k = 0; k < 8; ++k) {
+      // class c is bright in band c (so a classifier can learn it)
+      torch::Tensor img = torch::randint(0, 60, {8, 8, 1}, gen, torch::kInt64);
+      img.slice(0, c * 2, c * 2 + 3) += 180;
+      write_png(root + "/images/cls" + std::to_string(c) + "/" + std::to_string(k) + ".png", img.to(torch::kUInt8));
+    }
+  }
+  DistillConfig c = parse_config(R"({
+    "name": "tiny", "data": {"kind": "imagefolder", "spec": "", "nclass": 3, "image_size": 8},
+    "codec": {"kind": "identity", "batch_size": 5},
+    "model": {"name": "custom", "input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 32, "depth": 2,
+              "num_heads": 2, "num_classes": 3},
+    "pretrain": {"steps": 4, "batch_size": 6, "lr": 0.001, "ckpt_every": 2},
+    "finetune": {"steps": 4, "batch_size": 6, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
+    "sample": {"ipc": 2, "steps": "5", "cfg_scale": 2.0, "batch_size": 4, "guidance": "all"},
+    "evaluate": {"protocol": "dc", "repeats": 2, "epochs": 2, "methods": ["random", "dit", "difffit", "minimax"]}
+  })");
+  c.data.root = root + "/images";
+  c.data.test_root = root + "/images";
+  c.output_dir = root + "/out";
+  std::vector<std::string> lines;
+  PipelineCallbacks cb;
+  cb.log = [&](const std::string& l) { lines.push_back(l); };
+  const std::string report_path = run_distill(c, {}, cb);
+  std::ifstream in(report_path);
+  nlohmann::json r = nlohmann::json::parse(in);
+  EXPECT_EQ(r["ipc"], 2);
+  EXPECT_EQ(r["protocol"], "dc");
+  for (const char* m : {"random", "dit", "difffit", "minimax"}) {
+    ASSERT_TRUE(r["results"].contains(m)) << m;
+    EXPECT_EQ(r["results"][m]["runs"].size(), 2u);
+    const double mean = r["results"][m]["mean"];
+    EXPECT_GE(mean, 0.0);
+    EXPECT_LE(mean, 100.0);
+  }
+  EXPECT_TRUE(r["timings_s"].contains("finetune_minimax"));
+  for (int cl = 0; cl < 3; ++cl)
+    for (int k = 0; k < 2; ++k)
+      EXPECT_TRUE(fs::exists(c.output_dir + "/samples/cls" + std::to_string(cl) + "/" + std::to_string(k) + ".png"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/samples-dit/samples.safetensors"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/contact_sheet.png"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/report.md"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/config.json"));
+  EXPECT_EQ(list_checkpoints(c.output_dir + "/minimax/checkpoints").back().step, 4);
+  // Minimax memories are checkpointed; the DiffFit-only run has none.
+  auto ck = read_latest_checkpoint(c.output_dir + "/minimax/checkpoints");
+  ASSERT_TRUE(ck.has_value());
+  EXPECT_TRUE(ck->tensors.count("bank.real.capacity"));
+  EXPECT_FALSE(read_latest_checkpoint(c.output_dir + "/difffit/checkpoints")->tensors.count("bank.real.capacity"));
+  // The fine-tuned EMA weights carry DiffFit gammas and load into the configured model.
+  EXPECT_NO_THROW(load_model(c.model, c.output_dir + "/minimax/ema.safetensors"));
+
+  // Second run: everything is reused.
+  lines.clear();
+  run_distill(c, {}, cb);
+  int reused = 0;
+  for (const auto& l : lines) reused += l.find("reusing") != std::string::npos;
+  EXPECT_GE(reused, 1 + 2 + 3 + 4) << "pretrain, 2 fine-tunes, 3 sample sets, 4 evaluations";
+
+  // Changing a fine-tuning setting invalidates that stage (and its checkpoints) only.
+  c.finetune.lambda_d = 0.5;
+  lines.clear();
+  run_distill(c, {}, cb);
+  bool refit = false;
+  for (const auto& l : lines) refit |= l.find("finetune-minimax: 4 steps") != std::string::npos;
+  EXPECT_TRUE(refit);
+}
+
+TEST(Pipeline, ClearErrors) {
+  DistillConfig c = parse_config(R"({"data": {"kind": "imagefolder", "root": "/nonexistent/dir"},
+                                     "codec": {"kind": "identity"}})");
+  c.output_dir = mdd_test::tmp_dir("pipeline_err");
+  EXPECT_THROW(run_distill(c), Error);
+  ModelConfig m;
+  m.name = "custom";
+  EXPECT_THROW(load_model(m, "/nonexistent.safetensors"), Error);
+}
