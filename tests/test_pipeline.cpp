@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "mdd/data/class_lists.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/pipeline/config.h"
@@ -85,6 +86,12 @@ TEST(Config, ShippedConfigsParse) {
     ++n;
   }
   EXPECT_GE(n, 5);
+}
+
+TEST(Pipeline, ShippedClassListFilesMatchTheCompiledLists) {
+  const fs::path dir = fs::path(MDD_TEST_DATA_DIR).parent_path().parent_path() / "data" / "class_lists";
+  for (const char* name : {"woof", "nette", "idc", "class100", "imagenet"})
+    EXPECT_EQ(read_class_list((dir / (std::string(name) + ".txt")).string()), class_list(name)) << name;
 }
 
 TEST(Pipeline, SanitizeClassDir) {

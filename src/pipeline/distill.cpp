@@ -136,6 +136,14 @@ PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallb
   }
   ImageFolderOptions fo;
   fo.spec(dc.spec).nclass(dc.nclass).phase(dc.phase).channels(config.model.in_channels == 1 ? 1 : 3);
+  if (dc.spec.size() > 4 && dc.spec.compare(dc.spec.size() - 4, 4, ".txt") == 0) {
+    // A class-list file (one folder name per line, e.g. data/class_lists/woof.txt), sliced like a spec.
+    const auto all = read_class_list(dc.spec);
+    if (int64_t(all.size()) < dc.nclass * (dc.phase + 1))
+      throw Error(fmt::format("{}: {} classes, fewer than nclass * (phase + 1) = {}", dc.spec, all.size(),
+                              dc.nclass * (dc.phase + 1)));
+    fo.classes({all.begin() + dc.nclass * dc.phase, all.begin() + dc.nclass * (dc.phase + 1)}).spec("");
+  }
   ImageFolder train(dc.root, fo);
   say(cb, fmt::format("data: {} training images of {} classes under {}", train.size(), train.classes().size(), dc.root));
   d.train = train.load(adm_transform(dc.image_size), dc.threads, staged(cb, "load_images"));
