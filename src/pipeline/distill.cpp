@@ -468,6 +468,11 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
       cells.push_back(sets["random"].images.index({sets["random"].labels == c}).slice(0, 0, k));
       rows.push_back(torch::cat(cells, 0));
     }
+    // Small images (Fashion-MNIST's 28 px) are enlarged by pixel repetition so the sheet is legible.
+    const int64_t h = rows.front().size(1);
+    const int64_t zoom = h < 64 ? (96 + h - 1) / h : 1;
+    if (zoom > 1)
+      for (auto& r : rows) r = r.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2).contiguous();
     torch::Tensor sheet = contact_sheet(rows, 2, 255);
     write_png((out / "contact_sheet.png").string(), sheet);
     say(cb, fmt::format("contact sheet: {} (per class: {} {} | {} random real)", (out / "contact_sheet.png").string(), k,
