@@ -166,12 +166,23 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   for (const auto& l : lines) reused += l.find("reusing") != std::string::npos;
   EXPECT_GE(reused, 1 + 2 + 3 + 4) << "pretrain, 2 fine-tunes, 3 sample sets, 4 evaluations";
 
+  // A longer fine-tune continues from the last checkpoint instead of starting over.
+  c.finetune.steps = 6;
+  lines.clear();
+  run_distill(c, {}, cb);
+  bool resumed = false;
+  for (const auto& l : lines) resumed |= l.find("finetune-minimax: resumed from step 4") != std::string::npos;
+  EXPECT_TRUE(resumed);
+
   // Changing a fine-tuning setting invalidates that stage (and its checkpoints) only.
   c.finetune.lambda_d = 0.5;
   lines.clear();
   run_distill(c, {}, cb);
   bool refit = false;
-  for (const auto& l : lines) refit |= l.find("finetune-minimax: 4 steps") != std::string::npos;
+  for (const auto& l : lines) {
+    refit |= l.find("finetune-minimax: 6 steps") != std::string::npos;
+    EXPECT_EQ(l.find("finetune-minimax: resumed"), std::string::npos) << l;
+  }
   EXPECT_TRUE(refit);
 }
 

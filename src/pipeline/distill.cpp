@@ -233,9 +233,14 @@ std::string run_pretrain(const DistillConfig& config, const PipelineData& data, 
       return out;
     }
   }
-  if (force) {
+  json resume_sig = sig;
+  resume_sig.erase("steps");
+  const std::string sig_path = (dir / "signature.json").string();
+  if (force || read_text(sig_path) != resume_sig.dump()) {
+    // Other settings (or --force): the old checkpoints must not be resumed.
     std::error_code ec;
     fs::remove_all(dir / "checkpoints", ec);
+    write_text(sig_path, resume_sig.dump());
   }
   auto train_data = make_training_data(config, data, cb);
   FinetuneOptions o = pretrain_defaults();
@@ -271,12 +276,16 @@ std::string run_finetune(const DistillConfig& config, const PipelineData& data, 
       return out;
     }
   }
-  // Checkpoints of a run with other settings (or another init) must not be resumed.
+  // Checkpoints of a run with other settings (or another init) must not be resumed; a longer run
+  // (more steps) or another checkpoint interval continues from them.
+  json resume_sig = sig;
+  resume_sig["finetune"].erase("steps");
+  resume_sig["finetune"].erase("ckpt_every");
   const std::string sig_path = (dir / "signature.json").string();
-  if (read_text(sig_path) != sig.dump()) {
+  if (read_text(sig_path) != resume_sig.dump()) {
     std::error_code ec;
     fs::remove_all(dir / "checkpoints", ec);
-    write_text(sig_path, sig.dump());
+    write_text(sig_path, resume_sig.dump());
   }
   auto train_data = make_training_data(config, data, cb);
   FinetuneOptions o;
