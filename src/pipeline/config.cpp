@@ -136,6 +136,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("sample.method", field(c.sample.method));
   add("sample.batch_size", field(c.sample.batch_size));
   add("sample.seed", field(c.sample.seed));
+  add("sample.entry", field(c.sample.entry));
   add("evaluate.protocol", field(c.evaluate.protocol));
   add("evaluate.repeats", field(c.evaluate.repeats));
   add("evaluate.methods", field(c.evaluate.methods));
@@ -262,6 +263,7 @@ void validate_config(const DistillConfig& c) {
   one_of("codec.kind", c.codec.kind, {"identity", "vae"});
   one_of("sample.guidance", c.sample.guidance, {"reference", "all"});
   one_of("sample.method", c.sample.method, {"ddpm", "ddim"});
+  one_of("sample.entry", c.sample.entry, {"", "ema", "model"});
   one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
   for (const auto& m : c.evaluate.methods) one_of("evaluate.methods", m, {"random", "dit", "difffit", "minimax"});
   if (c.output_dir.empty()) fail("output_dir", "must not be empty");

@@ -111,6 +111,16 @@ ProgressFn staged(const PipelineCallbacks& cb, const std::string& stage) {
   };
 }
 
+// Contact sheet of per-class rows; small images (Fashion-MNIST's 28 px) are enlarged by pixel
+// repetition so the sheet is legible.
+torch::Tensor class_sheet(std::vector<torch::Tensor> rows) {
+  const int64_t h = rows.front().size(1);
+  const int64_t zoom = h < 64 ? (96 + h - 1) / h : 1;
+  if (zoom > 1)
+    for (auto& r : rows) r = r.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2).contiguous();
+  return contact_sheet(rows, 2, 255);
+}
+
 }  // namespace
 
 std::string sanitize_class_dir(const std::string& name) {
@@ -327,7 +337,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
     }
   }
   const auto dev = device_of(config.device);
-  DiT model = load_model(config.model, weights);
+  DiT model = load_model(config.model, weights, s.entry);
   model->to(dev);
   model->eval();
   auto codec = make_codec(config.codec, "decoder", config.device);
@@ -366,17 +376,22 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
     }
   }
   torch::Tensor images = torch::cat(imgs, 0);
+  torch::Tensor labels = torch::tensor(local, torch::kInt64);
   for (int64_t i = 0; i < images.size(0); ++i) {
     const int64_t c = local[i], k = ids[i] - c * s.ipc;
     const fs::path p = fs::path(out_dir) / data.class_dirs[c] / fmt::format("{}.png", k);
     fs::create_directories(p.parent_path());
     write_png(p.string(), images[i]);
   }
-  torch::Tensor labels = torch::tensor(local, torch::kInt64);
   io::save_safetensors(st_path,
                        {{"latents", latents.contiguous()}, {"labels", labels},
                         {"model_labels", torch::tensor(dit, torch::kInt64)}, {"images", images.contiguous()}},
                        {{"format", "mdd-samples"}, {"signature", sig.dump()}});
+  {
+    std::vector<torch::Tensor> rows;
+    for (int64_t c = 0; c < nclass; ++c) rows.push_back(images.index({labels == c}).slice(0, 0, 20));
+    write_png((fs::path(out_dir) / "grid.png").string(), class_sheet(rows));
+  }
   json meta = json::parse(config_to_json(config));
   write_text((fs::path(out_dir) / "sample_config.json").string(),
              json({{"weights", weights}, {"sample", meta["sample"]}, {"model", meta["model"]}, {"codec", meta["codec"]},
@@ -477,12 +492,7 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
       cells.push_back(sets["random"].images.index({sets["random"].labels == c}).slice(0, 0, k));
       rows.push_back(torch::cat(cells, 0));
     }
-    // Small images (Fashion-MNIST's 28 px) are enlarged by pixel repetition so the sheet is legible.
-    const int64_t h = rows.front().size(1);
-    const int64_t zoom = h < 64 ? (96 + h - 1) / h : 1;
-    if (zoom > 1)
-      for (auto& r : rows) r = r.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2).contiguous();
-    torch::Tensor sheet = contact_sheet(rows, 2, 255);
+    torch::Tensor sheet = class_sheet(rows);
     write_png((out / "contact_sheet.png").string(), sheet);
     say(cb, fmt::format("contact sheet: {} (per class: {} {} | {} random real)", (out / "contact_sheet.png").string(), k,
                         shown.empty() ? "-" : shown, k));

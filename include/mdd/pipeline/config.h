@@ -97,6 +97,8 @@ struct SampleConfig {
   std::string method = "ddpm";
   int64_t batch_size = 16;
   uint64_t seed = 0;
+  /// Which weights of a training checkpoint to sample from: "" (= "ema", as the reference), "ema", "model".
+  std::string entry = "";
 };
 
 /// Evaluation of the distilled sets.

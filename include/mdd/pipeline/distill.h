@@ -81,7 +81,7 @@ std::string run_finetune(const DistillConfig& config, const PipelineData& data, 
                          const std::string& variant, const PipelineCallbacks& callbacks = {});
 
 /// Samples `sample.ipc` images per class from `weights` (EMA) into `out_dir` (`<class>/<k>.png`,
-/// samples.safetensors, sample_config.json) and returns them as a labelled set. Reuses an existing
+/// samples.safetensors, sample_config.json, grid.png = up to 20 per class) and returns them as a labelled set. Reuses an existing
 /// samples.safetensors written with the same weights and settings.
 LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
                          const std::string& out_dir, const std::string& stage = "sample",
