@@ -4,17 +4,9 @@
 #include <torch/torch.h>
 
 #include "mdd/util/error.h"
+#include "util/splitmix.h"
 
 namespace mdd {
-namespace {
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 LatentTrainingData::LatentTrainingData(LatentCache cache, int64_t num_classes, std::vector<int64_t> model_labels_of_class,
                                        torch::Tensor subset)
     : cache_(std::move(cache)), num_classes_(num_classes), model_labels_(std::move(model_labels_of_class)) {
@@ -75,7 +67,7 @@ torch::Tensor finetune_subset(const torch::Tensor& labels, int64_t ipc) {
 
 torch::Tensor epoch_order(int64_t size, uint64_t seed, int64_t epoch) {
   if (size <= 0) throw Error("epoch_order: size must be > 0");
-  auto gen = at::detail::createCPUGenerator(mix64(seed ^ mix64(0x5EEDull + uint64_t(epoch))));
+  auto gen = at::detail::createCPUGenerator(splitmix64(seed ^ splitmix64(0x5EEDull + uint64_t(epoch))));
   return torch::randperm(size, gen, torch::kInt64);
 }
 

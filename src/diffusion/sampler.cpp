@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "mdd/util/error.h"
+#include "util/splitmix.h"
 
 namespace mdd {
 namespace {
@@ -19,13 +20,6 @@ std::string shape_str(const torch::Tensor& t) {
   std::ostringstream os;
   os << t.sizes();
   return os.str();
-}
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
 }
 
 DiffusionOptions diffusion_options(const SamplerOptions& o) {

@@ -13,16 +13,10 @@
 #include "mdd/train/checkpoint.h"
 #include "mdd/train/ema.h"
 #include "mdd/util/error.h"
+#include "util/splitmix.h"
 
 namespace mdd {
 namespace {
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 int64_t count_gamma_blocks(const DiT& model) {
   int64_t n = 0;
@@ -58,7 +52,7 @@ io::TensorMap strip_prefix(const io::TensorMap& m, const std::string& prefix) {
 
 }  // namespace
 
-uint64_t step_seed(uint64_t seed, int64_t step) { return mix64(seed ^ mix64(0xF17E7u + uint64_t(step))); }
+uint64_t step_seed(uint64_t seed, int64_t step) { return splitmix64(seed ^ splitmix64(0xF17E7u + uint64_t(step))); }
 
 FinetuneOptions pretrain_defaults() {
   FinetuneOptions o;
