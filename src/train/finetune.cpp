@@ -89,7 +89,7 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   if (data_->latent_shape() != want)
     throw Error(fmt::format("Finetuner: training latents have shape {} but the model expects [{}, {}, {}]",
                             c10::str(c10::IntArrayRef(data_->latent_shape())), want[0], want[1], want[2]));
-  if (nlohmann::json::accept(o.config_json()) == false) throw Error("Finetuner: config_json is not valid JSON");
+  if (!nlohmann::json::accept(o.config_json())) throw Error("Finetuner: config_json is not valid JSON");
 
   model_->to(o.device());
   if (o.difffit()) {
@@ -255,7 +255,6 @@ void Finetuner::train(const ProgressFn& progress, const TrainLogFn& log, const s
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   auto since = [](clock::time_point a) { return std::chrono::duration<double>(clock::now() - a).count(); };
-  const int64_t first = step_;
   double loss_sum = 0;
   int64_t loss_n = 0;
   auto window_start = clock::now();
@@ -282,7 +281,6 @@ void Finetuner::train(const ProgressFn& progress, const TrainLogFn& log, const s
     if (!options_.checkpoint_dir().empty() && ((options_.ckpt_every() > 0 && step_ % options_.ckpt_every() == 0) || last))
       save_checkpoint();
   }
-  (void)first;
 }
 
 Pretrainer::Pretrainer(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options)
