@@ -4,6 +4,7 @@
 //   mdd_convert DiT-XL-2-256x256.pt dit_xl2.safetensors
 //   mdd_convert 0012000.pt minimax_ema.safetensors --entry ema --dtype f16
 //   mdd_convert 0012000.pt --list --entry model
+//   mdd_convert runs/x/pretrain/checkpoints/0004000.safetensors dit.safetensors --entry model   (mdd checkpoint)
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -12,6 +13,7 @@
 #include <CLI/CLI.hpp>
 #include <mdd/io/safetensors.h>
 #include <mdd/io/torch_checkpoint.h>
+#include <mdd/train/checkpoint.h>
 #include <mdd/util/error.h>
 
 namespace {
@@ -55,8 +57,11 @@ int main(int argc, char** argv) {
 
   try {
     const bool torch_file = is_torch_zip(in);
-    if (!torch_file && !entry.empty()) throw mdd::Error(in + ": --entry only applies to torch.save checkpoints");
-    mdd::io::TensorMap tensors = torch_file ? mdd::io::load_torch_checkpoint(in, entry) : mdd::io::load_weights(in);
+    // safetensors: an mdd training checkpoint's "ema"/"model" tensors (prefix removed), else the file.
+    if (!torch_file && !entry.empty() && entry != "ema" && entry != "model")
+      throw mdd::Error(in + ": --entry for a safetensors file must be ema or model (an mdd training checkpoint)");
+    mdd::io::TensorMap tensors = torch_file ? mdd::io::load_torch_checkpoint(in, entry)
+                                            : mdd::load_model_weights(in, entry);
 
     if (dtype != "keep") {
       const torch::ScalarType to = dtype == "f32" ? torch::kFloat : dtype == "f16" ? torch::kHalf : torch::kBFloat16;
