@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
   bool force = false;
   std::string copy_to;
   app.add_flag("--force", force, "start over even when a finished pre-training exists (checkpoints are discarded)");
-  app.add_option("--copy-to", copy_to, "also copy the final EMA weights here");
+  app.add_option("--copy-to", copy_to, "also copy the resulting weights here");
   CLI11_PARSE(app, argc, argv);
   try {
     mdd::DistillConfig config = cli.load();
@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
       std::filesystem::copy_file(out, copy_to, std::filesystem::copy_options::overwrite_existing);
       std::fprintf(stderr, "copied to %s\n", copy_to.c_str());
     }
-    std::printf("pre-trained EMA weights: %s\nresolved config: %s\n", out.c_str(), cfg.c_str());
+    std::printf("pre-trained weights: %s\nresolved config: %s\n", out.c_str(), cfg.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mdd_pretrain: error: %s\n", e.what());
     return 1;

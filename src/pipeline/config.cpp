@@ -118,6 +118,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("pretrain.ema_decay", field(c.pretrain.ema_decay));
   add("pretrain.ckpt_every", field(c.pretrain.ckpt_every));
   add("pretrain.seed", field(c.pretrain.seed));
+  add("pretrain.use_ema", field(c.pretrain.use_ema));
   add("finetune.steps", field(c.finetune.steps));
   add("finetune.batch_size", field(c.finetune.batch_size));
   add("finetune.lr", field(c.finetune.lr));

@@ -232,10 +232,11 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
 
 std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb) {
   const fs::path dir = fs::path(config.output_dir) / "pretrain";
-  const std::string out = (dir / "ema.safetensors").string();
   const auto& p = config.pretrain;
+  const std::string out = (dir / (p.use_ema ? "ema.safetensors" : "model.safetensors")).string();
   json sig = {{"model", model_json(config.model)}, {"steps", p.steps}, {"batch_size", p.batch_size}, {"lr", p.lr},
-              {"ema_decay", p.ema_decay}, {"seed", p.seed}, {"data", config.data.kind}, {"codec", config.codec.kind}};
+              {"ema_decay", p.ema_decay}, {"seed", p.seed}, {"data", config.data.kind}, {"codec", config.codec.kind},
+              {"use_ema", p.use_ema}};
   if (!force && fs::exists(out)) {
     auto st = io::load_safetensors(out);
     if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
@@ -245,6 +246,7 @@ std::string run_pretrain(const DistillConfig& config, const PipelineData& data, 
   }
   json resume_sig = sig;
   resume_sig.erase("steps");
+  resume_sig.erase("use_ema");
   const std::string sig_path = (dir / "signature.json").string();
   if (force || read_text(sig_path) != resume_sig.dump()) {
     // Other settings (or --force): the old checkpoints must not be resumed.
@@ -261,9 +263,9 @@ std::string run_pretrain(const DistillConfig& config, const PipelineData& data, 
   if (trainer.resume()) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
   say(cb, fmt::format("pretrain: {} steps x {} images from scratch", p.steps, p.batch_size));
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
-  io::save_safetensors(out, state_dict(*trainer.ema()),
+  io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),
                        {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
-                        {"steps", std::to_string(trainer.step_count())}});
+                        {"steps", std::to_string(trainer.step_count())}, {"weights", p.use_ema ? "ema" : "model"}});
   say(cb, "pretrain: wrote " + out);
   return out;
 }

@@ -67,6 +67,9 @@ struct PretrainConfig {
   double ema_decay = 0.999;
   int64_t ckpt_every = 500;
   uint64_t seed = 0;
+  /// Use the EMA weights as the result (DiT practice). false: the raw weights of the last step, for
+  /// short runs whose EMA still averages a fast-moving model (see docs/fashion-mnist.md).
+  bool use_ema = true;
 };
 
 /// DiffFit (+ minimax) fine-tuning (reference run.sh).

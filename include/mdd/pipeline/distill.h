@@ -69,7 +69,8 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
                                                        const PipelineCallbacks& callbacks = {});
 
 /// Pre-trains a DiT from scratch (resuming `pretrain/checkpoints` when present) and writes its EMA
-/// weights to `<output_dir>/pretrain/ema.safetensors`; returns that path. Skips the work when the
+/// weights to `<output_dir>/pretrain/ema.safetensors` (raw weights to `pretrain/model.safetensors`
+/// with `pretrain.use_ema` = false); returns that path. Skips the work when the
 /// file exists and `force` is false.
 std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force = false,
                          const PipelineCallbacks& callbacks = {});
