@@ -18,6 +18,7 @@ LatentTrainingData::LatentTrainingData(LatentCache cache, int64_t num_classes, s
     throw Error(fmt::format("LatentTrainingData: {} model labels for {} classes", model_labels_.size(), num_classes_));
   for (auto l : model_labels_)
     if (l < 0) throw Error(fmt::format("LatentTrainingData: negative model label {}", l));
+  model_label_map_ = torch::tensor(model_labels_, torch::kInt64);
   subset_ = subset.defined() ? subset.to(torch::kCPU, torch::kInt64).contiguous()
                              : torch::arange(cache_.size(), torch::kInt64);
   if (subset_.dim() != 1 || subset_.numel() == 0) throw Error("LatentTrainingData: empty subset");
@@ -44,8 +45,7 @@ LatentBatch LatentTrainingData::batch(const torch::Tensor& indices, torch::Gener
   b.indices = idx;
   b.labels = labels_.index_select(0, idx);
   b.latents = cache_.sample(subset_.index_select(0, idx), generator);
-  auto map = torch::tensor(model_labels_, torch::kInt64);
-  b.model_labels = map.index_select(0, b.labels);
+  b.model_labels = model_label_map_.index_select(0, b.labels);
   return b;
 }
 

@@ -230,8 +230,14 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
   return std::make_shared<LatentTrainingData>(cache, int64_t(data.class_dirs.size()), data.model_labels, subset);
 }
 
-std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb) {
-  const fs::path dir = fs::path(config.output_dir) / "pretrain";
+namespace {
+
+using TrainingDataFn = std::function<std::shared_ptr<LatentTrainingData>()>;
+
+// The stage bodies take the training data lazily: a reused stage never loads it, and run_distill
+// hands every stage the one instance it built.
+std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get_data, bool force,
+                          const PipelineCallbacks& cb) {  const fs::path dir = fs::path(config.output_dir) / "pretrain";
   const auto& p = config.pretrain;
   const std::string out = (dir / (p.use_ema ? "ema.safetensors" : "model.safetensors")).string();
   json sig = {{"model", model_json(config.model)}, {"steps", p.steps}, {"batch_size", p.batch_size}, {"lr", p.lr},
@@ -254,7 +260,7 @@ std::string run_pretrain(const DistillConfig& config, const PipelineData& data, 
     fs::remove_all(dir / "checkpoints", ec);
     write_text(sig_path, resume_sig.dump());
   }
-  auto train_data = make_training_data(config, data, cb);
+  auto train_data = get_data();
   FinetuneOptions o = pretrain_defaults();
   o.steps(p.steps).batch_size(p.batch_size).lr(p.lr).ema_decay(p.ema_decay).seed(p.seed).ckpt_every(p.ckpt_every)
       .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
@@ -270,8 +276,8 @@ std::string run_pretrain(const DistillConfig& config, const PipelineData& data, 
   return out;
 }
 
-std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
-                         const std::string& variant, const PipelineCallbacks& cb) {
+std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get_data, const std::string& init_weights,
+                          const std::string& variant, const PipelineCallbacks& cb) {
   if (variant != "difffit" && variant != "minimax")
     throw Error("run_finetune: variant must be \"difffit\" or \"minimax\", got \"" + variant + "\"");
   const bool minimax = variant == "minimax";
@@ -299,7 +305,7 @@ std::string run_finetune(const DistillConfig& config, const PipelineData& data, 
     fs::remove_all(dir / "checkpoints", ec);
     write_text(sig_path, resume_sig.dump());
   }
-  auto train_data = make_training_data(config, data, cb);
+  auto train_data = get_data();
   FinetuneOptions o;
   o.steps(f.steps).batch_size(f.batch_size).lr(f.lr).weight_decay(f.weight_decay).ema_decay(f.ema_decay)
       .gamma_blocks(f.gamma_blocks).minimax(minimax).lambda_r(f.lambda_r).lambda_d(f.lambda_d).memory_size(f.memory_size)
@@ -320,12 +326,24 @@ std::string run_finetune(const DistillConfig& config, const PipelineData& data, 
   return out;
 }
 
+}  // namespace
+
+std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb) {
+  return pretrain_with(config, [&] { return make_training_data(config, data, cb); }, force, cb);
+}
+
+std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
+                         const std::string& variant, const PipelineCallbacks& cb) {
+  return finetune_with(config, [&] { return make_training_data(config, data, cb); }, init_weights, variant, cb);
+}
+
 LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
                          const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb) {
   const auto& s = config.sample;
   const int64_t nclass = int64_t(data.class_dirs.size());
-  json sig = {{"weights", weights}, {"stamp", file_stamp(weights)}, {"sample", json::parse(config_to_json(config))["sample"]},
-              {"codec", json::parse(config_to_json(config))["codec"]}, {"model", model_json(config.model)}};
+  const json resolved = json::parse(config_to_json(config));
+  json sig = {{"weights", weights}, {"stamp", file_stamp(weights)}, {"sample", resolved["sample"]},
+              {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
   if (fs::exists(st_path)) {
     auto st = io::load_safetensors(st_path);
@@ -394,9 +412,8 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
     for (int64_t c = 0; c < nclass; ++c) rows.push_back(images.index({labels == c}).slice(0, 0, 20));
     write_png((fs::path(out_dir) / "grid.png").string(), class_sheet(rows));
   }
-  json meta = json::parse(config_to_json(config));
   write_text((fs::path(out_dir) / "sample_config.json").string(),
-             json({{"weights", weights}, {"sample", meta["sample"]}, {"model", meta["model"]}, {"codec", meta["codec"]},
+             json({{"weights", weights}, {"sample", resolved["sample"]}, {"model", resolved["model"]}, {"codec", resolved["codec"]},
                    {"seeds", {{"seed", s.seed}, {"rule", "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
                    {"seconds", seconds_since(t0)}})
                  .dump(2) + "\n");
@@ -454,20 +471,21 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
     return r;
   };
   PipelineData data = timed("load_data", [&] { return load_pipeline_data(config, cb); });
-  timed("latents", [&] { return make_training_data(config, data, cb); });
+  // Built once; the pre-training and fine-tuning stages below share it.
+  auto train_data = timed("latents", [&] { return make_training_data(config, data, cb); });
   const auto& methods = config.evaluate.methods;
   auto wants = [&](const std::string& m) { return std::find(methods.begin(), methods.end(), m) != methods.end(); };
 
   std::string base = config.model.checkpoint;
   if (base.empty() || options.force_pretrain) {
-    base = timed("pretrain", [&] { return run_pretrain(config, data, options.force_pretrain, cb); });
+    base = timed("pretrain", [&] { return pretrain_with(config, [&] { return train_data; }, options.force_pretrain, cb); });
   } else {
     say(cb, "model: pre-trained weights " + base);
   }
   std::map<std::string, std::string> weights;
   if (wants("dit")) weights["dit"] = base;
   for (const std::string v : {"difffit", "minimax"})
-    if (wants(v)) weights[v] = timed("finetune_" + v, [&] { return run_finetune(config, data, base, v, cb); });
+    if (wants(v)) weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb); });
 
   std::map<std::string, LabeledImages> sets;
   for (const auto& kv : weights) {

@@ -135,9 +135,7 @@ io::TensorMap load_model_weights(const std::string& path, const std::string& ent
   auto has_prefix = [&](const std::string& prefix) {
     return std::any_of(all.begin(), all.end(), [&](const auto& kv) { return kv.first.rfind(prefix, 0) == 0; });
   };
-  const bool is_train_ckpt = has_prefix("ema.") && has_prefix("model.") && has_prefix("opt.") ;
-  const bool mdd_ckpt = is_train_ckpt || (has_prefix("ema.") && has_prefix("model."));
-  if (!mdd_ckpt) {
+  if (!(has_prefix("ema.") && has_prefix("model."))) {
     // Plain state_dict, or a torch.save dict that io::load_weights already resolved to "ema"/"model".
     if (entry == "model" && !all.empty()) {
       // For torch.save training dicts the entry choice matters; re-read with it.

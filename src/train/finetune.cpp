@@ -123,7 +123,12 @@ StepInputs Finetuner::inputs(int64_t step) const {
   const int64_t b = options_.batch_size();
   const int64_t per_epoch = data_->size() / b;  // drop_last, as the reference's DataLoader
   const int64_t epoch = step / per_epoch, k = step % per_epoch;
-  const torch::Tensor order = epoch_order(data_->size(), options_.seed(), epoch);
+  // The permutation is drawn once per epoch, not once per step (it costs O(dataset)).
+  if (epoch != order_epoch_) {
+    order_ = epoch_order(data_->size(), options_.seed(), epoch);
+    order_epoch_ = epoch;
+  }
+  const torch::Tensor& order = order_;
   StepInputs in;
   auto gen = at::detail::createCPUGenerator(step_seed(options_.seed(), step));
   in.batch = data_->batch(order.slice(0, k * b, (k + 1) * b).contiguous(), gen);

@@ -58,6 +58,7 @@ class LatentTrainingData : public TrainingData {
   LatentCache cache_;
   int64_t num_classes_;
   std::vector<int64_t> model_labels_;
+  torch::Tensor model_label_map_;  // model_labels_ as int64 [num_classes]
   torch::Tensor subset_;  // int64 [N] indices into the cache
   torch::Tensor labels_;  // int64 [N]
 };

@@ -155,6 +155,8 @@ class Finetuner {
   std::unique_ptr<AdamW> optimizer_;
   int64_t step_ = 0;
   std::string last_checkpoint_;
+  mutable torch::Tensor order_;       // batch order of epoch order_epoch_ (cache)
+  mutable int64_t order_epoch_ = -1;
 };
 
 /// Options of `Pretrainer` (train a DiT from scratch; DiT train.py defaults where they fit).
