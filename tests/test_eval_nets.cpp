@@ -189,4 +189,76 @@ TEST(EvalNets, BadOptionsThrow) {
   EXPECT_THROW(net.forward<torch::Tensor>(torch::randn({1, 3, 64, 64})), mdd::Error);
 }
 
+struct FusedCase {
+  int64_t in_channels, image_size;
+  std::string norm;
+  bool input_grad;
+};
+void PrintTo(const FusedCase& c, std::ostream* os) {
+  *os << c.in_channels << "ch_" << c.image_size << "px_" << c.norm << (c.input_grad ? "_input_grad" : "");
+}
+
+/// max |got - ref| <= 2e-4 * max |ref| + 1e-5: the fused kernels sum in a different order. The
+/// absolute term covers conv biases in front of an instance norm, whose exact gradient is 0 and
+/// whose float value is summation noise (~1e-6) in both paths.
+::testing::AssertionResult CloseToScale(const torch::Tensor& got, const torch::Tensor& ref, const std::string& what) {
+  if (!got.defined() || !ref.defined() || got.sizes() != ref.sizes()) {
+    return ::testing::AssertionFailure() << what << ": undefined or shape mismatch";
+  }
+  const double err = (got - ref).abs().max().item<double>();
+  const double scale = ref.abs().max().item<double>();
+  if (err > 2e-4 * scale + 1e-5) return ::testing::AssertionFailure() << what << ": err " << err << " scale " << scale;
+  return ::testing::AssertionSuccess();
+}
+
+class FusedConvNet : public ::testing::TestWithParam<FusedCase> {};
+
+TEST_P(FusedConvNet, MatchesModulePathForwardAndGradients) {
+  const auto c = GetParam();
+  auto make = [&](bool fused) {
+    mdd::ConvNet net(mdd::ConvNetOptions(10, 3).in_channels(c.in_channels).image_size(c.image_size).norm(c.norm)
+                         .fused(fused));
+    net->reset_parameters(torch::make_generator<torch::CPUGeneratorImpl>(3));
+    if (c.norm == "instance") {  // non-trivial affine so gamma/beta enter the comparison
+      torch::NoGradGuard g;
+      auto gen = torch::make_generator<torch::CPUGeneratorImpl>(5);
+      for (auto& p : net->named_parameters()) {
+        if (p.key().find("norm") != std::string::npos) p.value().uniform_(0.5, 1.5, gen);
+      }
+    }
+    return net;
+  };
+  auto fused = make(true), plain = make(false);
+  torch::manual_seed(11);
+  auto x = torch::randn({5, c.in_channels, c.image_size, c.image_size});
+  auto probe = torch::randn({5, 10});
+  {
+    torch::NoGradGuard g;
+    EXPECT_TRUE(CloseToScale(fused->forward(x), plain->forward(x), "inference logits"));
+  }
+  auto run = [&](mdd::ConvNet& net) {
+    auto xi = x.clone().requires_grad_(c.input_grad);
+    (net->forward(xi) * probe).sum().backward();
+    return xi.grad();
+  };
+  auto gx_f = run(fused), gx_p = run(plain);
+  if (c.input_grad) EXPECT_TRUE(CloseToScale(gx_f, gx_p, "input grad"));
+  auto pf = fused->named_parameters(), pp = plain->named_parameters();
+  ASSERT_EQ(pf.size(), pp.size());
+  for (const auto& kv : pp) {
+    EXPECT_TRUE(CloseToScale(pf[kv.key()].grad(), kv.value().grad(), kv.key()));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, FusedConvNet,
+                         ::testing::Values(FusedCase{1, 28, "instance", false}, FusedCase{3, 32, "instance", false},
+                                           FusedCase{3, 28, "instance", false},  // 7 px map: odd, floor pooling
+                                           FusedCase{1, 28, "none", false}, FusedCase{3, 32, "none", false},
+                                           FusedCase{1, 28, "instance", true}, FusedCase{3, 28, "none", true}),
+                         [](const auto& info) {
+                           std::ostringstream os;
+                           PrintTo(info.param, &os);
+                           return os.str();
+                         });
+
 }  // namespace

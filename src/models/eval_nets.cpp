@@ -10,6 +10,7 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "mdd/util/error.h"
+#include "models/fused_convnet.h"
 
 namespace mdd {
 namespace {
@@ -110,10 +111,12 @@ ConvNetImpl::ConvNetImpl(ConvNetOptions options) : options_(std::move(options)) 
     auto conv = make_conv(in, o.width(), 3, 1, pad, true);
     conv_list->push_back(conv);
     conv_.push_back(conv);
+    pad_.push_back(pad);
     if (o.norm() != "none") {
       auto norm = make_norm(o.norm(), o.width());
       norm_list->push_back(norm.ptr());
       norm_.push_back(norm);
+      if (o.norm() == "instance") instance_norm_.push_back(norm.get<torch::nn::GroupNorm>());
     }
     in = o.width();
     s = (s + 2 * pad - 2) / 2;  // conv3x3 with padding `pad`, then AvgPool2d(2, 2) (floor)
@@ -126,6 +129,26 @@ ConvNetImpl::ConvNetImpl(ConvNetOptions options) : options_(std::move(options)) 
 }
 
 torch::Tensor ConvNetImpl::block(int64_t d, torch::Tensor x) {
+  const bool fusable_norm = options_.norm() == "instance" || options_.norm() == "none";
+  if (options_.fused() && fusable_norm && detail::fused_block_supported(x)) {
+    const bool normalize = options_.norm() == "instance";
+    const torch::Tensor gamma = normalize ? instance_norm_[d]->weight : torch::Tensor();
+    const torch::Tensor beta = normalize ? instance_norm_[d]->bias : torch::Tensor();
+    const double eps = normalize ? instance_norm_[d]->options.eps() : 0.0;
+    auto& conv = conv_[d];
+    const int64_t pad = pad_[d];
+    if (!x.requires_grad() && x.size(1) <= 4 && x.size(1) == conv->options.in_channels()) {
+      // Few input channels: the convolution is cheap and its activation is the largest tensor
+      // of the step, so compute it inside the plane loop instead of materialising it.
+      return detail::conv_norm_relu_pool(x, conv->weight, conv->bias, pad, gamma, beta, eps, normalize);
+    }
+    auto y = conv->forward(x);
+    if (detail::fused_block_supported(y)) return detail::norm_relu_pool(y, gamma, beta, eps, normalize);
+    x = std::move(y);
+    if (!norm_.empty()) x = apply_norm(norm_[d], x);
+    x = torch::relu(x);
+    return F::avg_pool2d(x, F::AvgPool2dFuncOptions(2).stride(2));
+  }
   x = conv_[d]->forward(x);
   if (!norm_.empty()) x = apply_norm(norm_[d], x);
   x = torch::relu(x);

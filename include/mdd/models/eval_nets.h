@@ -18,6 +18,7 @@
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/types.h>
 
 namespace mdd {
@@ -50,6 +51,11 @@ struct ConvNetOptions {
   TORCH_ARG(std::string, norm) = "instance";
   TORCH_ARG(int64_t, in_channels) = 3;
   TORCH_ARG(int64_t, image_size) = 32;
+  /// On float32 CPU tensors with norm "instance" or "none", run each block's norm -> ReLU -> pool
+  /// (and a first conv with at most 4 input channels that needs no input gradient) as fused
+  /// kernels: the same maths (tested against the unfused modules), about 2x faster `dc` training.
+  /// Other devices, dtypes and batch norm always take the module path.
+  TORCH_ARG(bool, fused) = true;
 };
 
 /// The IDC ConvNet. Keys: layers.conv.<d>.{weight,bias}, layers.norm.<d>.*, classifier.*.
@@ -67,7 +73,9 @@ class ConvNetImpl : public EvalNetImpl {
   torch::Tensor block(int64_t d, torch::Tensor x);
   ConvNetOptions options_;
   std::vector<torch::nn::Conv2d> conv_;
+  std::vector<int64_t> pad_;                // first-conv padding per block
   std::vector<torch::nn::AnyModule> norm_;  // empty for norm "none"
+  std::vector<torch::nn::GroupNorm> instance_norm_;  // the same modules, typed, for the fused path
   torch::nn::Linear classifier_{nullptr};
 };
 TORCH_MODULE(ConvNet);
