@@ -178,12 +178,14 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   c.finetune.lambda_d = 0.5;
   lines.clear();
   run_distill(c, {}, cb);
-  bool refit = false;
+  bool refit = false, difffit_reused = false;
   for (const auto& l : lines) {
     refit |= l.find("finetune-minimax: 6 steps") != std::string::npos;
+    difffit_reused |= l.find("finetune-difffit: reusing") != std::string::npos;
     EXPECT_EQ(l.find("finetune-minimax: resumed"), std::string::npos) << l;
   }
   EXPECT_TRUE(refit);
+  EXPECT_TRUE(difffit_reused) << "lambda_d cannot change the DiffFit-only run";
 }
 
 TEST(Pipeline, ClearErrors) {

@@ -287,6 +287,11 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_stamp(init_weights)},
               {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
               {"finetune_ipc", config.data.finetune_ipc}};
+  if (!minimax) {
+    // The minimax weights and memory size cannot change a DiffFit-only run: a lambda sweep must
+    // not redo the DiffFit baseline (or its evaluation).
+    for (const char* k : {"lambda_r", "lambda_d", "memory_size"}) sig["finetune"].erase(k);
+  }
   if (fs::exists(out)) {
     auto st = io::load_safetensors(out);
     if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
