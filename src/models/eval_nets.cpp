@@ -129,27 +129,19 @@ ConvNetImpl::ConvNetImpl(ConvNetOptions options) : options_(std::move(options)) 
 }
 
 torch::Tensor ConvNetImpl::block(int64_t d, torch::Tensor x) {
-  const bool fusable_norm = options_.norm() == "instance" || options_.norm() == "none";
-  if (options_.fused() && fusable_norm && detail::fused_block_supported(x)) {
-    const bool normalize = options_.norm() == "instance";
-    const torch::Tensor gamma = normalize ? instance_norm_[d]->weight : torch::Tensor();
-    const torch::Tensor beta = normalize ? instance_norm_[d]->bias : torch::Tensor();
-    const double eps = normalize ? instance_norm_[d]->options.eps() : 0.0;
-    auto& conv = conv_[d];
-    const int64_t pad = pad_[d];
-    if (!x.requires_grad() && x.size(1) <= 4 && x.size(1) == conv->options.in_channels()) {
-      // Few input channels: the convolution is cheap and its activation is the largest tensor
-      // of the step, so compute it inside the plane loop instead of materialising it.
-      return detail::conv_norm_relu_pool(x, conv->weight, conv->bias, pad, gamma, beta, eps, normalize);
-    }
-    auto y = conv->forward(x);
-    if (detail::fused_block_supported(y)) return detail::norm_relu_pool(y, gamma, beta, eps, normalize);
-    x = std::move(y);
-    if (!norm_.empty()) x = apply_norm(norm_[d], x);
-    x = torch::relu(x);
-    return F::avg_pool2d(x, F::AvgPool2dFuncOptions(2).stride(2));
+  const bool normalize = options_.norm() == "instance";
+  const bool fuse = options_.fused() && (normalize || options_.norm() == "none") && detail::fused_block_supported(x);
+  auto& conv = conv_[d];
+  const torch::Tensor gamma = normalize ? instance_norm_[d]->weight : torch::Tensor();
+  const torch::Tensor beta = normalize ? instance_norm_[d]->bias : torch::Tensor();
+  const double eps = normalize ? instance_norm_[d]->options.eps() : 0.0;
+  if (fuse && !x.requires_grad() && x.size(1) <= 4 && x.size(1) == conv->options.in_channels()) {
+    // Few input channels: the convolution is cheap and its activation is the largest tensor of
+    // the step, so compute it inside the plane loop instead of materialising it.
+    return detail::conv_norm_relu_pool(x, conv->weight, conv->bias, pad_[d], gamma, beta, eps, normalize);
   }
-  x = conv_[d]->forward(x);
+  x = conv->forward(x);
+  if (fuse && detail::fused_block_supported(x)) return detail::norm_relu_pool(x, gamma, beta, eps, normalize);
   if (!norm_.empty()) x = apply_norm(norm_[d], x);
   x = torch::relu(x);
   return F::avg_pool2d(x, F::AvgPool2dFuncOptions(2).stride(2));

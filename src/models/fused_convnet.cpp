@@ -195,6 +195,20 @@ struct NrpArgs {
   Geom g;
   float eps;
   bool normalize;
+
+  float gamma_at(int64_t c) const { return normalize ? gamma[c] : 1.0F; }
+  float beta_at(int64_t c) const { return normalize ? beta[c] : 0.0F; }
+  /// The folded affine of plane p (channel c) from its saved statistics.
+  Affine saved_affine(const float* mean, const float* rstd, int64_t p, int64_t c) const {
+    Affine f;
+    f.mean = mean[p];
+    f.rstd = rstd[p];
+    if (normalize) {
+      f.a = f.rstd * gamma[c];
+      f.b = -f.a * f.mean + beta[c];
+    }
+    return f;
+  }
 };
 
 MDD_CPU_CLONES void nrp_forward_range(const NrpArgs& a, float* out, float* mean, float* rstd, int64_t begin,
@@ -203,8 +217,7 @@ MDD_CPU_CLONES void nrp_forward_range(const NrpArgs& a, float* out, float* mean,
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % a.C;
     const float* x = a.x + p * a.g.plane();
-    const Affine f = plane_affine(x, a.g, a.normalize ? a.gamma[c] : 1.0F, a.normalize ? a.beta[c] : 0.0F, a.eps,
-                                  a.normalize);
+    const Affine f = plane_affine(x, a.g, a.gamma_at(c), a.beta_at(c), a.eps, a.normalize);
     plane_forward(x, a.g, f, out + p * a.g.pooled(), z.data());
     mean[p] = f.mean;
     rstd[p] = f.rstd;
@@ -216,15 +229,8 @@ MDD_CPU_CLONES void nrp_backward_range(const NrpArgs& a, const float* mean, cons
   std::vector<float> up(static_cast<size_t>(a.g.W + kLanes));
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % a.C;
-    const float gamma = a.normalize ? a.gamma[c] : 1.0F;
-    Affine f;
-    f.mean = mean[p];
-    f.rstd = rstd[p];
-    if (a.normalize) {
-      f.a = f.rstd * gamma;
-      f.b = -f.a * f.mean + a.beta[c];
-    }
-    const auto [sa, sb] = plane_backward(a.x + p * a.g.plane(), a.g, f, gamma, a.normalize,
+    const Affine f = a.saved_affine(mean, rstd, p, c);
+    const auto [sa, sb] = plane_backward(a.x + p * a.g.plane(), a.g, f, a.gamma_at(c), a.normalize,
                                          dout + p * a.g.pooled(), dx + p * a.g.plane(), up.data());
     partial[2 * p] = sb;      // gamma
     partial[2 * p + 1] = sa;  // beta
@@ -246,8 +252,7 @@ MDD_CPU_CLONES void cnrp_forward_range(const NrpArgs& a, const ConvArgs& cv, flo
     const int64_t n = p / a.C, c = p % a.C;
     plane_conv(cv.xpad + n * cv.cin * cv.Hp * cv.Wp, cv.cin, cv.Hp, cv.Wp, cv.w + c * cv.cin * 9, cv.bias[c],
                buf.data());
-    const Affine f = plane_affine(buf.data(), a.g, a.normalize ? a.gamma[c] : 1.0F,
-                                  a.normalize ? a.beta[c] : 0.0F, a.eps, a.normalize);
+    const Affine f = plane_affine(buf.data(), a.g, a.gamma_at(c), a.beta_at(c), a.eps, a.normalize);
     plane_forward(buf.data(), a.g, f, out + p * a.g.pooled(), z.data());
     mean[p] = f.mean;
     rstd[p] = f.rstd;
@@ -266,15 +271,8 @@ MDD_CPU_CLONES void cnrp_backward_range(const NrpArgs& a, const ConvArgs& cv, co
     const int64_t n = p / a.C, c = p % a.C;
     const float* xn = cv.xpad + n * cv.cin * cv.Hp * cv.Wp;
     plane_conv(xn, cv.cin, cv.Hp, cv.Wp, cv.w + c * k, cv.bias[c], buf.data());
-    const float gamma = a.normalize ? a.gamma[c] : 1.0F;
-    Affine f;
-    f.mean = mean[p];
-    f.rstd = rstd[p];
-    if (a.normalize) {
-      f.a = f.rstd * gamma;
-      f.b = -f.a * f.mean + a.beta[c];
-    }
-    const auto [sa, sb] = plane_backward(buf.data(), a.g, f, gamma, a.normalize, dout + p * a.g.pooled(),
+    const Affine f = a.saved_affine(mean, rstd, p, c);
+    const auto [sa, sb] = plane_backward(buf.data(), a.g, f, a.gamma_at(c), a.normalize, dout + p * a.g.pooled(),
                                          dbuf.data(), up.data());
     float* part = partial + p * (k + 3);
     // d weight[ci, ky, kx] = sum_ij dconv[i, j] * xpad[ci, i + ky, j + kx]
@@ -294,19 +292,26 @@ MDD_CPU_CLONES void cnrp_backward_range(const NrpArgs& a, const ConvArgs& cv, co
 
 // ------------------------------------------------------------------------- autograd functions
 
-Geom geom_of(const Tensor& x) {
-  return Geom{x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
-}
+Geom pooled_geom(int64_t h, int64_t w) { return Geom{h, w, h / 2, w / 2}; }
+
+/// A 3x3 conv over the padded input yields (Hp - 2) x (Wp - 2) planes.
+Geom conv_geom(const Tensor& xpad) { return pooled_geom(xpad.size(2) - 2, xpad.size(3) - 2); }
 
 int64_t grain_for(const Geom& g) {
   // Enough planes per task that scheduling is negligible next to a plane's work.
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.plane()));
 }
 
-NrpArgs make_args(const Tensor& x, const Tensor& gamma, const Tensor& beta, double eps, bool normalize) {
-  return NrpArgs{x.data_ptr<float>(), normalize ? gamma.data_ptr<float>() : nullptr,
-                 normalize ? beta.data_ptr<float>() : nullptr, x.size(1), geom_of(x), static_cast<float>(eps),
-                 normalize};
+/// `x` is null for the conv kernels, whose planes come from the convolution.
+NrpArgs make_args(const float* x, int64_t channels, const Geom& g, const Tensor& gamma, const Tensor& beta, double eps,
+                  bool normalize) {
+  return NrpArgs{x, normalize ? gamma.data_ptr<float>() : nullptr, normalize ? beta.data_ptr<float>() : nullptr,
+                 channels, g, static_cast<float>(eps), normalize};
+}
+
+ConvArgs make_conv_args(const Tensor& xpad, const Tensor& weight, const Tensor& bias) {
+  return ConvArgs{xpad.data_ptr<float>(), weight.data_ptr<float>(), bias.data_ptr<float>(), xpad.size(1),
+                  xpad.size(2), xpad.size(3)};
 }
 
 Tensor affine_param(const Tensor& t, bool normalize) {
@@ -319,7 +324,8 @@ class NormReluPoolFn : public torch::autograd::Function<NormReluPoolFn> {
                         double eps, bool normalize) {
     const auto x = x_in.contiguous();
     const auto gamma = affine_param(gamma_in, normalize), beta = affine_param(beta_in, normalize);
-    const auto a = make_args(x, gamma, beta, eps, normalize);
+    const auto a = make_args(x.data_ptr<float>(), x.size(1), pooled_geom(x.size(2), x.size(3)), gamma, beta, eps,
+                             normalize);
     const int64_t planes = x.size(0) * x.size(1);
     auto out = torch::empty({x.size(0), x.size(1), a.g.Ho, a.g.Wo}, x.options());
     auto mean = torch::empty({planes}, x.options()), rstd = torch::empty({planes}, x.options());
@@ -337,7 +343,8 @@ class NormReluPoolFn : public torch::autograd::Function<NormReluPoolFn> {
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool normalize = ctx->saved_data["normalize"].toBool();
     const auto dout = grads[0].contiguous();
-    const auto a = make_args(x, gamma, beta, eps, normalize);
+    const auto a = make_args(x.data_ptr<float>(), x.size(1), pooled_geom(x.size(2), x.size(3)), gamma, beta, eps,
+                             normalize);
     const int64_t planes = x.size(0) * x.size(1);
     auto dx = torch::empty_like(x);
     auto partial = torch::empty({planes, 2}, x.options());
@@ -363,11 +370,9 @@ class ConvNormReluPoolFn : public torch::autograd::Function<ConvNormReluPoolFn> 
     const auto weight = weight_in.contiguous(), bias = bias_in.contiguous();
     const auto gamma = affine_param(gamma_in, normalize), beta = affine_param(beta_in, normalize);
     const int64_t n = x.size(0), c = weight.size(0);
-    const Geom g{xpad.size(2) - 2, xpad.size(3) - 2, (xpad.size(2) - 2) / 2, (xpad.size(3) - 2) / 2};
-    NrpArgs a{nullptr, normalize ? gamma.data_ptr<float>() : nullptr, normalize ? beta.data_ptr<float>() : nullptr,
-              c, g, static_cast<float>(eps), normalize};
-    ConvArgs cv{xpad.data_ptr<float>(), weight.data_ptr<float>(), bias.data_ptr<float>(), xpad.size(1),
-                xpad.size(2), xpad.size(3)};
+    const Geom g = conv_geom(xpad);
+    const auto a = make_args(nullptr, c, g, gamma, beta, eps, normalize);
+    const auto cv = make_conv_args(xpad, weight, bias);
     auto out = torch::empty({n, c, g.Ho, g.Wo}, x.options());
     auto mean = torch::empty({n * c}, x.options()), rstd = torch::empty({n * c}, x.options());
     float *o = out.data_ptr<float>(), *m = mean.data_ptr<float>(), *r = rstd.data_ptr<float>();
@@ -386,11 +391,9 @@ class ConvNormReluPoolFn : public torch::autograd::Function<ConvNormReluPoolFn> 
     const bool normalize = ctx->saved_data["normalize"].toBool();
     const auto dout = grads[0].contiguous();
     const int64_t n = xpad.size(0), c = weight.size(0), cin = xpad.size(1), k = cin * 9;
-    const Geom g{xpad.size(2) - 2, xpad.size(3) - 2, (xpad.size(2) - 2) / 2, (xpad.size(3) - 2) / 2};
-    NrpArgs a{nullptr, normalize ? gamma.data_ptr<float>() : nullptr, normalize ? beta.data_ptr<float>() : nullptr,
-              c, g, static_cast<float>(eps), normalize};
-    ConvArgs cv{xpad.data_ptr<float>(), weight.data_ptr<float>(), bias.data_ptr<float>(), cin, xpad.size(2),
-                xpad.size(3)};
+    const Geom g = conv_geom(xpad);
+    const auto a = make_args(nullptr, c, g, gamma, beta, eps, normalize);
+    const auto cv = make_conv_args(xpad, weight, bias);
     auto partial = torch::empty({n * c, k + 3}, xpad.options());
     const float *m = mean.data_ptr<float>(), *r = rstd.data_ptr<float>(), *go = dout.data_ptr<float>();
     float* pp = partial.data_ptr<float>();
