@@ -151,3 +151,35 @@ TEST(DiffusionDiT, SamplerBatchSizeInvarianceWithDiT) {
   // Same noise streams; the network's matmuls may differ in the last bits with batch size.
   EXPECT_TRUE(mdd_test::AllClose(a, b, 1e-3));
 }
+
+// The sampler's guidance is `cfg_combine` (the model's rule) and bf16 autocast only perturbs the
+// result within bf16 rounding: same noise streams, close latents.
+TEST(DiffusionDiT, SamplerPrecisionAndOneChannelReferenceGuidance) {
+  DiT model(DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
+  model->eval();
+  {
+    torch::NoGradGuard ng;
+    auto g = at::detail::createCPUGenerator(4);
+    for (auto& p : model->parameters()) p.add_(torch::randn(p.sizes(), g) * 0.05);
+  }
+  const auto net = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) {
+    return model->forward(x, t, y);
+  };
+  const auto opts = SamplerOptions().null_class(3).latent_shape({1, 8, 8}).timestep_respacing("5").seed(2).cfg_scale(2.0);
+  const auto labels = torch::tensor({0, 1, 2}, torch::kInt64);
+  const Sampler ref(net, SamplerOptions(opts).guidance(CfgGuidance::kReference3Channels));
+  const auto a = ref.sample(labels);
+  // One guided step equals DiT::forward_with_cfg's first half.
+  auto x = torch::randn({3, 1, 8, 8});
+  auto t = torch::full({3}, 7, torch::kInt64);
+  torch::NoGradGuard ng;
+  auto via_model = model->forward_with_cfg(torch::cat({x, x}), torch::cat({t, t}),
+                                           torch::cat({labels, torch::full({3}, 3, torch::kInt64)}), 2.0)
+                       .narrow(0, 0, 3);
+  EXPECT_TRUE(torch::equal(ref.guided_model(labels)(x, t), via_model));
+  const auto b = Sampler(net, SamplerOptions(opts).guidance(CfgGuidance::kReference3Channels).precision(Precision::kBF16)).sample(labels);
+  const double scale = a.abs().max().item<double>();
+  EXPECT_GT(mdd_test::max_abs_diff(a, b), 0.0);
+  EXPECT_LT(mdd_test::max_abs_diff(a, b), 0.05 * scale);
+  EXPECT_EQ(b.scalar_type(), torch::kFloat32);
+}

@@ -14,6 +14,8 @@
 #include "mdd/io/state_dict.h"
 #include "mdd/models/difffit.h"
 #include "mdd/models/dit.h"
+#include "mdd/diffusion/guidance.h"
+#include "mdd/util/precision.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
 
@@ -409,4 +411,79 @@ TEST(DiT, SeededInitialisationIsReproducible) {
   EXPECT_NEAR(sa.at("y_embedder.embedding_table.weight").std().item<double>(), 0.02, 0.005);
   const double bound = std::sqrt(6.0 / (64 + 192));
   EXPECT_LE(sa.at("blocks.0.attn.qkv.weight").abs().max().item<double>(), bound);
+}
+
+// ------------------------------------------------------------------ guidance and mixed precision
+
+TEST(DiT, CfgReferenceRuleOnOneChannelGuidesEpsAndVariance) {
+  // One image channel with learned sigma: the output has 2 channels and the reference's
+  // model_out[:, :3] covers both, so both are guided (the rule used to be refused here).
+  mdd::DiT model(mdd::DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto gen = at::detail::createCPUGenerator(3);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->parameters()) p.add_(torch::randn(p.sizes(), gen) * 0.05);
+  }
+  auto x = torch::randn({4, 1, 8, 8}, gen);
+  auto t = torch::tensor({10, 500, 10, 500}, torch::kInt64);
+  auto y = torch::tensor({0, 2, 3, 3}, torch::kInt64);
+  const double s = 2.0;
+  auto raw = model->forward(torch::cat({x.narrow(0, 0, 2), x.narrow(0, 0, 2)}), t, y);
+  auto ref = model->forward_with_cfg(x, t, y, s);
+  auto guided = raw.narrow(0, 2, 2) + s * (raw.narrow(0, 0, 2) - raw.narrow(0, 2, 2));
+  ASSERT_EQ(ref.sizes(), raw.sizes());
+  EXPECT_TRUE(torch::equal(ref.narrow(0, 0, 2), guided));
+  EXPECT_TRUE(torch::equal(ref.narrow(0, 2, 2), guided));
+  // "all" guides only the eps channel; the variance comes from each half.
+  auto all = model->forward_with_cfg(x, t, y, s, mdd::DiTImpl::kAllEpsChannels);
+  EXPECT_TRUE(torch::equal(all.narrow(1, 0, 1).narrow(0, 0, 2), guided.narrow(1, 0, 1)));
+  EXPECT_TRUE(torch::equal(all.narrow(1, 1, 1), raw.narrow(1, 1, 1)));
+}
+
+TEST(DiT, CfgCombineIsTheSamplerAndModelRule) {
+  auto gen = at::detail::createCPUGenerator(5);
+  auto out = torch::randn({6, 8, 4, 4}, gen);
+  auto c = mdd::cfg_combine(out, 3.0, 3);
+  auto cond = out.narrow(0, 0, 3), uncond = out.narrow(0, 3, 3);
+  EXPECT_TRUE(torch::equal(c.narrow(1, 0, 3), uncond.narrow(1, 0, 3) + 3.0 * (cond.narrow(1, 0, 3) - uncond.narrow(1, 0, 3))));
+  EXPECT_TRUE(torch::equal(c.narrow(1, 3, 5), cond.narrow(1, 3, 5)));
+  EXPECT_EQ(mdd::cfg_guided_channels(mdd::CfgGuidance::kReference3Channels, 4, 8), 3);
+  EXPECT_EQ(mdd::cfg_guided_channels(mdd::CfgGuidance::kReference3Channels, 1, 2), 2);
+  EXPECT_EQ(mdd::cfg_guided_channels(mdd::CfgGuidance::kAllEpsChannels, 4, 8), 4);
+  EXPECT_EQ(mdd::parse_cfg_guidance("all"), mdd::CfgGuidance::kAllEpsChannels);
+  EXPECT_STREQ(mdd::cfg_guidance_name(mdd::CfgGuidance::kReference3Channels), "reference");
+  EXPECT_THROW(mdd::parse_cfg_guidance("al"), mdd::Error);
+  EXPECT_THROW(mdd::cfg_combine(out.narrow(0, 0, 5), 2.0, 3), mdd::Error);
+  EXPECT_THROW(mdd::cfg_combine(out, 2.0, 9), mdd::Error);
+}
+
+// bf16 autocast against the golden fp32 reference outputs. bf16 keeps 8 mantissa bits (relative
+// rounding 2^-9 = 2e-3 per operation); through two blocks of matmuls and LayerNorms the stated
+// tolerance is 3 % of the output's largest magnitude, and the mean error must stay below 0.5 %.
+TEST(DiT, GoldenSmallUnderBf16AutocastWithinStatedTolerance) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"), /*strict=*/true);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  torch::Tensor out;
+  {
+    mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+    out = model->forward(io.at("x"), io.at("t"), io.at("y"));
+    // The matrix products really ran in bf16.
+    EXPECT_EQ(torch::matmul(io.at("x").flatten(1), io.at("x").flatten(1).t()).scalar_type(), torch::kBFloat16);
+  }
+  out = out.to(torch::kFloat32);
+  const auto ref = io.at("out");
+  const double scale = ref.abs().max().item<double>();
+  const double max_err = mdd_test::max_abs_diff(out, ref);
+  const double mean_err = (out.to(torch::kFloat64) - ref.to(torch::kFloat64)).abs().mean().item<double>();
+  EXPECT_LE(max_err, 0.03 * scale) << "max err " << max_err << " scale " << scale;
+  EXPECT_LE(mean_err, 0.005 * scale) << "mean err " << mean_err;
+  EXPECT_GT(max_err, 0.0) << "bf16 autocast changed nothing: did it run?";
+  RecordProperty("dit_small/out_bf16", fmt_err(max_err, 0.03 * scale));
+  // Outside the guard fp32 is back.
+  EXPECT_EQ(torch::matmul(io.at("x").flatten(1), io.at("x").flatten(1).t()).scalar_type(), torch::kFloat32);
 }

@@ -4,6 +4,7 @@
 #include "mdd/eval/augment.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/eval/mmd.h"
+#include "mdd/eval/proxy.h"
 #include "mdd/eval/selection.h"
 #include "mdd/models/eval_nets.h"
 #include "mdd/util/error.h"
@@ -251,3 +252,56 @@ TEST(Evaluator, BadOptionsThrow) {
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------------------ generator proxy
+
+TEST(Proxy, FrechetDistanceKnownAnswers) {
+  auto g = gen(11);
+  auto a = torch::randn({400, 6}, g, torch::kFloat64);
+  EXPECT_NEAR(mdd::frechet_distance(a, a), 0.0, 1e-8);
+  // A pure shift keeps the covariance: the distance is the squared shift.
+  auto shift = torch::tensor({1.0, -2.0, 0.5, 0.0, 0.0, 3.0}, torch::kFloat64);
+  EXPECT_NEAR(mdd::frechet_distance(a, a + shift), 1 + 4 + 0.25 + 9, 1e-6);
+  // Scaling by k: tr(S) (1 + k^2 - 2k) = tr(S) (k - 1)^2.
+  const double trs = ((a - a.mean(0)).pow(2).sum(0) / 399).sum().item<double>();
+  EXPECT_NEAR(mdd::frechet_distance(a, 3 * a), trs * 4 + (2 * a.mean(0)).pow(2).sum().item<double>(), 1e-6);
+  EXPECT_THROW(mdd::frechet_distance(a, a.narrow(1, 0, 5)), mdd::Error);
+  EXPECT_THROW(mdd::frechet_distance(a.narrow(0, 0, 1), a), mdd::Error);
+  auto bad = a.clone();
+  bad[0][0] = std::nan("");
+  EXPECT_THROW(mdd::frechet_distance(bad, a), mdd::Error);
+}
+
+TEST(Proxy, ScoresFaithfulSetsAboveMislabelledOnesAndRoundTrips) {
+  auto train = toy_set(12, 1), test = toy_set(10, 2);
+  auto opts = mdd::ProxyOptions().eval(mdd::EvalOptions().protocol("dc").net("convnet2").width(16).epochs(10).batch_size(8));
+  mdd::GeneratorProxy proxy(train, test, opts);
+  EXPECT_GE(proxy.real_test_accuracy(), 90.0);
+  auto good = toy_set(6, 5);
+  auto s_good = proxy.score(good);
+  mdd::LabeledImages wrong = good;
+  wrong.labels = (good.labels + 1).remainder(3);
+  auto s_wrong = proxy.score(wrong);
+  EXPECT_GE(s_good.class_accuracy, 90.0);
+  EXPECT_LE(s_wrong.class_accuracy, 10.0);
+  ASSERT_EQ(s_good.per_class.size(), 3u);
+  // Noise images are far from the real features; faithful ones are near the real floor.
+  mdd::LabeledImages noise{(torch::rand({18, 16, 16, 1}, gen(9)) * 255).to(torch::kUInt8), good.labels, {}};
+  auto s_noise = proxy.score(noise);
+  EXPECT_GT(s_noise.frechet, 2 * s_good.frechet);
+  EXPECT_GT(s_good.frechet_real_floor, 0.0);
+  // Written and read back: the same scores without retraining.
+  const std::string path = mdd_test::tmp_dir("proxy") + "/proxy.safetensors";
+  proxy.save(path);
+  auto loaded = mdd::GeneratorProxy::load(path, train, test);
+  auto s_loaded = loaded.score(good);
+  EXPECT_DOUBLE_EQ(s_loaded.class_accuracy, s_good.class_accuracy);
+  EXPECT_NEAR(s_loaded.frechet, s_good.frechet, 1e-9 * (1 + s_good.frechet));
+  // Bad inputs.
+  mdd::LabeledImages other{torch::zeros({4, 8, 8, 1}, torch::kUInt8), torch::zeros({4}, torch::kInt64), {}};
+  EXPECT_THROW(proxy.score(other), mdd::Error);
+  mdd::LabeledImages badlab = good;
+  badlab.labels = good.labels + 5;
+  EXPECT_THROW(proxy.score(badlab), mdd::Error);
+  EXPECT_THROW(mdd::GeneratorProxy::load(mdd_test::data_path("dit_small.weights.safetensors"), train, test), mdd::Error);
+}

@@ -75,6 +75,21 @@ TEST(Config, RoundTripAndOverrides) {
   EXPECT_THROW(apply_override(c, "finetune.stepz=1"), Error);
   EXPECT_THROW(apply_override(c, "finetune.steps=-1"), Error);
   EXPECT_EQ(c.finetune.steps, 123);  // a rejected override changes nothing
+  // Mixed precision and warm-ups are keys of every training/sampling section.
+  apply_override(c, "pretrain.precision=bf16");
+  apply_override(c, "finetune.precision=auto");
+  apply_override(c, "sample.precision=fp16");
+  apply_override(c, "pretrain.ema_warmup=true");
+  apply_override(c, "pretrain.lr_warmup=500");
+  EXPECT_EQ(c.pretrain.precision, "bf16");
+  EXPECT_EQ(c.finetune.precision, "auto");
+  EXPECT_EQ(c.sample.precision, "fp16");
+  EXPECT_TRUE(c.pretrain.ema_warmup);
+  EXPECT_EQ(c.pretrain.lr_warmup, 500);
+  EXPECT_THROW(apply_override(c, "pretrain.precision=bf17"), Error);
+  EXPECT_THROW(apply_override(c, "pretrain.lr_warmup=-5"), Error);
+  // The reference guidance rule is valid for one-channel models too (it guides eps and variance).
+  EXPECT_NO_THROW(apply_override(c, "sample.guidance=reference"));
 }
 
 TEST(Config, ShippedConfigsParse) {

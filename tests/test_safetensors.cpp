@@ -108,3 +108,19 @@ TEST(SafeTensors, WidenedDtypes) {
   EXPECT_FLOAT_EQ(st.tensors.at("e")[0].item<float>(), 1.0f);
   EXPECT_FLOAT_EQ(st.tensors.at("m")[0].item<float>(), 1.0f);
 }
+
+// Written by the `safetensors` package under torch 2.11 (tests/data/make_pt2_fixtures.py): every
+// dtype incl. F8_E4M3 / F8_E5M2 and U16 / U32 / U64, which load widened (float32 / int64).
+TEST(SafeTensors, FileFromTheSafetensorsPackage) {
+  const auto got = io::load_safetensors(mdd_test::data_path("pt2/package.safetensors"));
+  const auto want = io::load_safetensors(mdd_test::data_path("pt2/package.expected.safetensors")).tensors;
+  ASSERT_EQ(got.tensors.size(), want.size());
+  ASSERT_EQ(want.size(), 18u);
+  for (const auto& kv : want) {
+    ASSERT_EQ(got.tensors.count(kv.first), 1u) << kv.first;
+    const auto& a = got.tensors.at(kv.first);
+    EXPECT_EQ(a.scalar_type(), kv.second.scalar_type()) << kv.first;
+    EXPECT_TRUE(torch::equal(a, kv.second)) << kv.first;
+  }
+  EXPECT_EQ(got.metadata.at("format"), "pt");
+}

@@ -265,3 +265,26 @@ TEST(LoadWeights, SniffsFormatByContent) {
   EXPECT_TRUE(ThrowsWith([&] { io::load_weights(dir + "/empty.bin"); }, "unrecognised weight file format"));
   EXPECT_TRUE(ThrowsWith([&] { io::load_weights(dir + "/does_not_exist.pt"); }, "cannot open"));
 }
+
+// ------------------------------------------------------------ files written by PyTorch 2.x
+// tests/data/pt2/ is made by tests/data/make_pt2_fixtures.py with the pinned torch 2.11 wheel:
+// zip records byteorder, .data/version, .data/serialization_id, .storage_alignment; storages of
+// every dtype incl. uint16/32/64 and float8 (widened on load as documented), views and strides.
+
+TEST(TorchCheckpoint, Torch2EveryDtypeLoadsExactly) {
+  const auto expected = mdd_test::golden("pt2/every_dtype.expected.safetensors");
+  ASSERT_EQ(expected.size(), 20u);
+  const auto got = io::load_torch_checkpoint(mdd_test::data_path("pt2/every_dtype.pt"));
+  expect_same(got, expected);
+  // The view still aliases its base tensor's storage, as PyTorch pickled it.
+  EXPECT_TRUE(got.at("row_view").is_alias_of(got.at("f32")));
+  EXPECT_EQ(got.at("transposed").strides(), (c10::IntArrayRef{1, 5}));
+}
+
+TEST(TorchCheckpoint, Torch2WeightsOnlyCheckpointEntries) {
+  const auto expected = mdd_test::golden("pt2/weights_only_ckpt.expected.safetensors");
+  const std::string path = mdd_test::data_path("pt2/weights_only_ckpt.pt");
+  expect_same(io::load_torch_checkpoint(path), sub_map(expected, "ema"));
+  expect_same(io::load_torch_checkpoint(path, "model"), sub_map(expected, "model"));
+  expect_same(io::load_weights(path), sub_map(expected, "ema"));
+}

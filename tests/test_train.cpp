@@ -15,6 +15,7 @@
 #include "mdd/train/checkpoint.h"
 #include "mdd/train/ema.h"
 #include "mdd/train/finetune.h"
+#include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
 
@@ -312,4 +313,152 @@ TEST(Finetuner, RejectsBadSetups) {
   EXPECT_FALSE(has_difffit(pre.model()));
   EXPECT_FALSE(pre.model()->pos_embed.requires_grad());
   EXPECT_TRUE(pre.model()->blocks->parameters().front().requires_grad());
+}
+
+// ------------------------------------------------------------------ mixed precision and warm-ups
+
+TEST(Precision, NamesResolveAndGuard) {
+  for (Precision p : {Precision::kFP32, Precision::kBF16, Precision::kFP16, Precision::kAuto})
+    EXPECT_EQ(parse_precision(precision_name(p)), p);
+  EXPECT_THROW(parse_precision("bfloat16"), Error);
+  EXPECT_THROW(resolve_precision(Precision::kFP16, torch::kCPU), Error);
+  EXPECT_EQ(resolve_precision(Precision::kAuto, torch::kCPU), cpu_has_fast_bf16() ? Precision::kBF16 : Precision::kFP32);
+  EXPECT_EQ(resolve_precision(Precision::kBF16, torch::kCPU), Precision::kBF16);
+  EXPECT_THROW(AutocastGuard(torch::kCPU, Precision::kAuto), Error);
+  auto a = torch::randn({4, 4});
+  {
+    AutocastGuard outer(torch::kCPU, Precision::kBF16);
+    EXPECT_EQ(torch::mm(a, a).scalar_type(), torch::kBFloat16);
+    {
+      AutocastGuard inner(torch::kCPU, Precision::kFP32);  // fp32 guard is a no-op inside
+      EXPECT_EQ(torch::mm(a, a).scalar_type(), torch::kBFloat16);
+    }
+    EXPECT_EQ(torch::mm(a, a).scalar_type(), torch::kBFloat16);
+  }
+  EXPECT_EQ(torch::mm(a, a).scalar_type(), torch::kFloat32);
+  EXPECT_NE(describe_precision(Precision::kBF16, torch::kCPU).find("bf16 autocast (cpu"), std::string::npos);
+}
+
+// The bf16 training step keeps the fp32 result: same draws, per-step losses within a small
+// fraction of the step-to-step spread of the loss; master weights, EMA and AdamW state stay fp32.
+TEST(Finetuner, Bf16StepsTrackFp32Steps) {
+  const std::string dir = tmp_dir("ft_bf16");
+  auto data = tiny_data(dir);
+  auto run = [&](Precision p) {
+    Finetuner ft(tiny_dit(), data, tiny_options().steps(30).precision(p));
+    std::vector<double> losses;
+    for (int i = 0; i < 30; ++i) losses.push_back(ft.step().loss);
+    for (auto& kv : ft.model()->named_parameters()) EXPECT_EQ(kv.value().scalar_type(), torch::kFloat32) << kv.key();
+    for (auto& kv : ft.ema()->named_parameters()) EXPECT_EQ(kv.value().scalar_type(), torch::kFloat32) << kv.key();
+    for (auto& kv : ft.optimizer().state()) EXPECT_TRUE(kv.second.scalar_type() == torch::kFloat32 || kv.second.scalar_type() == torch::kInt64) << kv.first;
+    return std::make_pair(losses, ft.precision());
+  };
+  auto [l32, p32] = run(Precision::kFP32);
+  auto [l16, p16] = run(Precision::kBF16);
+  EXPECT_EQ(p32, Precision::kFP32);
+  EXPECT_EQ(p16, Precision::kBF16);
+  const auto a = torch::tensor(l32, torch::kFloat64), b = torch::tensor(l16, torch::kFloat64);
+  const double spread = a.std().item<double>();
+  const double diff = (a - b).abs().mean().item<double>();
+  EXPECT_GT(diff, 0.0) << "bf16 run identical to fp32: autocast did not engage";
+  EXPECT_LT(diff, 0.1 * spread) << "mean |bf16 - fp32| loss " << diff << " vs step-to-step spread " << spread;
+}
+
+TEST(Finetuner, EmaAndLearningRateWarmUp) {
+  const std::string dir = tmp_dir("ft_warmup");
+  auto data = tiny_data(dir);
+  Finetuner ft(tiny_dit(), data, tiny_options().ema_decay(0.999).ema_warmup(true).lr(1e-3).lr_warmup(4));
+  io::TensorMap before;
+  for (const auto& kv : state_dict(*ft.ema())) before.emplace(kv.first, kv.second.clone());  // state_dict aliases
+  TrainStats s0 = ft.step();
+  EXPECT_DOUBLE_EQ(s0.lr, 1e-3 * 1 / 4);
+  // Step 0 uses decay min(0.999, 1/10) = 0.1.
+  const io::TensorMap model = state_dict(*ft.model());
+  for (const auto& kv : state_dict(*ft.ema())) {
+    auto expect = before.at(kv.first).clone().mul_(0.1).add_(model.at(kv.first), 0.9);
+    EXPECT_TRUE(mdd_test::AllClose(kv.second, expect, 1e-7)) << kv.first;
+  }
+  EXPECT_DOUBLE_EQ(ft.step().lr, 1e-3 * 2 / 4);
+  ft.step();
+  ft.step();
+  EXPECT_DOUBLE_EQ(ft.step().lr, 1e-3);
+  EXPECT_THROW(Finetuner(tiny_dit(), data, tiny_options().lr_warmup(-1)), Error);
+  EXPECT_THROW(Finetuner(tiny_dit(), data, tiny_options().precision(Precision::kFP16)), Error);  // CPU
+}
+
+// ------------------------------------------------------------------ VAE training
+
+namespace {
+
+AutoencoderKL tiny_vae() {
+  return AutoencoderKL(AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(2).block_out_channels({8, 16})
+                           .layers_per_block(1).norm_num_groups(4).sample_size(8));
+}
+
+LabeledImages tiny_images() {
+  auto gen = at::detail::createCPUGenerator(3);
+  LabeledImages d;
+  // Smooth blobs (learnable) rather than white noise.
+  auto base = torch::rand({24, 1, 2, 2}, gen);
+  d.images = (torch::upsample_bilinear2d(base, {8, 8}, false) * 255).round().clamp(0, 255).to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
+  d.labels = torch::arange(24, torch::kInt64).remainder(3);
+  return d;
+}
+
+}  // namespace
+
+TEST(VaeTrainer, LearnsResumesBitForBitAndSavesADiffusersFolder) {
+  const std::string dir = tmp_dir("vae_train");
+  torch::manual_seed(0);
+  auto opts = VaeTrainerOptions().steps(40).batch_size(8).lr(3e-3).lr_warmup(5).ckpt_every(0).log_every(0);
+  VaeTrainer a(tiny_vae(), tiny_images(), opts);
+  const double psnr0 = reconstruction_psnr(a.vae(), tiny_images().images);
+  std::vector<double> losses;
+  for (int i = 0; i < 40; ++i) losses.push_back(a.step().loss);
+  const double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[37] + losses[38] + losses[39]) / 3;
+  EXPECT_LT(last, 0.7 * first) << "loss " << first << " -> " << last;
+  torch::Tensor rec;
+  const double psnr1 = reconstruction_psnr(a.vae(), tiny_images().images, &rec);
+  EXPECT_GT(psnr1, psnr0 + 3.0);
+  EXPECT_EQ(rec.sizes(), tiny_images().images.sizes());
+
+  // Resume: 6 steps with a checkpoint at 3, killed, continued -> the uninterrupted weights.
+  auto ropts = VaeTrainerOptions(opts).steps(6).ckpt_every(3).checkpoint_dir(dir + "/ck");
+  torch::manual_seed(1);
+  auto init = state_dict(*tiny_vae());
+  auto make = [&] {
+    auto v = tiny_vae();
+    load_state_dict(*v, init, true);
+    return v;
+  };
+  VaeTrainer full(make(), tiny_images(), VaeTrainerOptions(ropts).checkpoint_dir(""));
+  full.train();
+  {
+    VaeTrainer part(make(), tiny_images(), VaeTrainerOptions(ropts).steps(3));
+    part.train();
+  }
+  VaeTrainer resumed(make(), tiny_images(), ropts);
+  ASSERT_TRUE(resumed.resume());
+  EXPECT_EQ(resumed.step_count(), 3);
+  resumed.train();
+  std::string why;
+  EXPECT_TRUE(equal_maps(state_dict(*full.vae()), state_dict(*resumed.vae()), &why)) << why;
+  EXPECT_THROW(VaeTrainer(make(), tiny_images(), VaeTrainerOptions(ropts).kl_weight(0.5)).resume(), Error);
+
+  // A diffusers folder that from_pretrained reads back, with a fitted scaling factor.
+  auto vae = a.vae();
+  vae->options.scaling_factor(fit_scaling_factor(vae, tiny_images().images));
+  EXPECT_GT(vae->options.scaling_factor(), 0.0);
+  save_pretrained(vae, dir + "/vae");
+  auto back = AutoencoderKL::from_pretrained(dir + "/vae");
+  EXPECT_DOUBLE_EQ(back->options.scaling_factor(), vae->options.scaling_factor());
+  EXPECT_EQ(back->downsample_factor(), 2);
+  EXPECT_DOUBLE_EQ(reconstruction_psnr(back, tiny_images().images), psnr1);
+
+  // Bad setups.
+  LabeledImages odd = tiny_images();
+  odd.images = odd.images.narrow(1, 0, 7).contiguous();
+  EXPECT_THROW(VaeTrainer(tiny_vae(), odd, opts), Error);
+  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).reconstruction("l2")), Error);
+  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).batch_size(100)), Error);
 }

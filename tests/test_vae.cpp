@@ -288,11 +288,14 @@ TEST(Vae, SlicingEqualsUnsliced) {
   vae->runtime.slice_size(0);
   const auto full = vae->encode(x);
   const auto dec_full = vae->decode(full.mean);
-  // Equal-size slices: every sample goes through the same kernels as in the full batch.
+  // Equal-size slices. On AVX-512 CPUs every sample went through the same kernels as in the full
+  // batch (errors <= 1e-6); on an AVX2-only AMD EPYC oneDNN picks another convolution kernel for
+  // batch 2 than for batch 6 (measured 2.1e-6 after the decoder): float rounding, so the same
+  // 1e-5 bound as the remainder case below.
   vae->runtime.slice_size(2);
-  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).mean, full.mean, 1e-6));
-  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).logvar, full.logvar, 1e-6));
-  EXPECT_TRUE(mdd_test::AllClose(vae->decode(full.mean), dec_full, 1e-6));
+  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).mean, full.mean, 1e-5));
+  EXPECT_TRUE(mdd_test::AllClose(vae->encode(x).logvar, full.logvar, 1e-5));
+  EXPECT_TRUE(mdd_test::AllClose(vae->decode(full.mean), dec_full, 1e-5));
   // A remainder slice of ONE sample: LibTorch's CPU convolution picks a different kernel for batch 1
   // (measured ~7e-7 per conv on outputs of size ~2), which accumulates to a few 1e-6 after the
   // decoder's ~12 convolutions. That is float rounding, not a semantic difference: allow 1e-5.

@@ -82,33 +82,30 @@ ModelFn Sampler::guided_model(const torch::Tensor& labels_in) const {
   const torch::Tensor y = check_labels(labels_in);
   const ConditionalModelFn model = model_;
   const double scale = options_.cfg_scale();
+  const c10::Device dev = options_.device();
+  const Precision prec = resolve_precision(options_.precision(), dev);
+  // The model runs under autocast; everything the diffusion loop does with its output is float32.
+  auto call = [model, dev, prec](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& yy) {
+    AutocastGuard autocast(dev, prec);
+    return model(x, t, yy).to(torch::kFloat32);
+  };
   if (scale == 1.0) {
-    return [model, y](const torch::Tensor& x, const torch::Tensor& t) { return model(x, t, y); };
+    return [call, y](const torch::Tensor& x, const torch::Tensor& t) { return call(x, t, y); };
   }
   const int64_t null_class = options_.null_class();
-  const bool all_eps = options_.guidance() == CfgGuidance::kAllEpsChannels;
-  return [model, y, scale, null_class, all_eps](const torch::Tensor& x, const torch::Tensor& t) {
+  const CfgGuidance rule = options_.guidance();
+  return [call, y, scale, null_class, rule](const torch::Tensor& x, const torch::Tensor& t) {
     const int64_t n = x.size(0);
     if (y.size(0) != n) {
       throw Error(fmt::format("Sampler: {} labels for a batch of {} latents", y.size(0), n));
     }
     const auto y_in = torch::cat({y, torch::full_like(y, null_class)});
-    const auto out = model(torch::cat({x, x}), torch::cat({t, t}), y_in);
-    const int64_t c = x.size(1);
-    // eps occupies channels 0..C-1 whether or not variance channels follow.
-    const int64_t guided = all_eps ? c : 3;
-    if (!out.defined() || out.dim() < 2 || out.size(0) != 2 * n || out.size(1) < guided) {
-      throw Error(fmt::format("Sampler: model output has shape {} for a CFG batch of {} (need >= {} channels)",
-                              shape_str(out), 2 * n, guided));
+    const auto out = call(torch::cat({x, x}), torch::cat({t, t}), y_in);
+    if (!out.defined() || out.dim() < 2 || out.size(0) != 2 * n || out.size(1) < x.size(1)) {
+      throw Error(fmt::format("Sampler: model output has shape {} for a CFG batch of {} latents with {} channels",
+                              shape_str(out), 2 * n, x.size(1)));
     }
-    const auto cond = out.narrow(0, 0, n);
-    const auto uncond = out.narrow(0, n, n);
-    const auto cond_eps = cond.narrow(1, 0, guided);
-    const auto uncond_eps = uncond.narrow(1, 0, guided);
-    // Same expression and order as forward_with_cfg: uncond + s * (cond - uncond).
-    const auto half_eps = uncond_eps + scale * (cond_eps - uncond_eps);
-    if (guided == out.size(1)) return half_eps;
-    return torch::cat({half_eps, cond.narrow(1, guided, out.size(1) - guided)}, 1);
+    return cfg_combine(out, scale, cfg_guided_channels(rule, x.size(1), out.size(1)));
   };
 }
 

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "io/widen.h"
 #include "mdd/util/error.h"
 
 namespace mdd {
@@ -263,7 +264,8 @@ PickleValue* Unpickler::global(const std::string& module_in_file, const std::str
   return g;
 }
 
-PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn) {
+PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn,
+                                       const PickleValue* view_dtype) {
   if (args.size() < 4) fail(fmt::format("{} needs at least 4 arguments, got {}", fn, args.size()));
   charge(args.size());
   PickleValue* st = args[0];
@@ -281,6 +283,21 @@ PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, co
   };
   PickleValue* t = make(Kind::Tensor);
   t->storage = st;
+  // Elements the storage holds in the tensor's element type: v3 tensors reinterpret the storage's
+  // bytes (an UntypedStorage) as the pickled dtype.
+  int64_t capacity = st->integer;
+  if (view_dtype) {
+    if (view_dtype->kind != Kind::Global ||
+        !detail::torch_dtype_by_name(view_dtype->text, &t->view_dtype, &t->view_widened))
+      fail(fmt::format("{}: unsupported dtype {}", fn, view_dtype->kind == Kind::Global ? view_dtype->text : view_dtype->describe()));
+    t->has_view_dtype = true;
+    const int64_t esize = t->view_widened.empty() ? int64_t(c10::elementSize(t->view_dtype))
+                                                  : int64_t(detail::widened_size(t->view_widened));
+    const int64_t bytes = st->integer * int64_t(c10::elementSize(st->dtype));
+    if (bytes % esize != 0)
+      fail(fmt::format("{}: storage '{}' of {} bytes is not a whole number of {}-byte elements", fn, st->text, bytes, esize));
+    capacity = bytes / esize;
+  }
   t->offset = as_int(args[1]);
   t->sizes = int_tuple(args[2], "size");
   t->strides = int_tuple(args[3], "stride");
@@ -295,8 +312,8 @@ PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, co
   for (int64_t s : t->sizes)
     if (__builtin_mul_overflow(numel, s, &numel)) fail(fmt::format("{}: element count overflows", fn));
   if (empty) {
-    if (t->offset > st->integer)
-      fail(fmt::format("{}: offset {} beyond storage '{}' of {} elements", fn, t->offset, st->text, st->integer));
+    if (t->offset > capacity)
+      fail(fmt::format("{}: offset {} beyond storage '{}' of {} elements", fn, t->offset, st->text, capacity));
   } else {
     int64_t last = t->offset;
     for (size_t d = 0; d < t->sizes.size(); ++d) {
@@ -304,9 +321,9 @@ PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, co
       if (__builtin_mul_overflow(t->sizes[d] - 1, t->strides[d], &span) || __builtin_add_overflow(last, span, &last))
         fail(fmt::format("{}: tensor extent overflows", fn));
     }
-    if (last >= st->integer)
+    if (last >= capacity)
       fail(fmt::format("{}: tensor of shape [{}] with stride [{}] at offset {} needs element {} but storage '{}' holds only {}",
-                       fn, fmt::join(t->sizes, ", "), fmt::join(t->strides, ", "), t->offset, last, st->text, st->integer));
+                       fn, fmt::join(t->sizes, ", "), fmt::join(t->strides, ", "), t->offset, last, st->text, capacity));
   }
   return t;
 }
@@ -339,6 +356,12 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
     if (args.size() < lo || args.size() > hi) fail(fmt::format("{} called with {} arguments", q, args.size()));
   };
   if (q == "torch._utils._rebuild_tensor_v2" || q == "torch._utils._rebuild_tensor") return rebuild_tensor(args, q);
+  if (q == "torch._utils._rebuild_tensor_v3") {
+    // PyTorch 2.x: (storage, offset, size, stride, requires_grad, hooks, dtype[, metadata]) for
+    // dtypes without a typed storage class (uint16/32/64, float8, ...).
+    arg_count(7, 8);
+    return rebuild_tensor(args, q, args[6]);
+  }
   if (q == "torch._utils._rebuild_parameter" || q == "torch._utils._rebuild_parameter_with_state") {
     arg_count(1, 4);
     if (args[0]->kind != Kind::Tensor) fail(fmt::format("{}: data is a {}, not a tensor", q, args[0]->describe()));

@@ -43,8 +43,13 @@ struct PickleValue {
   int64_t storage_id = -1;  ///< index in the caller's storage table
   // Tensor
   PickleValue* storage = nullptr;
-  int64_t offset = 0;  ///< in elements of the storage dtype
+  int64_t offset = 0;  ///< in elements of the storage dtype (or of `view_dtype` / `view_widened`)
   std::vector<int64_t> sizes, strides;
+  /// _rebuild_tensor_v3 (PyTorch 2.x): the element type named in the pickle, reinterpreting the
+  /// storage's bytes; `view_widened` (safetensors name, e.g. "U16") when LibTorch 1.13 lacks it.
+  bool has_view_dtype = false;
+  torch::ScalarType view_dtype = torch::kByte;
+  std::string view_widened;
 
   /// "dict", "tensor", "argparse.Namespace object", ... for error messages.
   std::string describe() const;
@@ -97,7 +102,8 @@ class Unpickler {
   PickleValue* global(const std::string& module, const std::string& name);
   PickleValue* call(PickleValue* callable, const std::vector<PickleValue*>& args, const char* opcode);
   PickleValue* new_object(PickleValue* cls, const std::vector<PickleValue*>& args);
-  PickleValue* rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn);
+  PickleValue* rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn,
+                             const PickleValue* view_dtype = nullptr);
   void set_item(PickleValue* target, PickleValue* key, PickleValue* value);
   void append(PickleValue* target, PickleValue* value);
   void memo_put(uint64_t index);

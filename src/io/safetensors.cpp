@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors_internal.h"
+#include "io/widen.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 
@@ -37,15 +38,6 @@ const DTypeInfo kNative[] = {
     {"BOOL", torch::kBool, 1},
 };
 
-// dtypes without a LibTorch 1.13 equivalent: decoded into the nearest wider type on load.
-size_t widened_size(const std::string& name) {
-  if (name == "U16") return 2;
-  if (name == "U32") return 4;
-  if (name == "U64") return 8;
-  if (name == "F8_E4M3" || name == "F8_E5M2") return 1;
-  return 0;
-}
-
 const DTypeInfo* find_native(const std::string& name) {
   for (const auto& d : kNative)
     if (name == d.name) return &d;
@@ -58,45 +50,6 @@ const char* dtype_name(torch::ScalarType t) {
   return nullptr;
 }
 
-// Decodes one OCP float8 value (E4M3FN: bias 7, no infinities, S.1111.111 = NaN; E5M2: bias 15, IEEE-like).
-float decode_f8(uint8_t v, bool e4m3) {
-  const int sign = (v & 0x80) ? -1 : 1;
-  const int mbits = e4m3 ? 3 : 2;
-  const int bias = e4m3 ? 7 : 15;
-  const int emax = e4m3 ? 15 : 31;
-  const int e = (v & 0x7F) >> mbits;
-  const int m = v & ((1 << mbits) - 1);
-  if (e4m3 && e == emax && m == (1 << mbits) - 1) return std::numeric_limits<float>::quiet_NaN();
-  if (!e4m3 && e == emax) return m ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
-  if (e == 0) return sign * std::ldexp(float(m), 1 - bias - mbits);
-  return sign * std::ldexp(float(m + (1 << mbits)), e - bias - mbits);
-}
-
-torch::Tensor decode_widened(const std::string& dt, const uint8_t* p, int64_t n, const std::vector<int64_t>& shape,
-                             const std::string& what, const std::string& key) {
-  if (dt == "F8_E4M3" || dt == "F8_E5M2") {
-    auto out = torch::empty({n}, torch::kFloat);
-    float* o = out.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) o[i] = decode_f8(p[i], dt == "F8_E4M3");
-    return out.view(shape);
-  }
-  if (dt == "U16" || dt == "U32") {
-    auto out = torch::empty({n}, dt == "U16" ? torch::kInt : torch::kLong);
-    for (int64_t i = 0; i < n; ++i) {
-      if (dt == "U16") { uint16_t v; std::memcpy(&v, p + 2 * i, 2); out.data_ptr<int32_t>()[i] = v; }
-      else { uint32_t v; std::memcpy(&v, p + 4 * i, 4); out.data_ptr<int64_t>()[i] = v; }
-    }
-    return out.view(shape);
-  }
-  auto out = torch::empty({n}, torch::kLong);  // U64
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t v; std::memcpy(&v, p + 8 * i, 8);
-    if (v > uint64_t(std::numeric_limits<int64_t>::max()))
-      throw Error(fmt::format("{}: tensor '{}' (U64) holds {} which does not fit int64", what, key, v));
-    out.data_ptr<int64_t>()[i] = int64_t(v);
-  }
-  return out.view(shape);
-}
 
 }  // namespace
 
@@ -140,7 +93,7 @@ SafeTensors parse_safetensors_buffer(const torch::Tensor& buffer, const std::str
       throw Error(fmt::format("{}: tensor '{}' needs dtype (string), shape (array) and data_offsets ([begin, end])", what, key));
     const std::string dt = v["dtype"].get<std::string>();
     const DTypeInfo* native = find_native(dt);
-    const size_t esize = native ? native->size : widened_size(dt);
+    const size_t esize = native ? native->size : detail::widened_size(dt);
     if (esize == 0) throw Error(fmt::format("{}: tensor '{}' has unknown dtype '{}'", what, key, dt));
     std::vector<int64_t> shape;
     uint64_t numel = 1;
@@ -166,7 +119,7 @@ SafeTensors parse_safetensors_buffer(const torch::Tensor& buffer, const std::str
     const uint8_t* p = data + b;
     torch::Tensor t;
     if (!native) {
-      t = decode_widened(dt, p, int64_t(numel), shape, what, key);
+      t = detail::decode_widened(dt, p, int64_t(numel), shape, what, key);
     } else if (numel == 0) {
       t = torch::empty(shape, native->stored);
     } else {

@@ -1,12 +1,14 @@
 #include "mdd/io/torch_checkpoint.h"
 
 #include <cstring>
+#include <map>
 #include <unordered_map>
 #include <unordered_set>
 
 #include <fmt/format.h>
 
 #include "io/pickle.h"
+#include "io/widen.h"
 #include "io/safetensors_internal.h"
 #include "io/zip_reader.h"
 #include "mdd/util/error.h"
@@ -240,10 +242,36 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
       if (r.numel > 0) std::memcpy(r.data.data_ptr(), p, size_t(r.numel) * esize);
     }
   }
+  // PyTorch 2.x v3 tensors reinterpret a storage's bytes as their own dtype; one 1-D tensor per
+  // (storage, dtype) keeps views of one storage sharing memory.
+  std::map<std::pair<int64_t, std::string>, torch::Tensor> reinterpreted;
+  auto as_view_dtype = [&](const PickleValue* t, const std::string& name) -> const torch::Tensor& {
+    const StorageRecord& r = storages[size_t(t->storage->storage_id)];
+    const std::string tag = t->view_widened.empty() ? c10::toString(t->view_dtype) : t->view_widened;
+    auto key = std::make_pair(t->storage->storage_id, tag);
+    auto it = reinterpreted.find(key);
+    if (it != reinterpreted.end()) return it->second;
+    const auto* p = static_cast<const uint8_t*>(r.data.data_ptr());
+    const int64_t bytes = r.numel * int64_t(c10::elementSize(r.dtype));
+    torch::Tensor out;
+    if (!t->view_widened.empty()) {
+      const int64_t n = bytes / int64_t(detail::widened_size(t->view_widened));
+      out = detail::decode_widened(t->view_widened, p, n, {n}, path, name);
+    } else {
+      const int64_t n = bytes / int64_t(c10::elementSize(t->view_dtype));
+      if (t->view_dtype == torch::kBool)
+        for (int64_t i = 0; i < n; ++i)
+          if (p[i] > 1) throw Error(fmt::format("{}: bool tensor '{}' holds byte {} (only 0/1 allowed)", path, name, int(p[i])));
+      out = torch::empty({n}, t->view_dtype);
+      if (n > 0) std::memcpy(out.data_ptr(), p, size_t(bytes));
+    }
+    return reinterpreted.emplace(key, std::move(out)).first->second;
+  };
   TensorMap result;
   for (const auto& [name, t] : flat.out) {
     const StorageRecord& r = storages[size_t(t->storage->storage_id)];
-    result.emplace(name, r.data.as_strided(t->sizes, t->strides, t->offset));
+    const torch::Tensor& base = t->has_view_dtype ? as_view_dtype(t, name) : r.data;
+    result.emplace(name, base.as_strided(t->sizes, t->strides, t->offset));
   }
   return result;
 }

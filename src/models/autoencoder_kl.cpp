@@ -16,6 +16,7 @@
 #include "mdd/io/state_dict.h"
 #include "mdd/io/torch_checkpoint.h"
 #include "mdd/util/error.h"
+#include "util/torch_compat.h"
 
 namespace mdd {
 namespace vae {
@@ -150,20 +151,20 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   const torch::Tensor h = group_norm(x).view({n, c, hh * ww}).transpose(1, 2);
   const torch::Tensor q = to_q(h), k = to_k(h), v = to_v(h);
   torch::Tensor o;
-#if TORCH_VERSION_MAJOR >= 2
-  // Fused kernels (flash / memory-efficient on CUDA) avoid the [HW, HW] score matrix; the scale
-  // defaults to head_dim^-0.5 = C^-0.5 and softmax accumulates in float32, matching
-  // diffusers' upcast_softmax.
-  o = at::scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1);
-#else
-  // diffusers AttnProcessor: baddbmm(empty, q, k^T, beta=0, alpha=C^-0.5), softmax in float32.
-  const double scale = 1.0 / std::sqrt(static_cast<double>(c));
-  torch::Tensor scores = torch::baddbmm(torch::empty({n, hh * ww, hh * ww}, q.options()), q,
-                                        k.transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
-  torch::Tensor probs = scores.to(torch::kFloat32).softmax(-1).to(q.scalar_type());
-  scores = torch::Tensor();
-  o = torch::bmm(probs, v);
-#endif
+  if constexpr (compat::kHasSdpa) {
+    // Fused kernels (flash / memory-efficient on CUDA) avoid the [HW, HW] score matrix; the scale
+    // defaults to head_dim^-0.5 = C^-0.5 and softmax accumulates in float32, matching
+    // diffusers' upcast_softmax.
+    o = compat::sdpa(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1);
+  } else {
+    // diffusers AttnProcessor: baddbmm(empty, q, k^T, beta=0, alpha=C^-0.5), softmax in float32.
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c));
+    torch::Tensor scores = torch::baddbmm(torch::empty({n, hh * ww, hh * ww}, q.options()), q,
+                                          k.transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
+    torch::Tensor probs = scores.to(torch::kFloat32).softmax(-1).to(q.scalar_type());
+    scores = torch::Tensor();
+    o = torch::bmm(probs, v);
+  }
   o = to_out[0]->as<torch::nn::LinearImpl>()->forward(o);
   o = o.transpose(1, 2).reshape({n, c, hh, ww});
   return o + x;  // residual; rescale_output_factor = 1

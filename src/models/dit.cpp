@@ -1,5 +1,7 @@
 #include "mdd/models/dit.h"
 
+#include "mdd/diffusion/guidance.h"
+
 #include <cmath>
 
 #include <fmt/format.h>
@@ -10,6 +12,7 @@
 #include <torch/version.h>
 
 #include "mdd/util/error.h"
+#include "util/torch_compat.h"
 
 namespace mdd {
 namespace {
@@ -188,15 +191,15 @@ torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
   if (gamma1.defined()) h = gamma1 * h;  // MinimaxDiffusion: scales qkv output incl. bias, before the head split
   auto parts = h.reshape({B, N, 3, num_heads, head_dim}).permute({2, 0, 3, 1, 4}).unbind(0);
   torch::Tensor out;
-#if TORCH_VERSION_MAJOR >= 2
-  // Fused kernel (flash / memory-efficient on CUDA); default scale is head_dim^-0.5 as below.
-  out = at::scaled_dot_product_attention(parts[0], parts[1], parts[2]);
-#else
-  // timm's non-fused path, in its op order: (q * scale) @ k^T, softmax, @ v.
-  auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
-  auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1);
-  out = torch::matmul(attn, parts[2]);
-#endif
+  if constexpr (compat::kHasSdpa) {
+    // Fused kernel (flash / memory-efficient on CUDA); default scale is head_dim^-0.5 as below.
+    out = compat::sdpa(parts[0], parts[1], parts[2]);
+  } else {
+    // timm's non-fused path, in its op order: (q * scale) @ k^T, softmax, @ v.
+    auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
+    auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1);
+    out = torch::matmul(attn, parts[2]);
+  }
   out = proj->forward(out.transpose(1, 2).reshape({B, N, C}));
   if (gamma2.defined()) out = gamma2 * out;
   return out;
@@ -436,19 +439,23 @@ torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch:
                       "unconditional half), got {}",
                       x.size(0)));
   const int64_t out_ch = options_.out_channels();
-  const int64_t g = guided_channels == kAllEpsChannels ? options_.in_channels() : guided_channels;
+  const int64_t g = guided_channels == kAllEpsChannels
+                        ? cfg_guided_channels(CfgGuidance::kAllEpsChannels, options_.in_channels(), out_ch)
+                    : guided_channels == kReferenceGuidedChannels
+                        ? cfg_guided_channels(CfgGuidance::kReference3Channels, options_.in_channels(), out_ch)
+                        : guided_channels;
   require(g >= 1 && g <= out_ch, fmt::format("DiT::forward_with_cfg: guided_channels {} must be -1 or in [1, {}]",
                                              guided_channels, out_ch));
   const int64_t half = x.size(0) / 2;
   // The reference ignores x[half:] and runs cat([x[:half], x[:half]]) with the full t and y.
   auto first = x.narrow(0, 0, half);
   auto out = forward(torch::cat({first, first}, 0), t, y);
-  auto eps = out.narrow(1, 0, g);
-  auto rest = out.narrow(1, g, out_ch - g);
-  auto cond = eps.narrow(0, 0, half);
-  auto uncond = eps.narrow(0, half, half);
-  auto half_eps = uncond + cfg_scale * (cond - uncond);
-  return torch::cat({torch::cat({half_eps, half_eps}, 0), rest}, 1);
+  // Row block 1: guided eps + conditional rest; row block 2: the same guided eps + the
+  // unconditional rest (the reference concatenates eps twice with all of `rest`).
+  auto guided = cfg_combine(out, cfg_scale, g);
+  auto second = g == out_ch ? guided
+                            : torch::cat({guided.narrow(1, 0, g), out.narrow(0, half, half).narrow(1, g, out_ch - g)}, 1);
+  return torch::cat({guided, second}, 0);
 }
 
 }  // namespace mdd

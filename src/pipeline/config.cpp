@@ -119,6 +119,9 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("pretrain.ckpt_every", field(c.pretrain.ckpt_every));
   add("pretrain.seed", field(c.pretrain.seed));
   add("pretrain.use_ema", field(c.pretrain.use_ema));
+  add("pretrain.ema_warmup", field(c.pretrain.ema_warmup));
+  add("pretrain.lr_warmup", field(c.pretrain.lr_warmup));
+  add("pretrain.precision", field(c.pretrain.precision));
   add("finetune.steps", field(c.finetune.steps));
   add("finetune.batch_size", field(c.finetune.batch_size));
   add("finetune.lr", field(c.finetune.lr));
@@ -130,6 +133,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("finetune.memory_size", field(c.finetune.memory_size));
   add("finetune.ckpt_every", field(c.finetune.ckpt_every));
   add("finetune.seed", field(c.finetune.seed));
+  add("finetune.precision", field(c.finetune.precision));
   add("sample.ipc", field(c.sample.ipc));
   add("sample.steps", field(c.sample.steps));
   add("sample.cfg_scale", field(c.sample.cfg_scale));
@@ -138,6 +142,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("sample.batch_size", field(c.sample.batch_size));
   add("sample.seed", field(c.sample.seed));
   add("sample.entry", field(c.sample.entry));
+  add("sample.precision", field(c.sample.precision));
   add("evaluate.protocol", field(c.evaluate.protocol));
   add("evaluate.repeats", field(c.evaluate.repeats));
   add("evaluate.methods", field(c.evaluate.methods));
@@ -266,6 +271,9 @@ void validate_config(const DistillConfig& c) {
   one_of("sample.method", c.sample.method, {"ddpm", "ddim"});
   one_of("sample.entry", c.sample.entry, {"", "ema", "model"});
   one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
+  for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
+                      {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision}})
+    one_of(k, *v, {"fp32", "bf16", "fp16", "auto"});
   for (const auto& m : c.evaluate.methods) one_of("evaluate.methods", m, {"random", "dit", "difffit", "minimax"});
   if (c.output_dir.empty()) fail("output_dir", "must not be empty");
   if (c.data.nclass <= 0) fail("data.nclass", "must be > 0");
@@ -287,6 +295,7 @@ void validate_config(const DistillConfig& c) {
   for (auto [k, v] : {std::pair<const char*, int64_t>{"pretrain.steps", c.pretrain.steps}, {"finetune.steps", c.finetune.steps},
                       {"pretrain.ckpt_every", c.pretrain.ckpt_every}, {"finetune.ckpt_every", c.finetune.ckpt_every},
                       {"finetune.gamma_blocks", c.finetune.gamma_blocks}, {"evaluate.epochs", c.evaluate.epochs},
+                      {"pretrain.lr_warmup", c.pretrain.lr_warmup},
                       {"threads", c.threads}, {"data.threads", c.data.threads}, {"evaluate.image_size", c.evaluate.image_size}})
     if (v < 0) fail(k, "must be >= 0");
   if (c.model.input_size % c.model.patch_size != 0) fail("model.patch_size", "must divide model.input_size");
@@ -301,8 +310,6 @@ void validate_config(const DistillConfig& c) {
   if (!(c.finetune.lambda_r >= 0) || !(c.finetune.lambda_d >= 0)) fail("finetune.lambda_r/lambda_d", "must be >= 0");
   if (!(c.finetune.weight_decay >= 0)) fail("finetune.weight_decay", "must be >= 0");
   if (!(c.sample.cfg_scale >= 0)) fail("sample.cfg_scale", "must be >= 0");
-  if (c.sample.guidance == "reference" && c.model.in_channels < 3)
-    fail("sample.guidance", "\"reference\" guides eps channels 0..2 and needs model.in_channels >= 3; use \"all\"");
   if (c.evaluate.methods.empty()) fail("evaluate.methods", "must list at least one method");
 }
 

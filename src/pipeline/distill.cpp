@@ -243,6 +243,9 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   json sig = {{"model", model_json(config.model)}, {"steps", p.steps}, {"batch_size", p.batch_size}, {"lr", p.lr},
               {"ema_decay", p.ema_decay}, {"seed", p.seed}, {"data", config.data.kind}, {"codec", config.codec.kind},
               {"use_ema", p.use_ema}};
+  // Later keys join the signature only when set, so outputs of earlier runs keep being reused.
+  if (p.ema_warmup) sig["ema_warmup"] = true;
+  if (p.lr_warmup > 0) sig["lr_warmup"] = p.lr_warmup;
   if (!force && fs::exists(out)) {
     auto st = io::load_safetensors(out);
     if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
@@ -263,11 +266,13 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   auto train_data = get_data();
   FinetuneOptions o = pretrain_defaults();
   o.steps(p.steps).batch_size(p.batch_size).lr(p.lr).ema_decay(p.ema_decay).seed(p.seed).ckpt_every(p.ckpt_every)
+      .ema_warmup(p.ema_warmup).lr_warmup(p.lr_warmup).precision(parse_precision(p.precision))
       .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
       .class_dropout_prob(config.model.class_dropout_prob).log_every(100).config_json(config_to_json(config));
   Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
   if (trainer.resume()) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
-  say(cb, fmt::format("pretrain: {} steps x {} images from scratch", p.steps, p.batch_size));
+  say(cb, fmt::format("pretrain: {} steps x {} images from scratch, {}", p.steps, p.batch_size,
+                      describe_precision(trainer.precision(), device_of(config.device))));
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
   io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),
                        {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
@@ -304,6 +309,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   json resume_sig = sig;
   resume_sig["finetune"].erase("steps");
   resume_sig["finetune"].erase("ckpt_every");
+  resume_sig["finetune"].erase("precision");  // a run may continue in another precision
   const std::string sig_path = (dir / "signature.json").string();
   if (read_text(sig_path) != resume_sig.dump()) {
     std::error_code ec;
@@ -316,10 +322,11 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
       .gamma_blocks(f.gamma_blocks).minimax(minimax).lambda_r(f.lambda_r).lambda_d(f.lambda_d).memory_size(f.memory_size)
       .seed(f.seed).ckpt_every(f.ckpt_every).checkpoint_dir((dir / "checkpoints").string())
       .class_dropout_prob(config.model.class_dropout_prob).device(device_of(config.device)).log_every(100)
-      .config_json(config_to_json(config));
+      .precision(parse_precision(f.precision)).config_json(config_to_json(config));
   Finetuner trainer(load_model(config.model, init_weights), train_data, o);
   if (trainer.resume()) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
-  say(cb, fmt::format("finetune-{}: {} steps x {} images, DiffFit{}", variant, f.steps, f.batch_size,
+  say(cb, fmt::format("finetune-{}: {} steps x {} images, {}, DiffFit{}", variant, f.steps, f.batch_size,
+                      describe_precision(trainer.precision(), device_of(config.device)),
                       minimax ? fmt::format(" + minimax (lambda_r {}, lambda_d {}, memory {})", f.lambda_r, f.lambda_d,
                                             f.memory_size)
                               : ""));
@@ -369,7 +376,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   SamplerOptions so;
   so.batch_size(s.batch_size).timestep_respacing(s.method == "ddim" && s.steps.rfind("ddim", 0) != 0 ? "ddim" + s.steps : s.steps)
       .learn_sigma(model->options().learn_sigma()).cfg_scale(s.cfg_scale).null_class(model->null_class())
-      .guidance(s.guidance == "all" ? CfgGuidance::kAllEpsChannels : CfgGuidance::kReference3Channels)
+      .guidance(parse_cfg_guidance(s.guidance.c_str())).precision(parse_precision(s.precision))
       .method(s.method == "ddim" ? SamplingMethod::kDDIM : SamplingMethod::kDDPM).seed(s.seed)
       .latent_shape({config.model.in_channels, config.model.input_size, config.model.input_size}).device(dev);
   ConditionalModelFn fn = [model](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {

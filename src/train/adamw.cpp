@@ -100,4 +100,9 @@ void AdamW::load_state(const std::map<std::string, torch::Tensor>& state, const 
   slots_ = std::move(slots);
 }
 
+void AdamW::set_lr(double lr) {
+  if (!(lr >= 0) || !std::isfinite(lr)) throw Error("AdamW::set_lr: lr must be finite and >= 0, got " + std::to_string(lr));
+  options_.lr(lr);
+}
+
 }  // namespace mdd

@@ -1,5 +1,6 @@
 #include "mdd/train/finetune.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -28,13 +29,18 @@ int64_t count_gamma_blocks(const DiT& model) {
 // The parts of the loop configuration a resumed run must share with the run that wrote the
 // checkpoint (everything that changes what a step computes). `steps` may grow.
 nlohmann::json loop_signature(const FinetuneOptions& o) {
-  return {{"batch_size", o.batch_size()},       {"lr", o.lr()},
+  nlohmann::json j = {{"batch_size", o.batch_size()},       {"lr", o.lr()},
           {"weight_decay", o.weight_decay()},   {"ema_decay", o.ema_decay()},
           {"difffit", o.difffit()},             {"gamma_blocks", o.gamma_blocks()},
           {"minimax", o.minimax()},             {"lambda_r", o.lambda_r()},
           {"lambda_d", o.lambda_d()},           {"memory_size", o.memory_size()},
           {"class_dropout_prob", o.class_dropout_prob()}, {"diffusion_steps", o.diffusion_steps()},
           {"noise_schedule", o.noise_schedule()}, {"seed", std::to_string(o.seed())}};
+  // Later additions enter the signature only when they differ from the old behaviour, so the
+  // checkpoints of earlier runs keep resuming.
+  if (o.ema_warmup()) j["ema_warmup"] = true;
+  if (o.lr_warmup() > 0) j["lr_warmup"] = o.lr_warmup();
+  return j;
 }
 
 io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix) {
@@ -83,6 +89,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   if (o.class_dropout_prob() > 0 && mo.class_dropout_prob() <= 0)
     throw Error("Finetuner: label dropout requested but the model has no null-class row (class_dropout_prob = 0)");
   if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("Finetuner: ckpt_every and log_every must be >= 0");
+  if (o.lr_warmup() < 0) throw Error("Finetuner: lr_warmup must be >= 0");
+  precision_ = resolve_precision(o.precision(), o.device());
+  if (precision_ == Precision::kFP16) loss_scale_ = 65536.0;
   if (data_->size() < o.batch_size())
     throw Error(fmt::format("Finetuner: batch_size {} exceeds the {} training items", o.batch_size(), data_->size()));
   const std::vector<int64_t> want{mo.in_channels(), mo.input_size(), mo.input_size()};
@@ -149,7 +158,13 @@ StepLoss Finetuner::loss(const StepInputs& in) {
   const torch::Tensor noise = in.noise.to(dev);
   const torch::Tensor y = in.model_labels.to(dev);
   DiT m = model_;
-  ModelFn fn = [m, y](const torch::Tensor& x, const torch::Tensor& tt) mutable { return m->forward(x, tt, y); };
+  const Precision prec = precision_;
+  ModelFn fn = [m, y, dev, prec](const torch::Tensor& x, const torch::Tensor& tt) mutable {
+    // Only the network runs under autocast; its output returns to float32 so that the diffusion
+    // losses, x̂0 and the minimax terms are computed exactly as in an fp32 run.
+    AutocastGuard autocast(dev, prec);
+    return m->forward(x, tt, y).to(torch::kFloat32);
+  };
   TrainingLosses tl = diffusion_.training_losses(fn, x0, t, noise);
   StepLoss out;
   out.diffusion = tl.loss.mean();
@@ -183,12 +198,45 @@ void Finetuner::check_finite(const StepLoss& l) const {
 
 TrainStats Finetuner::step() {
   StepInputs in = inputs(step_);
+  const double lr = options_.lr_warmup() > 0
+                        ? options_.lr() * std::min(1.0, double(step_ + 1) / double(options_.lr_warmup()))
+                        : options_.lr();
+  optimizer_->set_lr(lr);
   optimizer_->zero_grad();
   StepLoss l = loss(in);
   check_finite(l);
-  l.loss.backward();
-  optimizer_->step();
-  update_ema(*ema_, *model_, options_.ema_decay());
+  bool skipped = false;
+  if (precision_ == Precision::kFP16) {
+    // Dynamic loss scaling (torch.cuda.amp.GradScaler defaults: 2^16, x0.5 on overflow, x2 after
+    // 2000 clean steps): fp16 gradients of small losses would underflow without it.
+    (l.loss * loss_scale_).backward();
+    bool finite = true;
+    {
+      torch::NoGradGuard ng;
+      for (auto& p : optimizer_->params())
+        if (p.grad().defined()) {
+          p.mutable_grad().div_(loss_scale_);
+          finite = finite && torch::isfinite(p.grad()).all().item<bool>();
+        }
+    }
+    if (finite) {
+      optimizer_->step();
+      if (++good_steps_ >= 2000) {
+        loss_scale_ *= 2.0;
+        good_steps_ = 0;
+      }
+    } else {
+      loss_scale_ *= 0.5;
+      good_steps_ = 0;
+      skipped = true;
+    }
+  } else {
+    l.loss.backward();
+    optimizer_->step();
+  }
+  const double decay = options_.ema_warmup() ? std::min(options_.ema_decay(), (1.0 + double(step_)) / (10.0 + double(step_)))
+                                             : options_.ema_decay();
+  update_ema(*ema_, *model_, decay);
   if (options_.minimax()) {
     // After the loss (train_dit.py:270-276): the batch is never compared with itself.
     const torch::Tensor labels = in.batch.labels.to(options_.device());
@@ -203,6 +251,9 @@ TrainStats Finetuner::step() {
   s.diffusion = l.diffusion.item<double>();
   s.representativeness = l.representativeness.item<double>();
   s.diversity = l.diversity.item<double>();
+  s.lr = lr;
+  s.loss_scale = loss_scale_;
+  s.skipped = skipped;
   return s;
 }
 
@@ -219,6 +270,8 @@ std::string Finetuner::save_checkpoint() {
   meta["format"] = "mdd-train-checkpoint";
   meta["loop"] = loop_signature(options_);
   meta["steps_planned"] = options_.steps();
+  meta["precision"] = precision_name(precision_);
+  if (precision_ == Precision::kFP16) meta["amp"] = {{"loss_scale", loss_scale_}, {"good_steps", good_steps_}};
   meta["config"] = nlohmann::json::parse(options_.config_json());
   meta["seeds"] = {{"seed", std::to_string(options_.seed())},
                    {"rule", "step s draws from a CPU generator seeded splitmix(seed, s); epoch e order from (seed, e)"}};
@@ -250,6 +303,13 @@ bool Finetuner::resume() {
   if (options_.minimax()) {
     real_.load_state(ck->tensors, "bank.real.");
     generated_.load_state(ck->tensors, "bank.generated.");
+  }
+  if (precision_ == Precision::kFP16 && meta.contains("amp") && meta["amp"].is_object()) {
+    const auto& amp = meta["amp"];
+    if (!amp.value("loss_scale", nlohmann::json()).is_number() || !amp.value("good_steps", nlohmann::json()).is_number_integer())
+      throw Error(ck->info.meta_path + ": 'amp' must hold a numeric loss_scale and an integer good_steps");
+    loss_scale_ = amp["loss_scale"].get<double>();
+    good_steps_ = amp["good_steps"].get<int64_t>();
   }
   step_ = ck->info.step;
   last_checkpoint_ = ck->info.weights_path;

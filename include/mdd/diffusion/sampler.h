@@ -12,6 +12,8 @@
 #include <torch/types.h>
 
 #include "mdd/diffusion/gaussian_diffusion.h"
+#include "mdd/diffusion/guidance.h"
+#include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
@@ -20,15 +22,6 @@ namespace mdd {
 /// labels -> [N, 2C, H, W] (learn_sigma) or [N, C, H, W]. E.g. a lambda over `DiT::forward`.
 using ConditionalModelFn =
     std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y)>;
-
-/// Which output channels classifier-free guidance mixes.
-enum class CfgGuidance {
-  /// DiT/MinimaxDiffusion `forward_with_cfg`: only channels 0..2 are guided; the remaining eps
-  /// channel(s) and the variance channels come from the conditional half (reference default).
-  kReference3Channels,
-  /// Guide all eps channels (0..C-1); the variance channels come from the conditional half.
-  kAllEpsChannels,
-};
 
 /// The reverse process the sampler runs.
 enum class SamplingMethod {
@@ -68,6 +61,9 @@ struct SamplerOptions {
   TORCH_ARG(std::vector<int64_t>, latent_shape) = std::vector<int64_t>{4, 32, 32};
   /// Device the latents live on and the model runs on.
   TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
+  /// Precision of the model calls (autocast around each call; its output is cast back to
+  /// float32 and the diffusion arithmetic stays float32). kAuto: bf16 where it is fast.
+  TORCH_ARG(Precision, precision) = Precision::kFP32;
 };
 
 /// Draws latents for given labels with any class-conditional model.

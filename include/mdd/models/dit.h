@@ -255,12 +255,13 @@ class DiTImpl : public torch::nn::Module {
 
   /// Reference classifier-free guidance: x, t, y hold 2B rows (first half conditional labels,
   /// second half usually the null class). Only x[:B] is used (duplicated for both halves).
-  /// eps channels 0..2 become uncond + s * (cond - uncond) in both halves; eps channel 3 and the
-  /// variance channels are each half's own output. Odd batch -> `mdd::Error`.
+  /// Output channels 0..2 (`model_out[:, :3]`, fewer when the output has fewer) become
+  /// uncond + s * (cond - uncond) in both halves; eps channel 3 and the variance channels are each
+  /// half's own output. Odd batch -> `mdd::Error`. The combine is `cfg_combine` (diffusion/guidance.h).
   torch::Tensor forward_with_cfg(torch::Tensor x, torch::Tensor t, torch::Tensor y, double cfg_scale);
 
-  /// As above but guiding eps channels [0, guided_channels): `kReferenceGuidedChannels` (3) is the
-  /// reference rule, `kAllEpsChannels` (-1) guides all in_channels eps channels. Other values must
+  /// As above but guiding output channels [0, guided_channels): `kReferenceGuidedChannels` (3) is
+  /// the reference rule (min(3, out_channels)), `kAllEpsChannels` (-1) guides all in_channels eps channels. Other values must
   /// lie in [1, out_channels].
   torch::Tensor forward_with_cfg(torch::Tensor x, torch::Tensor t, torch::Tensor y, double cfg_scale,
                                  int64_t guided_channels);

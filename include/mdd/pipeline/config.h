@@ -70,6 +70,12 @@ struct PretrainConfig {
   /// Use the EMA weights as the result (DiT practice). false: the raw weights of the last step, for
   /// short runs whose EMA still averages a fast-moving model (see docs/fashion-mnist.md).
   bool use_ema = true;
+  /// Warm the EMA decay up (min(ema_decay, (1+s)/(10+s)), diffusers' EMAModel).
+  bool ema_warmup = false;
+  /// Linear learning-rate warm-up steps (0 = constant lr).
+  int64_t lr_warmup = 0;
+  /// "fp32", "bf16", "fp16" (CUDA) or "auto" (bf16 where the hardware runs it fast).
+  std::string precision = "fp32";
 };
 
 /// DiffFit (+ minimax) fine-tuning (reference run.sh).
@@ -85,6 +91,8 @@ struct FinetuneConfig {
   int64_t memory_size = 64;
   int64_t ckpt_every = 1000;
   uint64_t seed = 0;
+  /// "fp32", "bf16", "fp16" (CUDA) or "auto".
+  std::string precision = "fp32";
 };
 
 /// Sampling (reference sample.py, batched).
@@ -94,7 +102,7 @@ struct SampleConfig {
   /// Respacing of the sampling process ("50" = 50 DDPM steps; "ddim50" for DDIM).
   std::string steps = "50";
   double cfg_scale = 4.0;
-  /// "reference" (guide eps channels 0..2) or "all".
+  /// "reference" (guide output channels 0..2, `model_out[:, :3]`) or "all" (every eps channel).
   std::string guidance = "reference";
   /// "ddpm" or "ddim".
   std::string method = "ddpm";
@@ -102,6 +110,8 @@ struct SampleConfig {
   uint64_t seed = 0;
   /// Which weights of a training checkpoint to sample from: "" (= "ema", as the reference), "ema", "model".
   std::string entry = "";
+  /// "fp32", "bf16", "fp16" (CUDA) or "auto".
+  std::string precision = "fp32";
 };
 
 /// Evaluation of the distilled sets.

@@ -44,6 +44,9 @@ class AdamW {
   const std::vector<torch::Tensor>& params() const { return params_; }
   /// The options.
   const AdamWOptions& options() const { return options_; }
+  /// Changes the learning rate for the following steps (warm-up schedules); throws mdd::Error
+  /// for a negative or non-finite value.
+  void set_lr(double lr);
   /// The state as named tensors: `<prefix><i>.step` (int64 scalar), `<prefix><i>.exp_avg`,
   /// `<prefix><i>.exp_avg_sq` for every parameter index i that has been updated at least once.
   std::map<std::string, torch::Tensor> state(const std::string& prefix = "") const;

@@ -28,6 +28,7 @@
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/models/dit.h"
 #include "mdd/train/adamw.h"
+#include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
@@ -44,6 +45,17 @@ struct FinetuneOptions {
   TORCH_ARG(double, weight_decay) = 0.0;
   /// EMA decay applied after every step (the EMA starts as a copy of the initial model).
   TORCH_ARG(double, ema_decay) = 0.9999;
+  /// Warm the EMA decay up as diffusers' EMAModel: step s (0-based) uses min(ema_decay,
+  /// (1 + s) / (10 + s)), so the EMA of a short from-scratch run forgets its random start
+  /// (the reference uses the constant decay: false).
+  TORCH_ARG(bool, ema_warmup) = false;
+  /// Linear learning-rate warm-up over this many steps (lr * (s + 1) / lr_warmup); 0 = constant
+  /// lr as the reference.
+  TORCH_ARG(int64_t, lr_warmup) = 0;
+  /// Precision of the DiT's forward/backward (autocast). Master weights, AdamW state, EMA,
+  /// diffusion losses and minimax terms stay float32. kFP16 (CUDA only) adds dynamic loss
+  /// scaling. Not part of the resume signature: a run may continue in another precision.
+  TORCH_ARG(Precision, precision) = Precision::kFP32;
   /// DiffFit: add gammas to the first `gamma_blocks` blocks (unless present) and train only
   /// biases, gammas and the class table. false: train every parameter except pos_embed.
   TORCH_ARG(bool, difffit) = true;
@@ -89,6 +101,9 @@ struct TrainStats {
   double mean_loss = 0;         ///< mean total loss since the previous report
   double images_per_s = 0;      ///< throughput since the previous report
   double elapsed_s = 0;         ///< wall time since train() started
+  double lr = 0;                ///< learning rate of the last step (after warm-up)
+  double loss_scale = 1;        ///< fp16 loss scale after the last step (1 otherwise)
+  bool skipped = false;         ///< fp16: the last step overflowed and was skipped
 };
 /// Receives TrainStats every `log_every` steps.
 using TrainLogFn = std::function<void(const TrainStats&)>;
@@ -144,6 +159,8 @@ class Finetuner {
   const GaussianDiffusion& diffusion() const { return diffusion_; }
   const FinetuneOptions& options() const { return options_; }
   AdamW& optimizer() { return *optimizer_; }
+  /// The precision the forward/backward runs in (options().precision() resolved for the device).
+  Precision precision() const { return precision_; }
 
  private:
   void check_finite(const StepLoss& l) const;
@@ -154,6 +171,9 @@ class Finetuner {
   MemoryBank real_, generated_;
   std::unique_ptr<AdamW> optimizer_;
   int64_t step_ = 0;
+  Precision precision_ = Precision::kFP32;
+  double loss_scale_ = 1.0;         // fp16 dynamic loss scale (GradScaler defaults)
+  int64_t good_steps_ = 0;          // fp16 steps since the scale last changed
   std::string last_checkpoint_;
   mutable torch::Tensor order_;       // batch order of epoch order_epoch_ (cache)
   mutable int64_t order_epoch_ = -1;

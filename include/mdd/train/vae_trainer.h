@@ -1,0 +1,116 @@
+#pragma once
+/// \file
+/// Training a small `AutoencoderKL` from scratch (reconstruction + KL), for domains without a
+/// released VAE, so the DiT can run in a latent space as in the paper (e.g. Fashion-MNIST:
+/// 28 x 28 x 1 images -> 7 x 7 x 4 latents with three resolution levels).
+///
+/// One step: a batch of images in [-1, 1] (optionally mirrored), posterior q(z|x) from the
+/// encoder, z ~ q by the reparameterisation trick, x̂ = decoder(z);
+/// loss = mean |x̂ - x| (or squared) + kl_weight * mean KL(q || N(0, I)) (per latent element).
+/// No perceptual or adversarial terms: for small grey images the L1 reconstruction is sharp enough
+/// and keeps the trainer free of extra networks. Every draw of step s comes from a generator
+/// seeded from (seed, s), the epoch order from (seed, epoch): resume continues bit for bit (CPU).
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include "mdd/data/fashion_mnist.h"
+#include "mdd/models/autoencoder_kl.h"
+#include "mdd/train/adamw.h"
+#include "mdd/util/precision.h"
+#include "mdd/util/progress.h"
+
+namespace mdd {
+
+/// Options of `VaeTrainer`.
+struct VaeTrainerOptions {
+  /// Optimiser steps in total.
+  TORCH_ARG(int64_t, steps) = 4000;
+  /// Images per step.
+  TORCH_ARG(int64_t, batch_size) = 64;
+  /// AdamW learning rate (constant after `lr_warmup` linear warm-up steps).
+  TORCH_ARG(double, lr) = 1e-3;
+  TORCH_ARG(int64_t, lr_warmup) = 100;
+  /// Weight of the mean per-element KL divergence against the mean per-element reconstruction
+  /// error. Small values give sharp reconstructions; the KL only keeps the latent scale tame.
+  TORCH_ARG(double, kl_weight) = 1e-4;
+  /// "l1" or "mse" reconstruction error.
+  TORCH_ARG(std::string, reconstruction) = "l1";
+  /// Mirror each image horizontally with probability 1/2 (the DiT trains on both views too).
+  TORCH_ARG(bool, hflip) = true;
+  /// Seed of the data order and of every per-step draw.
+  TORCH_ARG(uint64_t, seed) = 0;
+  /// Checkpoint every this many steps into `checkpoint_dir` (0 = only at the end; "" = none).
+  TORCH_ARG(int64_t, ckpt_every) = 500;
+  TORCH_ARG(std::string, checkpoint_dir) = "";
+  TORCH_ARG(int64_t, keep_checkpoints) = 2;
+  /// Steps between VaeTrainStats reports (0 = never).
+  TORCH_ARG(int64_t, log_every) = 100;
+  TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
+  /// Precision of encoder/decoder forward and backward (weights, optimizer and loss stay fp32).
+  TORCH_ARG(Precision, precision) = Precision::kFP32;
+};
+
+/// Losses of one step (host values).
+struct VaeTrainStats {
+  int64_t step = 0, total = 0;
+  double loss = 0, reconstruction = 0, kl = 0;
+  double mean_loss = 0;      ///< mean total loss since the previous report
+  double images_per_s = 0;   ///< throughput since the previous report
+  double elapsed_s = 0;      ///< since train() started
+};
+/// Receives VaeTrainStats every `log_every` steps.
+using VaeTrainLogFn = std::function<void(const VaeTrainStats&)>;
+
+/// Trains an AutoencoderKL on labelled (or unlabelled) uint8 images [N, H, W, C].
+class VaeTrainer {
+ public:
+  /// Throws mdd::Error when the images do not fit the VAE (channels, H and W multiples of the
+  /// downsampling factor) or the options are invalid.
+  VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOptions options = {});
+  /// Loads the newest readable checkpoint of `checkpoint_dir`; false when there is none. Throws
+  /// mdd::Error when it was written with other loop settings (names the key).
+  bool resume();
+  /// Runs until `steps` are done (checkpoints as configured, one at the end). Progress stage
+  /// `stage`, one event per step. A NaN/Inf loss throws mdd::Error naming the step.
+  void train(const ProgressFn& progress = {}, const VaeTrainLogFn& log = {}, const std::string& stage = "train_vae");
+  /// One step.
+  VaeTrainStats step();
+  /// Writes a checkpoint (model + optimizer); returns its weights path.
+  std::string save_checkpoint();
+  int64_t step_count() const { return step_; }
+  AutoencoderKL vae() const { return vae_; }
+  const VaeTrainerOptions& options() const { return options_; }
+
+ private:
+  AutoencoderKL vae_;
+  LabeledImages data_;
+  VaeTrainerOptions options_;
+  Precision precision_;
+  std::unique_ptr<AdamW> optimizer_;
+  int64_t step_ = 0;
+  mutable torch::Tensor order_;
+  mutable int64_t order_epoch_ = -1;
+};
+
+/// uint8 images [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (ToTensor + Normalize(0.5, 0.5)).
+torch::Tensor images_to_unit_range(const torch::Tensor& images_u8);
+
+/// Reconstruction quality of `vae` on uint8 images [N, H, W, C]: the posterior mean decoded,
+/// clamped to [-1, 1] and rounded to uint8 as an image file would be; returns PSNR in dB over
+/// all pixels and the reconstructed uint8 images in `reconstructions` (when given).
+double reconstruction_psnr(AutoencoderKL vae, const torch::Tensor& images_u8, torch::Tensor* reconstructions = nullptr,
+                           int64_t batch_size = 256);
+
+/// The latent scaling factor for `vae` on these images: 1 / std of the posterior means (the LDM
+/// rule, so scaled latents have unit variance like the diffusion noise), from at most `max_images`.
+double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int64_t max_images = 5000);
+
+/// Writes `vae` as a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`),
+/// readable by `AutoencoderKL::from_pretrained` and hence by the pipeline's `codec.encoder`.
+void save_pretrained(const AutoencoderKL& vae, const std::string& dir);
+
+}  // namespace mdd

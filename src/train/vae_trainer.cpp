@@ -1,0 +1,256 @@
+#include "mdd/train/vae_trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "mdd/data/training_data.h"
+#include "mdd/io/image.h"
+#include "mdd/io/safetensors.h"
+#include "mdd/io/state_dict.h"
+#include "mdd/train/checkpoint.h"
+#include "mdd/util/error.h"
+#include "util/file_util.h"
+#include "util/splitmix.h"
+
+namespace mdd {
+namespace {
+
+nlohmann::json loop_signature(const VaeTrainerOptions& o) {
+  return {{"batch_size", o.batch_size()}, {"lr", o.lr()},         {"lr_warmup", o.lr_warmup()},
+          {"kl_weight", o.kl_weight()},   {"reconstruction", o.reconstruction()}, {"hflip", o.hflip()},
+          {"seed", std::to_string(o.seed())}};
+}
+
+uint64_t vae_step_seed(uint64_t seed, int64_t step) { return splitmix64(seed ^ splitmix64(0x7AE5u + uint64_t(step))); }
+
+io::TensorMap prefixed(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m) out.emplace(prefix + kv.first, kv.second);
+  return out;
+}
+
+io::TensorMap unprefixed(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m)
+    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), kv.second);
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor images_to_unit_range(const torch::Tensor& images_u8) {
+  if (!images_u8.defined() || images_u8.dim() != 4 || images_u8.scalar_type() != torch::kUInt8)
+    throw Error("images_to_unit_range: expected uint8 images [N, H, W, C]");
+  return normalize(to_tensor(images_u8), {0.5}, {0.5});
+}
+
+VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOptions options)
+    : vae_(std::move(vae)), data_(std::move(images)), options_(std::move(options)) {
+  if (!vae_) throw Error("VaeTrainer: empty AutoencoderKL");
+  const auto& o = options_;
+  if (!data_.images.defined() || data_.images.dim() != 4 || data_.images.scalar_type() != torch::kUInt8)
+    throw Error("VaeTrainer: images must be uint8 [N, H, W, C]");
+  const int64_t n = data_.images.size(0), h = data_.images.size(1), w = data_.images.size(2), c = data_.images.size(3);
+  const int64_t f = vae_->downsample_factor();
+  if (c != vae_->options.in_channels() || c != vae_->options.out_channels())
+    throw Error(fmt::format("VaeTrainer: images have {} channels but the VAE takes {} and makes {}", c,
+                            vae_->options.in_channels(), vae_->options.out_channels()));
+  if (h % f != 0 || w % f != 0)
+    throw Error(fmt::format("VaeTrainer: image size {}x{} is not a multiple of the VAE's downsampling factor {}", h, w, f));
+  if (o.steps() < 0 || o.batch_size() <= 0) throw Error("VaeTrainer: steps must be >= 0 and batch_size > 0");
+  if (n < o.batch_size()) throw Error(fmt::format("VaeTrainer: batch_size {} exceeds the {} images", o.batch_size(), n));
+  if (!(o.lr() > 0) || o.lr_warmup() < 0 || !(o.kl_weight() >= 0))
+    throw Error("VaeTrainer: need lr > 0, lr_warmup >= 0 and kl_weight >= 0");
+  if (o.reconstruction() != "l1" && o.reconstruction() != "mse")
+    throw Error("VaeTrainer: reconstruction must be \"l1\" or \"mse\", got \"" + o.reconstruction() + "\"");
+  if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("VaeTrainer: ckpt_every and log_every must be >= 0");
+  precision_ = resolve_precision(o.precision(), o.device());
+  vae_->to(o.device());
+  vae_->runtime.slice_size(0).tiling(false);
+  vae_->train();
+  for (auto& p : vae_->parameters()) p.set_requires_grad(true);
+  optimizer_ = std::make_unique<AdamW>(vae_->parameters(), AdamWOptions().lr(o.lr()));
+}
+
+VaeTrainStats VaeTrainer::step() {
+  const auto& o = options_;
+  const int64_t b = o.batch_size(), n = data_.images.size(0);
+  const int64_t per_epoch = n / b, epoch = step_ / per_epoch, k = step_ % per_epoch;
+  if (epoch != order_epoch_) {
+    order_ = epoch_order(n, o.seed(), epoch);
+    order_epoch_ = epoch;
+  }
+  auto gen = at::detail::createCPUGenerator(vae_step_seed(o.seed(), step_));
+  torch::Tensor x = images_to_unit_range(data_.images.index_select(0, order_.slice(0, k * b, (k + 1) * b)));
+  if (o.hflip()) {
+    const auto flip = (torch::rand({b}, gen) < 0.5).view({b, 1, 1, 1});
+    x = torch::where(flip, x.flip({3}), x);
+  }
+  const int64_t f = vae_->downsample_factor();
+  const torch::Tensor noise = torch::randn({b, vae_->options.latent_channels(), x.size(2) / f, x.size(3) / f}, gen);
+  const double lr = o.lr_warmup() > 0 ? o.lr() * std::min(1.0, double(step_ + 1) / double(o.lr_warmup())) : o.lr();
+  optimizer_->set_lr(lr);
+  optimizer_->zero_grad();
+  x = x.to(o.device());
+  torch::Tensor recon_err, kl;
+  {
+    AutocastGuard autocast(o.device(), precision_);
+    DiagonalGaussian q = vae_->encode(x);
+    const torch::Tensor mean = q.mean.to(torch::kFloat32), logvar = q.logvar.to(torch::kFloat32);
+    const torch::Tensor z = mean + torch::exp(0.5 * logvar) * noise.to(o.device());
+    const torch::Tensor xr = vae_->decode(z).to(torch::kFloat32);
+    const torch::Tensor d = xr - x;
+    recon_err = o.reconstruction() == "l1" ? d.abs().mean() : d.pow(2).mean();
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean();
+  }
+  const torch::Tensor loss = recon_err + o.kl_weight() * kl;
+  const double lv = loss.item<double>();
+  if (!std::isfinite(lv))
+    throw Error(fmt::format("VAE training diverged: loss is {} at step {}; lower the learning rate", lv, step_ + 1));
+  loss.backward();
+  optimizer_->step();
+  ++step_;
+  VaeTrainStats s;
+  s.step = step_;
+  s.total = o.steps();
+  s.loss = lv;
+  s.reconstruction = recon_err.item<double>();
+  s.kl = kl.item<double>();
+  return s;
+}
+
+std::string VaeTrainer::save_checkpoint() {
+  if (options_.checkpoint_dir().empty()) throw Error("VaeTrainer::save_checkpoint: no checkpoint_dir set");
+  io::TensorMap t = prefixed(state_dict(*vae_), "model.");
+  for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
+  const auto& a = vae_->options;
+  nlohmann::json meta = {{"format", "mdd-vae-train-checkpoint"},
+                         {"loop", loop_signature(options_)},
+                         {"steps_planned", options_.steps()},
+                         {"vae", {{"block_out_channels", a.block_out_channels()},
+                                  {"latent_channels", a.latent_channels()},
+                                  {"layers_per_block", a.layers_per_block()},
+                                  {"norm_num_groups", a.norm_num_groups()},
+                                  {"in_channels", a.in_channels()}}}};
+  return write_checkpoint(options_.checkpoint_dir(), step_, t, meta.dump(), options_.keep_checkpoints()).weights_path;
+}
+
+bool VaeTrainer::resume() {
+  if (options_.checkpoint_dir().empty()) return false;
+  auto ck = read_latest_checkpoint(options_.checkpoint_dir());
+  if (!ck) return false;
+  const nlohmann::json meta = nlohmann::json::parse(ck->meta_json, nullptr, /*allow_exceptions=*/false);
+  if (meta.is_discarded() || !meta.is_object() || !meta.contains("loop") || !meta["loop"].is_object())
+    throw Error(ck->info.meta_path + ": not an mdd VAE training checkpoint (no 'loop')");
+  const nlohmann::json want = loop_signature(options_);
+  for (auto it = want.begin(); it != want.end(); ++it)
+    if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
+      throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
+                              it.key(), meta["loop"].value(it.key(), nlohmann::json()).dump(), it.value().dump()));
+  load_state_dict(*vae_, unprefixed(ck->tensors, "model."), /*strict=*/true);
+  optimizer_->load_state(ck->tensors, "opt.");
+  step_ = ck->info.step;
+  return true;
+}
+
+void VaeTrainer::train(const ProgressFn& progress, const VaeTrainLogFn& log, const std::string& stage) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  auto since = [](clock::time_point a) { return std::chrono::duration<double>(clock::now() - a).count(); };
+  double sum = 0;
+  int64_t cnt = 0;
+  auto window = clock::now();
+  if (progress) progress({stage, step_, options_.steps(), 0.0});
+  while (step_ < options_.steps()) {
+    VaeTrainStats s = step();
+    sum += s.loss;
+    ++cnt;
+    if (progress) progress({stage, step_, options_.steps(), since(t0)});
+    const bool last = step_ == options_.steps();
+    if (log && options_.log_every() > 0 && (step_ % options_.log_every() == 0 || last)) {
+      s.mean_loss = sum / double(cnt);
+      const double w = since(window);
+      s.images_per_s = w > 0 ? double(cnt * options_.batch_size()) / w : 0.0;
+      s.elapsed_s = since(t0);
+      log(s);
+      sum = 0;
+      cnt = 0;
+      window = clock::now();
+    }
+    if (!options_.checkpoint_dir().empty() &&
+        ((options_.ckpt_every() > 0 && step_ % options_.ckpt_every() == 0) || last))
+      save_checkpoint();
+  }
+  vae_->eval();
+}
+
+double reconstruction_psnr(AutoencoderKL vae, const torch::Tensor& images_u8, torch::Tensor* reconstructions,
+                           int64_t batch_size) {
+  if (!vae) throw Error("reconstruction_psnr: empty AutoencoderKL");
+  if (batch_size <= 0) throw Error("reconstruction_psnr: batch_size must be > 0");
+  torch::NoGradGuard ng;
+  const bool was_training = vae->is_training();
+  vae->eval();
+  const auto dev = vae->parameters().empty() ? torch::Device(torch::kCPU) : vae->parameters().front().device();
+  double se = 0;
+  std::vector<torch::Tensor> outs;
+  const int64_t n = images_u8.size(0);
+  for (int64_t s = 0; s < n; s += batch_size) {
+    const auto x8 = images_u8.slice(0, s, std::min(n, s + batch_size));
+    const auto x = images_to_unit_range(x8).to(dev);
+    const auto r8 = to_uint8_image(vae->decode(vae->encode(x).mean).to(torch::kCPU, torch::kFloat32));
+    se += (r8.to(torch::kFloat64) - x8.to(torch::kFloat64)).pow(2).sum().item<double>();
+    if (reconstructions) outs.push_back(r8);
+  }
+  vae->train(was_training);
+  if (reconstructions) *reconstructions = torch::cat(outs);
+  const double mse = se / double(images_u8.numel());
+  return mse == 0 ? std::numeric_limits<double>::infinity() : 10.0 * std::log10(255.0 * 255.0 / mse);
+}
+
+double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int64_t max_images) {
+  torch::NoGradGuard ng;
+  const bool was_training = vae->is_training();
+  vae->eval();
+  const auto dev = vae->parameters().front().device();
+  const int64_t n = std::min(max_images, images_u8.size(0));
+  std::vector<torch::Tensor> means;
+  for (int64_t s = 0; s < n; s += 256)
+    means.push_back(vae->encode(images_to_unit_range(images_u8.slice(0, s, std::min(n, s + 256))).to(dev)).mean.cpu());
+  vae->train(was_training);
+  const double sd = torch::cat(means).to(torch::kFloat64).std().item<double>();
+  if (!(sd > 0) || !std::isfinite(sd)) throw Error("fit_scaling_factor: the latents have no spread (std " + std::to_string(sd) + ")");
+  return 1.0 / sd;
+}
+
+void save_pretrained(const AutoencoderKL& vae, const std::string& dir) {
+  const auto& o = vae->options;
+  nlohmann::json cfg = {{"_class_name", "AutoencoderKL"},
+                        {"in_channels", o.in_channels()},
+                        {"out_channels", o.out_channels()},
+                        {"latent_channels", o.latent_channels()},
+                        {"block_out_channels", o.block_out_channels()},
+                        {"layers_per_block", o.layers_per_block()},
+                        {"norm_num_groups", o.norm_num_groups()},
+                        {"scaling_factor", o.scaling_factor()},
+                        {"sample_size", o.sample_size()},
+                        {"act_fn", "silu"},
+                        {"down_block_types", std::vector<std::string>(o.block_out_channels().size(), "DownEncoderBlock2D")},
+                        {"up_block_types", std::vector<std::string>(o.block_out_channels().size(), "UpDecoderBlock2D")}};
+  std::filesystem::create_directories(dir);
+  io::save_safetensors((std::filesystem::path(dir) / "diffusion_pytorch_model.safetensors").string(), state_dict(*vae),
+                       {{"format", "pt"}});
+  const std::string text = cfg.dump(2);
+  AtomicFileWriter w((std::filesystem::path(dir) / "config.json").string());
+  w.write(text.data(), text.size());
+  w.commit();
+}
+
+}  // namespace mdd
