@@ -1,5 +1,8 @@
 // Image decoding, Pillow-exact resampling, torchvision float conversions and PNG writing,
 // checked against the golden fixtures in tests/data/images (tolerances from MANIFEST_images.json).
+#include <sys/stat.h>
+
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -288,3 +291,28 @@ TEST(ImageGrid, MakeGridAndContactSheetLayout) {
 }
 
 }  // namespace
+
+// A FIFO named like an image (or any non-regular file) is refused at once instead of blocking the
+// loader until a writer appears; other stb formats (here a GIF) are not compiled in.
+TEST(ImageDecode, FifoAndUnsupportedFormatsAreClearErrors) {
+  const std::string dir = mdd_test::tmp_dir("image_fifo");
+  const std::string fifo = dir + "/trap.png";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    mdd::read_image(fifo);
+    FAIL() << "expected mdd::Error";
+  } catch (const mdd::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  const std::string gif = dir + "/tiny.gif";
+  {
+    // A valid 1x1 GIF89a.
+    const unsigned char bytes[] = {0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 1, 0, 1, 0, 0x80, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff,
+                                   0x21, 0xf9, 4, 1, 0, 0, 0, 0, 0x2c, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3b};
+    std::ofstream f(gif, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(bytes), sizeof bytes);
+  }
+  EXPECT_THROW(mdd::read_image(gif), mdd::Error);
+}

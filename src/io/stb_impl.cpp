@@ -7,6 +7,9 @@
 // Decoding only happens from memory (files are read with read_file_bytes, which names the file
 // in its errors); the stdio entry points would be dead code.
 #define STBI_NO_STDIO
+// Only the two formats mdd reads: every other decoder is attack surface without a use.
+#define STBI_ONLY_PNG
+#define STBI_ONLY_JPEG
 #define STBI_WRITE_NO_STDIO
 #if defined(__GNUC__)
 #pragma GCC diagnostic push

@@ -1,6 +1,7 @@
 #include "mdd/minimax/memory_bank.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <torch/torch.h>
 

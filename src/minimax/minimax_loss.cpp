@@ -1,6 +1,7 @@
 #include "mdd/minimax/minimax_loss.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>

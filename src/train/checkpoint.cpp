@@ -148,10 +148,21 @@ io::TensorMap load_model_weights(const std::string& path, const std::string& ent
     return all;
   }
   const std::string prefix = (entry.empty() ? std::string("ema") : entry) + ".";
-  io::TensorMap out;
-  for (auto& kv : all)
-    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), std::move(kv.second));
+  io::TensorMap out = strip_prefix(all, prefix);
   if (out.empty()) throw Error(path + ": checkpoint has no '" + prefix + "*' tensors");
+  return out;
+}
+
+io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m) out.emplace(prefix + kv.first, kv.second);
+  return out;
+}
+
+io::TensorMap strip_prefix(const io::TensorMap& m, const std::string& prefix) {
+  io::TensorMap out;
+  for (const auto& kv : m)
+    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), kv.second);
   return out;
 }
 

@@ -43,18 +43,7 @@ nlohmann::json loop_signature(const FinetuneOptions& o) {
   return j;
 }
 
-io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix) {
-  io::TensorMap out;
-  for (const auto& kv : m) out.emplace(prefix + kv.first, kv.second);
-  return out;
-}
 
-io::TensorMap strip_prefix(const io::TensorMap& m, const std::string& prefix) {
-  io::TensorMap out;
-  for (const auto& kv : m)
-    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), kv.second);
-  return out;
-}
 
 }  // namespace
 

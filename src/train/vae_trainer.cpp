@@ -30,18 +30,7 @@ nlohmann::json loop_signature(const VaeTrainerOptions& o) {
 
 uint64_t vae_step_seed(uint64_t seed, int64_t step) { return splitmix64(seed ^ splitmix64(0x7AE5u + uint64_t(step))); }
 
-io::TensorMap prefixed(const io::TensorMap& m, const std::string& prefix) {
-  io::TensorMap out;
-  for (const auto& kv : m) out.emplace(prefix + kv.first, kv.second);
-  return out;
-}
 
-io::TensorMap unprefixed(const io::TensorMap& m, const std::string& prefix) {
-  io::TensorMap out;
-  for (const auto& kv : m)
-    if (kv.first.rfind(prefix, 0) == 0) out.emplace(kv.first.substr(prefix.size()), kv.second);
-  return out;
-}
 
 }  // namespace
 
@@ -128,7 +117,7 @@ VaeTrainStats VaeTrainer::step() {
 
 std::string VaeTrainer::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("VaeTrainer::save_checkpoint: no checkpoint_dir set");
-  io::TensorMap t = prefixed(state_dict(*vae_), "model.");
+  io::TensorMap t = with_prefix(state_dict(*vae_), "model.");
   for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
   const auto& a = vae_->options;
   nlohmann::json meta = {{"format", "mdd-vae-train-checkpoint"},
@@ -154,7 +143,7 @@ bool VaeTrainer::resume() {
     if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
       throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
                               it.key(), meta["loop"].value(it.key(), nlohmann::json()).dump(), it.value().dump()));
-  load_state_dict(*vae_, unprefixed(ck->tensors, "model."), /*strict=*/true);
+  load_state_dict(*vae_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
   optimizer_->load_state(ck->tensors, "opt.");
   step_ = ck->info.step;
   return true;

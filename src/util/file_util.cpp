@@ -15,13 +15,16 @@
 namespace mdd {
 
 torch::Tensor read_file_bytes(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO (or a device) must not block until a writer appears; such a file
+  // is refused below, and for regular files the flag is cleared before reading.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) throw Error(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     throw Error(fmt::format("{}: not a regular file", path));
   }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   auto buffer = torch::empty({int64_t(st.st_size)}, torch::kByte);
   auto* p = static_cast<char*>(buffer.data_ptr());
   size_t done = 0;

@@ -51,6 +51,11 @@ LoadedCheckpoint read_checkpoint(const CheckpointInfo& info);
 std::optional<LoadedCheckpoint> read_latest_checkpoint(const std::string& dir,
                                                         std::vector<std::string>* skipped = nullptr);
 
+/// `m` with `prefix` put in front of every key (e.g. "model." for the model's entry of a checkpoint).
+io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix);
+/// The entries of `m` whose key starts with `prefix`, with the prefix removed (others are dropped).
+io::TensorMap strip_prefix(const io::TensorMap& m, const std::string& prefix);
+
 /// Model weights from any supported file: an mdd training checkpoint (`entry` = "ema" or "model"
 /// picks the `ema.` / `model.` tensors, prefix removed), a reference `torch.save` training dict
 /// (same `entry` rule, see io::load_torch_checkpoint) or a plain state_dict (.safetensors / .pt /
