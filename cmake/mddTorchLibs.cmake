@@ -25,3 +25,9 @@ if(_mdd_torch_lib)
     endif()
   endforeach()
 endif()
+# A CUDA LibTorch's CMake adds -gencode flags for TORCH_CUDA_ARCH_LIST, by default every
+# architecture the wheel was built for, and CUDA 13's nvcc rejects the oldest (sm_50). Default to
+# Ampere and Hopper; set TORCH_CUDA_ARCH_LIST (variable or environment) to build for others.
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+  set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+endif()

@@ -62,7 +62,7 @@ cmake --build "$BUILD_DIR/consumer" -j "$JOBS"
 
 # The CUDA kernels must at least compile where nvcc exists (no GPU needed; the torch2 leg built them
 # into the library already).
-if [ "$LEG" = debian ] && command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+if [ "$LEG" = debian ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
   NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   for cu in src/minimax/*.cu; do
     [ -e "$cu" ] || continue
