@@ -328,7 +328,8 @@ def time_python(fn, dev, min_time):
 
 
 def time_mdd(binary, name, min_time, precision):
-    out = subprocess.run([binary, f"--benchmark_filter=^{name}/{precision}$", "--benchmark_format=json",
+    # UseRealTime() appends "/real_time" to the registered name; accept both spellings.
+    out = subprocess.run([binary, f"--benchmark_filter=^{name}/{precision}(/real_time)?$", "--benchmark_format=json",
                           f"--benchmark_min_time={min_time}"], check=True, capture_output=True, text=True).stdout
     runs = [b for b in json.loads(out)["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
     if not runs:

@@ -14,6 +14,7 @@
 #include "mdd/data/latent_cache.h"
 #include "mdd/data/loader.h"
 #include "mdd/io/image.h"
+#include "mdd/io/input_limits.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
@@ -144,6 +145,27 @@ TEST(FashionMnist, CorruptAndTruncatedFilesNameTheFile) {
   // Intact copies load again (the checks above are not false alarms).
   write_bytes(lbl_path, lbl_gz);
   gz_write(img_path, raw);
+  EXPECT_EQ(mdd::load_fashion_mnist(dir, "test").images.size(0), 10000);
+
+  // A gzip bomb: 64 MB of zeros in a few KB. Inflation stops at the budget (here lowered to a
+  // 100:1 expansion), whatever the trailer claims.
+  {
+    struct Restore {
+      mdd::io::InputLimits saved = mdd::io::input_limits();
+      ~Restore() { mdd::io::set_input_limits(saved); }
+    } restore;
+    mdd::io::InputLimits tight = restore.saved;
+    tight.max_expansion = 100;
+    mdd::io::set_input_limits(tight);
+    gz_write(img_path, std::vector<uint8_t>(size_t(64) << 20, 0));
+    try {
+      mdd::load_fashion_mnist(dir, "test");
+      ADD_FAILURE() << "expected mdd::Error";
+    } catch (const mdd::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("inflates to more than"), std::string::npos) << e.what();
+    }
+    gz_write(img_path, raw);
+  }
   EXPECT_EQ(mdd::load_fashion_mnist(dir, "test").images.size(0), 10000);
 
   expect_error_naming([&] { mdd::load_fashion_mnist(dir + "/missing", "test"); }, dir + "/missing");

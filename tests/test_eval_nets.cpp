@@ -1,5 +1,6 @@
 // Golden parity and key lists of the IDC evaluation networks (ConvNet-6, ResNetAP-10, ResNet-18).
 #include <fstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -177,6 +178,22 @@ TEST(EvalNets, GeneratorInitIsDeterministic) {
   mdd::as_eval_net(b)->reset_parameters(torch::make_generator<torch::CPUGeneratorImpl>(7));
   auto x = torch::randn({2, 3, 32, 32});
   EXPECT_TRUE(torch::equal(a.forward<torch::Tensor>(x), b.forward<torch::Tensor>(x)));
+}
+
+TEST(EvalNets, ClassifyOfEmbedEqualsForward) {
+  // The proxy runs embed once and classifies the embedding; that must be the forward pass exactly.
+  for (const auto& [name, norm, width] : {std::tuple<std::string, std::string, int64_t>{"convnet3", "instance", 0},
+                                          {"resnet_ap10", "instance", 16}}) {
+    auto net = mdd::make_eval_net(name, 10, 32, norm, width);
+    auto* impl = mdd::as_eval_net(net);
+    impl->reset_parameters(torch::make_generator<torch::CPUGeneratorImpl>(3));
+    impl->eval();
+    torch::NoGradGuard ng;
+    const auto x = torch::randn({3, 3, 32, 32});
+    EXPECT_TRUE(torch::equal(impl->classify(impl->embed(x)), net.forward<torch::Tensor>(x))) << name;
+    EXPECT_THROW(impl->classify(torch::randn({3, 7})), mdd::Error) << name;
+    EXPECT_THROW(impl->classify(torch::randn({7})), mdd::Error) << name;
+  }
 }
 
 TEST(EvalNets, BadOptionsThrow) {

@@ -316,3 +316,34 @@ TEST(ImageDecode, FifoAndUnsupportedFormatsAreClearErrors) {
   }
   EXPECT_THROW(mdd::read_image(gif), mdd::Error);
 }
+
+TEST(ImageDecode, InputBudgetRefusesHugeClaimsAndResizes) {
+  const std::string dir = mdd_test::tmp_dir("image_budget");
+  // A 1x1 PNG whose IHDR is patched to claim 16000 x 16000: refused from the header, before any
+  // pixel memory is allocated.
+  auto png = mdd::encode_png(torch::full({1, 1, 3}, 7, torch::kUInt8));
+  ASSERT_GT(png.size(), 24u);
+  for (int i = 0; i < 2; ++i) {  // IHDR width then height, big-endian at offsets 16 and 20
+    const uint32_t v = 16000;
+    png[16 + 4 * i] = uint8_t(v >> 24);
+    png[17 + 4 * i] = uint8_t(v >> 16);
+    png[18 + 4 * i] = uint8_t(v >> 8);
+    png[19 + 4 * i] = uint8_t(v);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    mdd::decode_image(png.data(), png.size(), 3, "patched.png");
+    FAIL() << "expected mdd::Error";
+  } catch (const mdd::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("16000x16000 pixels exceed"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2.0);
+  // A 1 x 100000 strip scaled so that its short side fills a 256 px crop would be 256 x 25.6M.
+  const auto strip = torch::zeros({100000, 1, 3}, torch::kUInt8);
+  EXPECT_THROW(mdd::center_crop_arr(strip, 256), mdd::Error);
+  EXPECT_THROW(mdd::resize_shorter(strip, 256), mdd::Error);
+  EXPECT_THROW(mdd::resize(strip, 100000, 100000), mdd::Error);
+  // Ordinary shapes pass.
+  EXPECT_EQ(mdd::center_crop_arr(torch::zeros({300, 500, 3}, torch::kUInt8), 256).sizes().vec(),
+            (std::vector<int64_t>{256, 256, 3}));
+}

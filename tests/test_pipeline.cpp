@@ -1,4 +1,6 @@
 // Pipeline config parsing and a tiny end-to-end distillation on a synthetic image folder.
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -60,6 +62,24 @@ TEST(Config, TyposAndBadValuesNameTheKey) {
   EXPECT_NE(msg.find("evaluate.methods"), std::string::npos) << msg;
   EXPECT_FALSE(error_of([] { parse_config("{not json"); }).empty());
   EXPECT_FALSE(error_of([] { load_config("/nonexistent/config.json"); }).empty());
+}
+
+TEST(Config, DeeplyNestedValuesGiveShortErrors) {
+  // nlohmann's dump() recurses once per level; error messages print values without recursion.
+  const std::string deep = std::string(300000, '[') + std::string(300000, ']');
+  try {
+    parse_config(R"({"finetune": {"steps": )" + deep + "}}");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("finetune.steps"), std::string::npos) << e.what();
+    EXPECT_LT(std::string(e.what()).size(), 400u);
+  }
+  DistillConfig c;
+  EXPECT_THROW(apply_override(c, "sample.cfg_scale=" + deep), Error);
+  // A FIFO named like a config is refused, not waited on.
+  const std::string fifo = mdd_test::tmp_dir("config_fifo") + "/config.json";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_THROW(load_config(fifo), Error);
 }
 
 TEST(Config, RoundTripAndOverrides) {
@@ -201,6 +221,25 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   }
   EXPECT_TRUE(refit);
   EXPECT_TRUE(difffit_reused) << "lambda_d cannot change the DiffFit-only run";
+  // The superseded checkpoints were moved aside (reported), not deleted.
+  bool moved = false;
+  for (const auto& l : lines) moved |= l.find("moved to") != std::string::npos && l.find("superseded") != std::string::npos;
+  EXPECT_TRUE(moved);
+  ASSERT_TRUE(fs::is_directory(c.output_dir + "/minimax/superseded"));
+  int kept = 0;
+  for (const auto& e : fs::directory_iterator(c.output_dir + "/minimax/superseded"))
+    kept += int(list_checkpoints(e.path().string()).size());
+  EXPECT_GE(kept, 1);
+
+  // A signature file that cannot be read must stop the run, not cost the checkpoints it guards.
+  c.finetune.lambda_d = 0.25;
+  const std::string sig = c.output_dir + "/minimax/signature.json";
+  fs::remove(sig);
+  fs::create_directory(sig);  // unreadable as a file
+  const auto before = list_checkpoints(c.output_dir + "/minimax/checkpoints").size();
+  ASSERT_GT(before, 0u);
+  EXPECT_THROW(run_distill(c, {}, cb), Error);
+  EXPECT_EQ(list_checkpoints(c.output_dir + "/minimax/checkpoints").size(), before);
 }
 
 TEST(Pipeline, ClearErrors) {

@@ -92,6 +92,20 @@ TEST(SafeTensors, HostileFilesGiveErrors) {
   expect_error(write_raw("badmeta", R"({"__metadata__":{"k":1}})", ""), "not a string");
   expect_error(write_raw("nooffsets", R"({"a":{"dtype":"F32","shape":[2]}})", std::string(8, '\0')), "data_offsets");
   expect_error(mdd_test::tmp_dir("st_missing") + "/does_not_exist.safetensors", "cannot open");
+  {
+    // A dimension nested 300k levels deep (a ~600 KB file): the error message must not print it
+    // recursively (that overflowed the stack) and must stay short.
+    const std::string deep = std::string(300000, '[') + std::string(300000, ']');
+    const auto path = write_raw("deepdim", R"({"a":{"dtype":"F32","shape":[)" + deep + R"(],"data_offsets":[0,8]}})",
+                                std::string(8, '\0'));
+    try {
+      io::load_safetensors(path);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("invalid dimension [[[["), std::string::npos) << e.what();
+      EXPECT_LT(std::string(e.what()).size(), 600u);
+    }
+  }
 }
 
 TEST(SafeTensors, WidenedDtypes) {

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <sstream>
 
+#include "mdd/io/input_limits.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/torch_checkpoint.h"
 #include "mdd/util/error.h"
@@ -171,6 +172,30 @@ TEST(TorchCheckpoint, ResourceExhaustionIsBounded) {
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("amplify.pt")); }, "amplification"));
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("explode.pt")); }, "too many dict entries"));
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("deep.pt")); }, "nested deeper than 64"));
+}
+
+TEST(TorchCheckpoint, InputBudgetBoundsViewsAndCompressedPickles) {
+  // Each fails fast with a clear error and bounded memory (measured: peak RSS growth while loading).
+  const bool rss = mdd_test::reset_peak_rss();
+  const double before = mdd_test::peak_rss_mib();
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("huge_view.pt")); }, "more than the 4294967296 allowed"));
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("broadcast_view.pt")); }, "more than 16x"));
+  // 16 KB on disk, 16 MB of pickle: the object cap follows the bytes in the file.
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("pickle_bomb.pt")); }, "too many objects"));
+  if (rss) EXPECT_LT(mdd_test::peak_rss_mib() - before, 200.0) << "peak RSS grew too much";
+  // The limits are configurable: a larger view expansion admits the broadcast view.
+  struct Restore {
+    io::InputLimits saved = io::input_limits();
+    ~Restore() { io::set_input_limits(saved); }
+  } restore;
+  io::InputLimits wide = restore.saved;
+  wide.max_view_expansion = 1000;
+  io::set_input_limits(wide);
+  const auto t = io::load_torch_checkpoint(pt("broadcast_view.pt"));
+  EXPECT_EQ(t.at("a").sizes().vec(), (std::vector<int64_t>{1000, 6}));
+  EXPECT_TRUE(torch::equal(t.at("a")[999], torch::arange(6, torch::kFloat32)));
+  wide.max_expansion = 0;
+  EXPECT_THROW(io::set_input_limits(wide), Error);
 }
 
 TEST(TorchCheckpoint, PatchedArchivesAreErrors) {

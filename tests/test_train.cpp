@@ -1,6 +1,15 @@
 // Fine-tuning loop: AdamW, EMA, checkpoints, the step's loss, memories, resume, NaN handling.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -152,6 +161,56 @@ TEST(Checkpoint, TruncatedNewestIsSkipped) {
   std::ofstream(dir + "/junk.json") << "{";
   EXPECT_EQ(list_checkpoints(dir).size(), 1u);
   EXPECT_FALSE(read_latest_checkpoint(dir).has_value());
+}
+
+TEST(Checkpoint, HostileSidecarsAreSkippedAndEveryFallbackIsLogged) {
+  const std::string dir = tmp_dir("ckpt_hostile");
+  write_checkpoint(dir, 1, {{"x", torch::ones({4})}});
+  auto two = write_checkpoint(dir, 2, {{"x", torch::zeros({4})}});
+  auto three = write_checkpoint(dir, 3, {{"x", torch::zeros({4})}});
+  // A JSON type error (weights_bytes as a string) and a deeply nested value: both must be
+  // mdd::Error on the "skip this checkpoint" path, not foreign exceptions or a stack overflow.
+  std::ofstream(three.meta_path) << R"({"step": 3, "weights_bytes": "many"})";
+  std::ofstream(two.meta_path) << R"({"step": 2, "weights_bytes": )" << std::string(200000, '[')
+                               << std::string(200000, ']') << "}";
+  EXPECT_THROW(read_checkpoint(three), Error);
+  EXPECT_THROW(read_checkpoint(two), Error);
+  std::vector<std::string> lines;
+  auto ck = open_checkpoint_for_resume(dir, [&](const std::string& l) { lines.push_back(l); });
+  ASSERT_TRUE(ck.has_value());
+  EXPECT_EQ(ck->info.step, 1);
+  std::string all;
+  for (const auto& l : lines) all += l + "\n";
+  EXPECT_NE(all.find("0000003.json"), std::string::npos) << all;
+  EXPECT_NE(all.find("0000002.json"), std::string::npos) << all;
+  EXPECT_NE(all.find("fell back to step 1"), std::string::npos) << all;
+  EXPECT_LT(all.size(), 4000u) << "error text must stay bounded";
+  // Nothing readable: the restart from step 0 is said, not silent.
+  fs::resize_file(dir + "/0000001.safetensors", 3);
+  lines.clear();
+  EXPECT_FALSE(open_checkpoint_for_resume(dir, [&](const std::string& l) { lines.push_back(l); }).has_value());
+  ASSERT_FALSE(lines.empty());
+  EXPECT_NE(lines.back().find("starting from step 0"), std::string::npos) << lines.back();
+}
+
+TEST(Checkpoint, OrphanTempFilesOfKilledRunsAreRemovedOnResume) {
+  const std::string dir = tmp_dir("ckpt_orphans");
+  write_checkpoint(dir, 5, {{"x", torch::ones({2})}});
+  // A pid that cannot be running (above pid_max) stands for a killed writer; our own pid's
+  // temporaries and unrelated names are left alone.
+  const std::string dead = dir + "/0000010.safetensors.tmp.99999999.0";
+  const std::string mine = dir + "/0000011.safetensors.tmp." + std::to_string(::getpid()) + ".0";
+  const std::string other = dir + "/notes.tmp.txt";
+  for (const auto& f : {dead, mine, other}) std::ofstream(f) << "partial";
+  std::vector<std::string> lines;
+  auto ck = open_checkpoint_for_resume(dir, [&](const std::string& l) { lines.push_back(l); });
+  ASSERT_TRUE(ck.has_value());
+  EXPECT_EQ(ck->info.step, 5);
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(mine));
+  EXPECT_TRUE(fs::exists(other));
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines[0].find("99999999"), std::string::npos);
 }
 
 TEST(TrainingData, SubsetOrderAndLabels) {
@@ -461,4 +520,82 @@ TEST(VaeTrainer, LearnsResumesBitForBitAndSavesADiffusersFolder) {
   EXPECT_THROW(VaeTrainer(tiny_vae(), odd, opts), Error);
   EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).reconstruction("l2")), Error);
   EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).batch_size(100)), Error);
+}
+
+// ------------------------------------------------------------------ crash test
+// The child half: runs only when re-executed by KilledFinetunesResumeToTheSameWeights (the
+// environment names its run folder). A fine-tune with a checkpoint after every step that resumes
+// whatever the previous (killed) process left, then writes its final weights.
+TEST(CrashChild, FinetuneWithCheckpointEveryStep) {
+  const char* dir = std::getenv("MDD_CRASH_CHILD_DIR");
+  if (!dir) GTEST_SKIP() << "helper of Finetuner.KilledFinetunesResumeToTheSameWeights";
+  torch::set_num_threads(1);
+  fs::create_directories(std::string(dir) + "/data");
+  auto data = tiny_data(std::string(dir) + "/data");
+  Finetuner ft(tiny_dit(), data, tiny_options().steps(300).ckpt_every(1).keep_checkpoints(2)
+                                                .checkpoint_dir(std::string(dir) + "/checkpoints"));
+  ft.resume();
+  ft.train();
+  io::save_safetensors(std::string(dir) + "/final.safetensors", state_dict(*ft.ema()));
+}
+
+TEST(Finetuner, KilledFinetunesResumeToTheSameWeights) {
+  // SIGKILL at random moments (checkpoint writes included: one is written every step); each re-run
+  // resumes from the last complete checkpoint, and the final weights equal an uninterrupted run's.
+  // Runs the child in `dir`. With kill_after_s >= 0 it is SIGKILLed that long after it has written
+  // its first new checkpoint (so the kill lands inside training, where a checkpoint is written every
+  // step, not during process start-up). Returns true when the child finished on its own.
+  auto latest = [](const std::string& dir) {
+    const auto all = list_checkpoints(dir + "/checkpoints");
+    return all.empty() ? int64_t(-1) : all.back().step;
+  };
+  auto run_child = [&](const std::string& dir, double kill_after_s) {
+    const std::string env = "MDD_CRASH_CHILD_DIR=" + dir;
+    const std::string filter = "--gtest_filter=CrashChild.FinetuneWithCheckpointEveryStep";
+    std::vector<char*> argv = {const_cast<char*>("/proc/self/exe"), const_cast<char*>(filter.c_str()), nullptr};
+    std::vector<char*> envp = {const_cast<char*>(env.c_str()), const_cast<char*>("OMP_NUM_THREADS=1"), nullptr};
+    posix_spawn_file_actions_t quiet;
+    posix_spawn_file_actions_init(&quiet);
+    posix_spawn_file_actions_addopen(&quiet, 1, "/dev/null", O_WRONLY, 0);
+    const int64_t before = latest(dir);
+    pid_t pid = 0;
+    EXPECT_EQ(::posix_spawn(&pid, "/proc/self/exe", &quiet, nullptr, argv.data(), envp.data()), 0);
+    posix_spawn_file_actions_destroy(&quiet);
+    int status = 0;
+    bool timing = false;
+    auto t0 = std::chrono::steady_clock::now();
+    while (::waitpid(pid, &status, WNOHANG) == 0) {
+      if (kill_after_s >= 0 && !timing && latest(dir) > before) {
+        timing = true;
+        t0 = std::chrono::steady_clock::now();
+      }
+      if (timing && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > kill_after_s) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        return false;  // killed
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child failed, status " << status;
+    return true;  // finished
+  };
+  const std::string clean = tmp_dir("crash_clean"), killed = tmp_dir("crash_killed");
+  ASSERT_TRUE(run_child(clean, -1));
+  std::mt19937 rng(12345);
+  int kills = 0;
+  bool finished = false;
+  for (int attempt = 0; attempt < 6 && !finished; ++attempt) {
+    finished = run_child(killed, std::uniform_real_distribution<double>(0.0, 0.3)(rng));
+    kills += !finished;
+  }
+  if (!finished) run_child(killed, -1);
+  ASSERT_TRUE(fs::exists(killed + "/final.safetensors")) << "the killed run never finished";
+  EXPECT_GE(kills, 3) << "too few kills landed before the run finished (machine too fast for the delays?)";
+  std::string why;
+  EXPECT_TRUE(equal_maps(io::load_safetensors(clean + "/final.safetensors").tensors,
+                         io::load_safetensors(killed + "/final.safetensors").tensors, &why))
+      << why << " after " << kills << " kills";
+  // No temporary files are left behind by the last (complete) run.
+  for (const auto& e : fs::directory_iterator(killed + "/checkpoints"))
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
 }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include <torch/torch.h>
@@ -20,6 +21,24 @@ inline std::string tmp_dir(const std::string& name) {
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();
+}
+
+/// Resets the kernel's peak-RSS counter of this process (VmHWM) so that peak_rss_mib() measures
+/// from now on. Returns false where /proc/self/clear_refs is unavailable.
+inline bool reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  if (!f) return false;
+  f << "5";
+  return bool(f.flush());
+}
+
+/// Peak resident set size of this process in MiB (VmHWM from /proc/self/status; -1 if unknown).
+inline double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return -1;
 }
 
 /// Loads a golden fixture file from tests/data.

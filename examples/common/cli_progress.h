@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -35,10 +36,15 @@ class ProgressPrinter {
       if (!stage_.empty() && tty_) std::fputc('\n', stderr);
       stage_ = p.stage;
       last_print_ = -1e9;
+      // A resumed run reports its first event at the checkpoint's step: measure the rate from there,
+      // or the steps done before the resume would inflate it (and shrink the ETA) for the whole run.
+      first_step_ = p.step;
+      first_elapsed_ = p.elapsed_s;
     }
     if (!tty_ && !done && p.elapsed_s - last_print_ < interval_) return;
     last_print_ = p.elapsed_s;
-    const double rate = p.elapsed_s > 0 ? double(p.step) / p.elapsed_s : 0.0;
+    const double dt = p.elapsed_s - first_elapsed_;
+    const double rate = dt > 0 ? double(p.step - first_step_) / dt : 0.0;
     const double eta = (rate > 0 && p.total > 0) ? double(p.total - p.step) / rate : 0.0;
     if (tty_) {
       const int width = 30;
@@ -65,6 +71,8 @@ class ProgressPrinter {
   double interval_;
   double last_print_ = -1e9;
   std::string stage_;
+  int64_t first_step_ = 0;
+  double first_elapsed_ = 0.0;
 };
 
 }  // namespace mdd_examples

@@ -61,8 +61,12 @@ int main(int argc, char** argv) {
     o.steps(steps).batch_size(batch).lr(lr).lr_warmup(warmup).kl_weight(kl).reconstruction(recon).seed(seed)
         .checkpoint_dir((fs::path(out) / "checkpoints").string()).precision(mdd::parse_precision(precision));
     mdd::VaeTrainer trainer(vae, train, o);
-    if (trainer.resume()) std::fprintf(stderr, "train_vae: resumed at step %lld\n", static_cast<long long>(trainer.step_count()));
     mdd_examples::ProgressPrinter bar;
+    const mdd::LogFn log = [&](const std::string& line) {
+      bar.interrupt();
+      std::fprintf(stderr, "train_vae: %s\n", line.c_str());
+    };
+    if (trainer.resume(log)) std::fprintf(stderr, "train_vae: resumed at step %lld\n", static_cast<long long>(trainer.step_count()));
     trainer.train(bar.callback(), [&](const mdd::VaeTrainStats& s) {
       bar.interrupt();
       std::fprintf(stderr, "step %lld/%lld loss %.5f (recon %.5f, kl %.3f) %.0f img/s\n", static_cast<long long>(s.step),

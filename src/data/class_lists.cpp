@@ -1,12 +1,13 @@
 #include "mdd/data/class_lists.h"
 
 #include <algorithm>
-#include <fstream>
+#include <sstream>
 #include <unordered_map>
 
 #include <fmt/format.h>
 
 #include "mdd/util/error.h"
+#include "util/file_util.h"
 
 namespace mdd {
 namespace {
@@ -225,8 +226,7 @@ std::vector<std::string> spec_classes(const std::string& spec, int64_t nclass, i
 }
 
 std::vector<std::string> read_class_list(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(fmt::format("{}: cannot open class list", path));
+  std::istringstream f(read_text_file(path, uint64_t(16) << 20));
   std::vector<std::string> out;
   std::string line;
   while (std::getline(f, line)) {

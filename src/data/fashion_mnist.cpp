@@ -2,12 +2,14 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
 #include <fmt/format.h>
 #include <zlib.h>
 
+#include "mdd/io/input_limits.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 
@@ -29,10 +31,16 @@ std::vector<uint8_t> gunzip(const torch::Tensor& gz, const std::string& path) {
   const size_t in_size = size_t(gz.numel());
   if (in_size < 18 || in[0] != 0x1f || in[1] != 0x8b) throw Error(fmt::format("{}: not a gzip file", path));
   std::vector<uint8_t> out;
-  // ISIZE (uncompressed size mod 2^32) of the last member: a good first guess for the buffer.
+  // The output is bounded by the input budget, never by the file's own claims: ISIZE (the size mod
+  // 2^32 of the last member) is only a first guess for the buffer, capped by that bound.
+  const io::InputLimits limits = io::input_limits();
+  const uint64_t bound = std::min<uint64_t>(limits.max_decoded_bytes,
+                                            uint64_t(in_size) > UINT64_MAX / limits.max_expansion
+                                                ? UINT64_MAX
+                                                : uint64_t(in_size) * limits.max_expansion);
   uint32_t isize = 0;
   std::memcpy(&isize, in + in_size - 4, 4);
-  out.reserve(std::min<size_t>(isize, size_t(1) << 30));
+  out.reserve(size_t(std::min<uint64_t>({isize, bound, uint64_t(1) << 30})));
   if (in_size > std::numeric_limits<uInt>::max()) throw Error(fmt::format("{}: file too large", path));
   z_stream zs{};
   if (inflateInit2(&zs, 16 + MAX_WBITS) != Z_OK) throw Error(fmt::format("{}: zlib init failed", path));
@@ -43,7 +51,13 @@ std::vector<uint8_t> gunzip(const torch::Tensor& gz, const std::string& path) {
     zs.next_out = chunk.data();
     zs.avail_out = uInt(chunk.size());
     const int ret = inflate(&zs, Z_NO_FLUSH);
-    out.insert(out.end(), chunk.data(), chunk.data() + (chunk.size() - zs.avail_out));
+    const size_t produced = chunk.size() - zs.avail_out;
+    if (uint64_t(out.size()) + produced > bound) {
+      inflateEnd(&zs);
+      throw Error(fmt::format("{}: inflates to more than {} bytes ({}:1 expansion / mdd::io::InputLimits); "
+                              "not a Fashion-MNIST file", path, bound, limits.max_expansion));
+    }
+    out.insert(out.end(), chunk.data(), chunk.data() + produced);
     if (ret == Z_STREAM_END) {
       if (zs.avail_in == 0) break;
       inflateReset(&zs);  // another gzip member follows

@@ -98,13 +98,23 @@ ProxyScore GeneratorProxy::score(const LabeledImages& gen) const {
   s.images = n;
   s.real_test_accuracy = test_accuracy_;
   const auto x = Evaluator::prepare(gen.images, resolved_).to(torch::Device(options_.eval().device()));
-  torch::Tensor pred;
+  // One pass: the embedding feeds both the Fréchet distance and (through the classifier head) the
+  // predictions. Eval mode so that a BatchNorm variant would use its running statistics.
+  torch::Tensor feats, pred;
   {
     auto* impl = as_eval_net(net_);
+    const bool was_training = impl->is_training();
+    impl->eval();
     torch::NoGradGuard ng;
-    std::vector<torch::Tensor> parts;
-    for (int64_t b = 0; b < n; b += 500) parts.push_back(impl->forward(x.slice(0, b, std::min(n, b + 500))).argmax(1).cpu());
-    pred = torch::cat(parts);
+    std::vector<torch::Tensor> fparts, pparts;
+    for (int64_t b = 0; b < n; b += 500) {
+      auto e = impl->embed(x.slice(0, b, std::min(n, b + 500)));
+      pparts.push_back(impl->classify(e).argmax(1).cpu());
+      fparts.push_back(e.cpu());
+    }
+    impl->train(was_training);
+    feats = torch::cat(fparts);
+    pred = torch::cat(pparts);
   }
   const auto hit = (pred == labels).to(torch::kFloat64);
   s.class_accuracy = 100.0 * hit.mean().item<double>();
@@ -113,7 +123,7 @@ ProxyScore GeneratorProxy::score(const LabeledImages& gen) const {
     const int64_t k = m.sum().item<int64_t>();
     s.per_class.push_back(k ? 100.0 * hit.index({m}).mean().item<double>() : std::numeric_limits<double>::quiet_NaN());
   }
-  s.frechet = frechet_distance(Evaluator::embed(net_, x).cpu(), test_features_);
+  s.frechet = frechet_distance(feats, test_features_);
   // The floor: as many random real training images (small-sample bias of the estimate).
   auto g = at::detail::createCPUGenerator(options_.floor_seed());
   const auto idx = torch::randperm(train_images_.size(0), g, torch::kInt64).slice(0, 0, std::min(n, train_images_.size(0)));

@@ -11,6 +11,7 @@
 #include <stb_image_write.h>
 
 #include "io/pil_resample.h"
+#include "mdd/io/input_limits.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 
@@ -18,6 +19,15 @@ namespace mdd {
 namespace {
 
 std::string shape_str(const torch::Tensor& t) { return fmt::format("[{}]", fmt::join(t.sizes(), ", ")); }
+
+// Every decode and resize result is checked against the input budget before it is allocated: a
+// small file can claim (or a thin image can be scaled to) billions of pixels.
+void check_pixels(int64_t w, int64_t h, const std::string& what) {
+  const uint64_t limit = io::input_limits().max_image_pixels;
+  if (w > 0 && h > 0 && uint64_t(w) > limit / uint64_t(h))
+    throw Error(fmt::format("{}: {}x{} pixels exceed the {} allowed (mdd::io::InputLimits::max_image_pixels)", what, w,
+                            h, limit));
+}
 
 // Validates a uint8 image and returns it as a contiguous CPU [H, W, C] tensor ([H, W] -> C = 1).
 torch::Tensor as_hwc(const torch::Tensor& image, const char* what) {
@@ -53,6 +63,7 @@ torch::Tensor decode_image(const void* data, size_t size, int64_t channels, cons
   int w = 0, h = 0, native = 0;
   if (!stbi_info_from_memory(bytes, int(size), &w, &h, &native))
     throw Error(fmt::format("{}: cannot decode image ({})", name, stbi_failure_reason()));
+  check_pixels(w, h, name);
   // stb's own RGB->grey weights differ from PIL's; for colour sources decode RGB and convert here.
   const bool luma_from_rgb = channels == 1 && native >= 3;
   const int request = luma_from_rgb ? 3 : int(channels);
@@ -107,6 +118,7 @@ torch::Tensor resize(const torch::Tensor& image_u8, int64_t width, int64_t heigh
   const torch::Tensor img = as_hwc(image_u8, "resize");
   if (width <= 0 || height <= 0)
     throw Error(fmt::format("resize: target size {}x{} must be positive (image {})", width, height, shape_str(image_u8)));
+  check_pixels(width, height, "resize");
   torch::Tensor out = detail::pil_resize_window(img, width, height, filter, 0, 0, width, height);
   return image_u8.dim() == 2 ? out.squeeze(2) : out;
 }
@@ -127,6 +139,7 @@ torch::Tensor center_crop_arr(const torch::Tensor& image_u8, int64_t size) {
   const auto nh = int64_t(std::nearbyint(double(h) * scale));
   if (nw < size || nh < size)
     throw Error(fmt::format("center_crop_arr: resized {}x{} is smaller than the crop {}", nw, nh, size));
+  check_pixels(nw, nh, fmt::format("center_crop_arr: a {}x{} image scaled for a {} px crop", w, h, size));
   // Floor offsets ((H - S) // 2); only the crop window of the BICUBIC resize is computed.
   const int64_t crop_y = (nh - size) / 2, crop_x = (nw - size) / 2;
   torch::Tensor out = detail::pil_resize_window(img, nw, nh, ResampleFilter::Bicubic, crop_x, crop_y, size, size);
@@ -148,6 +161,7 @@ torch::Tensor resize_shorter(const torch::Tensor& image_u8, int64_t size) {
     nh = size;
     nw = size * w / h;
   }
+  check_pixels(nw, nh, fmt::format("resize_shorter: a {}x{} image scaled to {} px", w, h, size));
   torch::Tensor out = (nw == w && nh == h)
                           ? img.clone()
                           : detail::pil_resize_window(img, nw, nh, ResampleFilter::Bilinear, 0, 0, nw, nh);
@@ -162,6 +176,7 @@ torch::Tensor center_crop(const torch::Tensor& image_u8, int64_t size) {
     // torchvision pads with zeros: left/top (d // 2), right/bottom ((d + 1) // 2).
     const int64_t pl = size > w ? (size - w) / 2 : 0, pt = size > h ? (size - h) / 2 : 0;
     const int64_t nw = std::max(w, size), nh = std::max(h, size);
+    check_pixels(nw, nh, "center_crop (padded)");
     auto padded = torch::zeros({nh, nw, img.size(2)}, torch::kUInt8);
     padded.narrow(0, pt, h).narrow(1, pl, w).copy_(img);
     img = padded;

@@ -1,5 +1,6 @@
 #include "io/pickle.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -141,9 +142,15 @@ std::string PickleValue::describe() const {
   return "?";
 }
 
-Unpickler::Unpickler(const uint8_t* data, size_t size, std::string what, PersistentLoad persistent_load)
-    : data_(data), size_(size), what_(std::move(what)), persistent_load_(std::move(persistent_load)) {
-  work_budget_ = 64 * uint64_t(size) + (uint64_t(64) << 20);
+Unpickler::Unpickler(const uint8_t* data, size_t size, std::string what, PersistentLoad persistent_load,
+                     uint64_t source_bytes)
+    : data_(data), size_(size), what_(std::move(what)), persistent_load_(std::move(persistent_load)),
+      limits_(input_limits()) {
+  const uint64_t src = source_bytes ? std::min<uint64_t>(source_bytes, size) : uint64_t(size);
+  work_budget_ = 64 * src + (uint64_t(64) << 20);
+  // A stored pickle creates at most one object per opcode byte; 4 per source byte leaves room and
+  // still bounds a compressed pickle by its on-disk size (~200 bytes per object).
+  max_values_ = size_t(std::min<uint64_t>(kMaxValues, (uint64_t(1) << 16) + 4 * src));
 }
 
 void Unpickler::charge(uint64_t units) {
@@ -156,7 +163,8 @@ void Unpickler::fail(const std::string& message) const {
 }
 
 PickleValue* Unpickler::make(Kind kind) {
-  if (arena_.size() >= kMaxValues) fail("too many objects");
+  if (arena_.size() >= max_values_)
+    fail(fmt::format("too many objects (more than {} for a pickle of this size in the file)", max_values_));
   arena_.emplace_back();
   arena_.back().kind = kind;
   return &arena_.back();
@@ -311,6 +319,15 @@ PickleValue* Unpickler::rebuild_tensor(const std::vector<PickleValue*>& args, co
   int64_t numel = 1;
   for (int64_t s : t->sizes)
     if (__builtin_mul_overflow(numel, s, &numel)) fail(fmt::format("{}: element count overflows", fn));
+  // The input budget for tensors, views included: a stride-0 view of one stored element can
+  // describe terabytes that a converter would then materialise.
+  if (uint64_t(numel) > limits_.max_tensor_elements)
+    fail(fmt::format("{}: tensor of shape [{}] has {} elements, more than the {} allowed (mdd::io::InputLimits)", fn,
+                     fmt::join(t->sizes, ", "), numel, limits_.max_tensor_elements));
+  if (!empty && uint64_t(numel) / limits_.max_view_expansion > uint64_t(std::max<int64_t>(capacity, 1)))
+    fail(fmt::format("{}: view of shape [{}] repeats the {} elements of storage '{}' more than {}x "
+                     "(mdd::io::InputLimits::max_view_expansion)", fn, fmt::join(t->sizes, ", "), capacity, st->text,
+                     limits_.max_view_expansion));
   if (empty) {
     if (t->offset > capacity)
       fail(fmt::format("{}: offset {} beyond storage '{}' of {} elements", fn, t->offset, st->text, capacity));

@@ -12,6 +12,8 @@
 
 #include <torch/types.h>
 
+#include "mdd/io/input_limits.h"
+
 namespace mdd {
 namespace io {
 namespace detail {
@@ -76,7 +78,11 @@ class Unpickler {
   /// Maps a persistent id (the value after PERSID/BINPERSID) to a value (torch: a Storage).
   using PersistentLoad = std::function<PickleValue*(Unpickler&, PickleValue* pid)>;
 
-  Unpickler(const uint8_t* data, size_t size, std::string what, PersistentLoad persistent_load);
+  /// `source_bytes`: what the pickle occupied in the file (its compressed size when it came out of a
+  /// DEFLATE entry; 0 = `size`). The object and work budgets scale with it, not with the inflated
+  /// size, so a few KB of compressed pickle cannot claim gigabytes of objects.
+  Unpickler(const uint8_t* data, size_t size, std::string what, PersistentLoad persistent_load,
+            uint64_t source_bytes = 0);
   /// Runs the pickle up to STOP and returns the root value (owned by this Unpickler).
   PickleValue* load();
   /// A new value in the arena.
@@ -122,6 +128,8 @@ class Unpickler {
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PickleValue*> memo_;
   uint64_t work_ = 0, work_budget_ = 0;
+  size_t max_values_ = 0;
+  InputLimits limits_;
   int call_depth_ = 0;
 };
 

@@ -16,6 +16,7 @@
 #include "io/widen.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
+#include "util/json_preview.h"
 
 namespace mdd {
 namespace io {
@@ -99,7 +100,7 @@ SafeTensors parse_safetensors_buffer(const torch::Tensor& buffer, const std::str
     uint64_t numel = 1;
     for (const auto& d : v["shape"]) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0)
-        throw Error(fmt::format("{}: tensor '{}' has an invalid dimension {} (dims must be non-negative integers)", what, key, d.dump()));
+        throw Error(fmt::format("{}: tensor '{}' has an invalid dimension {} (dims must be non-negative integers)", what, key, mdd::detail::json_preview(d)));
       const uint64_t dim = d.get<uint64_t>();
       if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim / esize)
         throw Error(fmt::format("{}: tensor '{}' shape overflows", what, key));

@@ -1,5 +1,6 @@
 #include "mdd/io/torch_checkpoint.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <unordered_map>
@@ -174,7 +175,8 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     return v;
   };
 
-  detail::Unpickler unpickler(pkl.data_ptr<uint8_t>(), size_t(pkl.numel()), pkl_name, persistent_load);
+  detail::Unpickler unpickler(pkl.data_ptr<uint8_t>(), size_t(pkl.numel()), pkl_name, persistent_load,
+                              pkl_entry->compressed_size);
   const PickleValue* root = unpickler.load();
 
   if (root->kind != Kind::Dict) {
@@ -209,7 +211,8 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
       }
     }
   }
-  const uint64_t pkl_size = uint64_t(pkl.numel());
+  // Budgets scale with what the pickle occupies in the file (see Unpickler).
+  const uint64_t pkl_size = std::min<uint64_t>(uint64_t(pkl.numel()), std::max<uint64_t>(pkl_entry->compressed_size, 1));
   Flattener flat(path, size_t(4 * pkl_size + 1024), 64 * pkl_size + (uint64_t(16) << 20));
   flat.run(chosen, "");
 

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "mdd/io/input_limits.h"
 #include "mdd/util/error.h"
 
 namespace mdd {
@@ -21,9 +22,6 @@ constexpr uint32_t kEndSig = 0x06054b50;
 constexpr uint32_t kEnd64Sig = 0x06064b50;
 constexpr uint32_t kEnd64LocatorSig = 0x07064b50;
 constexpr uint64_t kEndSize = 22, kEnd64LocatorSize = 20, kEnd64Size = 56, kCentralSize = 46, kLocalSize = 30;
-// DEFLATE cannot expand by more than ~1032:1; a larger claimed size is a corrupt or hostile header
-// (a "zip bomb") and is refused before allocating anything.
-constexpr uint64_t kMaxDeflateRatio = 1032;
 
 uint16_t le16(const uint8_t* p) { return uint16_t(p[0] | (p[1] << 8)); }
 uint32_t le32(const uint8_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24); }
@@ -47,6 +45,7 @@ ZipReader::ZipReader(torch::Tensor bytes, std::string what) : bytes_(std::move(b
   base_ = bytes_.data_ptr<uint8_t>();
   size_ = uint64_t(bytes_.numel());
   if (size_ < kEndSize) throw Error(fmt::format("{}: not a zip archive ({} bytes is too short; truncated?)", what_, size_));
+  const InputLimits limits = input_limits();
 
   // The end-of-central-directory record sits in the last 22 + (comment <= 65535) bytes.
   uint64_t eocd = std::numeric_limits<uint64_t>::max();
@@ -126,9 +125,16 @@ ZipReader::ZipReader(torch::Tensor bytes, std::string what) : bytes_(std::move(b
     if (entry.method == 0 && entry.compressed_size != entry.size)
       throw Error(fmt::format("{}: zip entry '{}' is STORED but its sizes differ ({} vs {})", what_, entry.name,
                               entry.compressed_size, entry.size));
-    if (entry.method == 8 && entry.size / kMaxDeflateRatio > entry.compressed_size + 1)
-      throw Error(fmt::format("{}: zip entry '{}' claims {} bytes from {} compressed bytes (impossible for DEFLATE)", what_,
-                              entry.name, entry.size, entry.compressed_size));
+    // Checked against the input budget before anything is allocated: DEFLATE cannot expand by more
+    // than ~1032:1, so a larger claimed size is a corrupt or hostile header (a "zip bomb").
+    if (entry.method == 8 && entry.size / limits.max_expansion > entry.compressed_size + 1)
+      throw Error(fmt::format("{}: zip entry '{}' claims {} bytes from {} compressed bytes (more than the {}:1 expansion "
+                              "allowed; DEFLATE cannot exceed ~1032:1)", what_, entry.name, entry.size,
+                              entry.compressed_size, limits.max_expansion));
+    if (entry.method == 8 && entry.size > limits.max_decoded_bytes)
+      throw Error(fmt::format("{}: zip entry '{}' would inflate to {} bytes, more than the {} allowed "
+                              "(mdd::io::InputLimits::max_decoded_bytes)", what_, entry.name, entry.size,
+                              limits.max_decoded_bytes));
     // Local header: its own name/extra lengths decide where the data starts.
     if (local > cd_offset || cd_offset - local < kLocalSize || le32(base_ + local) != kLocalSig)
       throw Error(fmt::format("{}: zip local header of '{}' at offset {} is missing or corrupt", what_, entry.name, local));

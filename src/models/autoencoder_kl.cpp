@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -17,6 +16,8 @@
 #include "mdd/io/torch_checkpoint.h"
 #include "mdd/util/error.h"
 #include "util/torch_compat.h"
+#include "util/json_preview.h"
+#include "util/file_util.h"
 
 namespace mdd {
 namespace vae {
@@ -466,11 +467,11 @@ AutoencoderKLOptions AutoencoderKLImpl::options_from_config_json(const std::stri
   if (!cfg.is_object()) throw Error(fmt::format("{}: expected a JSON object", what));
   AutoencoderKLOptions o;
   auto get_int = [&](const std::string& key, const json& v) -> int64_t {
-    if (!v.is_number_integer()) throw Error(fmt::format("{}: '{}' must be an integer, got {}", what, key, v.dump()));
+    if (!v.is_number_integer()) throw Error(fmt::format("{}: '{}' must be an integer, got {}", what, key, detail::json_preview(v)));
     return v.get<int64_t>();
   };
   auto get_bool = [&](const std::string& key, const json& v) -> bool {
-    if (!v.is_boolean()) throw Error(fmt::format("{}: '{}' must be true or false, got {}", what, key, v.dump()));
+    if (!v.is_boolean()) throw Error(fmt::format("{}: '{}' must be true or false, got {}", what, key, detail::json_preview(v)));
     return v.get<bool>();
   };
   std::vector<std::string> down_types, up_types;
@@ -500,7 +501,7 @@ AutoencoderKLOptions AutoencoderKLImpl::options_from_config_json(const std::stri
       for (const auto& e : v) ch.push_back(get_int(key, e));
       o.block_out_channels(ch);
     } else if (key == "scaling_factor") {
-      if (!v.is_number()) throw Error(fmt::format("{}: '{}' must be a number, got {}", what, key, v.dump()));
+      if (!v.is_number()) throw Error(fmt::format("{}: '{}' must be a number, got {}", what, key, detail::json_preview(v)));
       o.scaling_factor(v.get<double>());
     } else if (key == "sample_size") {
       // An int, or [h, w] in newer configs; we keep the larger edge (informational only).
@@ -513,7 +514,7 @@ AutoencoderKLOptions AutoencoderKLImpl::options_from_config_json(const std::stri
       }
     } else if (key == "act_fn") {
       if (!v.is_string() || v.get<std::string>() != "silu")
-        throw Error(fmt::format("{}: unsupported '{}' {} (only \"silu\")", what, key, v.dump()));
+        throw Error(fmt::format("{}: unsupported '{}' {} (only \"silu\")", what, key, detail::json_preview(v)));
     } else if (key == "down_block_types") {
       down_types = get_str_list(key, v);
       for (const auto& t : down_types)
@@ -530,12 +531,12 @@ AutoencoderKLOptions AutoencoderKLImpl::options_from_config_json(const std::stri
       if (!get_bool(key, v)) throw Error(fmt::format("{}: unsupported '{}' = false", what, key));
     } else if (key == "shift_factor") {
       if (!v.is_null() && !(v.is_number() && v.get<double>() == 0.0))
-        throw Error(fmt::format("{}: unsupported '{}' {} (only null or 0)", what, key, v.dump()));
+        throw Error(fmt::format("{}: unsupported '{}' {} (only null or 0)", what, key, detail::json_preview(v)));
     } else if (key == "latents_mean" || key == "latents_std") {
       if (!v.is_null()) throw Error(fmt::format("{}: unsupported '{}' (only null)", what, key));
     } else if (key == "_class_name") {
       if (!v.is_string() || v.get<std::string>() != "AutoencoderKL")
-        throw Error(fmt::format("{}: '{}' is {}, expected \"AutoencoderKL\"", what, key, v.dump()));
+        throw Error(fmt::format("{}: '{}' is {}, expected \"AutoencoderKL\"", what, key, detail::json_preview(v)));
     } else if (!key.empty() && key[0] == '_') {
       // diffusers bookkeeping (_diffusers_version, _name_or_path, ...): no effect on the model.
     } else {
@@ -562,11 +563,13 @@ AutoencoderKL AutoencoderKLImpl::from_pretrained(const std::string& dir, VaeRunt
   const fs::path root(dir);
   if (!fs::is_directory(root)) throw Error(fmt::format("AutoencoderKL::from_pretrained: '{}' is not a directory", dir));
   const fs::path config_path = root / "config.json";
-  std::ifstream in(config_path, std::ios::binary);
-  if (!in) throw Error(fmt::format("AutoencoderKL::from_pretrained: cannot read '{}'", config_path.string()));
-  std::stringstream text;
-  text << in.rdbuf();
-  const AutoencoderKLOptions options = options_from_config_json(text.str(), config_path.string());
+  std::string text;
+  try {
+    text = read_text_file(config_path.string(), uint64_t(1) << 20);
+  } catch (const Error& e) {
+    throw Error(fmt::format("AutoencoderKL::from_pretrained: cannot read the config: {}", e.what()));
+  }
+  const AutoencoderKLOptions options = options_from_config_json(text, config_path.string());
 
   fs::path weights_path = root / "diffusion_pytorch_model.safetensors";
   io::TensorMap weights;

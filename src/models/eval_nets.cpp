@@ -152,11 +152,13 @@ torch::Tensor ConvNetImpl::embed(torch::Tensor x) {
   return x.reshape({x.size(0), -1});
 }
 
-torch::Tensor ConvNetImpl::forward(torch::Tensor x) {
-  auto e = embed(std::move(x));
-  if (e.size(1) != classifier_->options.in_features()) {
-    throw Error(fmt::format("ConvNet: the input gives {} features but the classifier expects {} (built for "
-                            "image_size {})", e.size(1), classifier_->options.in_features(), options_.image_size()));
+torch::Tensor ConvNetImpl::forward(torch::Tensor x) { return classify(embed(std::move(x))); }
+
+torch::Tensor ConvNetImpl::classify(torch::Tensor e) {
+  if (e.dim() != 2 || e.size(1) != classifier_->options.in_features()) {
+    throw Error(fmt::format("ConvNet: the input gives features {} but the classifier expects [N, {}] (built for "
+                            "image_size {})", c10::str(e.sizes()), classifier_->options.in_features(),
+                            options_.image_size()));
   }
   return classifier_->forward(e);
 }
@@ -275,7 +277,14 @@ std::vector<torch::Tensor> ResNetImpl::features(torch::Tensor x) {
 
 torch::Tensor ResNetImpl::embed(torch::Tensor x) { return features(std::move(x)).back(); }
 
-torch::Tensor ResNetImpl::forward(torch::Tensor x) { return fc_->forward(embed(std::move(x))); }
+torch::Tensor ResNetImpl::forward(torch::Tensor x) { return classify(embed(std::move(x))); }
+
+torch::Tensor ResNetImpl::classify(torch::Tensor embedding) {
+  if (embedding.dim() != 2 || embedding.size(1) != fc_->options.in_features())
+    throw Error(fmt::format("ResNet: classify expects [N, {}] embeddings, got {}", fc_->options.in_features(),
+                            c10::str(embedding.sizes())));
+  return fc_->forward(embedding);
+}
 
 void ResNetImpl::reset_parameters(torch::Generator generator) {
   // Module order as the reference's `self.modules()` loop; the fc keeps PyTorch's default.

@@ -1,6 +1,5 @@
 #include "mdd/pipeline/config.h"
 
-#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -10,6 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "mdd/util/error.h"
+#include "util/file_util.h"
+#include "util/json_preview.h"
 
 namespace mdd {
 namespace {
@@ -37,7 +38,7 @@ Field field(std::string& ref) {
 template <>
 Field field(int64_t& ref) {
   return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_number_integer()) throw Error(fmt::format("{}: expected an integer, got {}", where, j.dump()));
+            if (!j.is_number_integer()) throw Error(fmt::format("{}: expected an integer, got {}", where, detail::json_preview(j)));
             ref = j.get<int64_t>();
           },
           [&ref] { return json(ref); }};
@@ -46,7 +47,7 @@ template <>
 Field field(uint64_t& ref) {
   return {[&ref](const json& j, const std::string& where) {
             if (!j.is_number_integer() || (j.is_number_integer() && !j.is_number_unsigned() && j.get<int64_t>() < 0))
-              throw Error(fmt::format("{}: expected a non-negative integer, got {}", where, j.dump()));
+              throw Error(fmt::format("{}: expected a non-negative integer, got {}", where, detail::json_preview(j)));
             ref = j.get<uint64_t>();
           },
           [&ref] { return json(ref); }};
@@ -54,7 +55,7 @@ Field field(uint64_t& ref) {
 template <>
 Field field(double& ref) {
   return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_number()) throw Error(fmt::format("{}: expected a number, got {}", where, j.dump()));
+            if (!j.is_number()) throw Error(fmt::format("{}: expected a number, got {}", where, detail::json_preview(j)));
             ref = j.get<double>();
           },
           [&ref] { return json(ref); }};
@@ -62,7 +63,7 @@ Field field(double& ref) {
 template <>
 Field field(bool& ref) {
   return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_boolean()) throw Error(fmt::format("{}: expected true or false, got {}", where, j.dump()));
+            if (!j.is_boolean()) throw Error(fmt::format("{}: expected true or false, got {}", where, detail::json_preview(j)));
             ref = j.get<bool>();
           },
           [&ref] { return json(ref); }};
@@ -70,10 +71,10 @@ Field field(bool& ref) {
 template <>
 Field field(std::vector<std::string>& ref) {
   return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, j.dump()));
+            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, detail::json_preview(j)));
             std::vector<std::string> v;
             for (const auto& e : j) {
-              if (!e.is_string()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, j.dump()));
+              if (!e.is_string()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, detail::json_preview(j)));
               v.push_back(e.get<std::string>());
             }
             ref = v;
@@ -218,11 +219,7 @@ DistillConfig parse_config(const std::string& text, const std::string& what) {
 }
 
 DistillConfig load_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_config(ss.str(), path);
+  return parse_config(read_text_file(path, uint64_t(16) << 20), path);
 }
 
 void apply_override(DistillConfig& config, const std::string& assignment) {

@@ -3,8 +3,6 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -22,6 +20,7 @@
 #include "mdd/models/difffit.h"
 #include "mdd/train/checkpoint.h"
 #include "mdd/util/error.h"
+#include "pipeline/stage_cache.h"
 #include "util/file_util.h"
 
 namespace fs = std::filesystem;
@@ -47,27 +46,21 @@ void write_text(const std::string& path, const std::string& text) {
   w.commit();
 }
 
+// A cached JSON file of an earlier run, "" when absent or unreadable (the cache is then rebuilt).
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return "";
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return "";
+  try {
+    return read_text_file(path);
+  } catch (const Error&) {
+    return "";
+  }
 }
 
 json model_json(const ModelConfig& m) {
   return {{"name", m.name},           {"input_size", m.input_size}, {"patch_size", m.patch_size},
           {"in_channels", m.in_channels}, {"hidden_size", m.hidden_size}, {"depth", m.depth},
           {"num_heads", m.num_heads}, {"num_classes", m.num_classes}, {"class_dropout_prob", m.class_dropout_prob}};
-}
-
-// A cheap identity of a weight file (size + mtime) for cache keys.
-std::string file_stamp(const std::string& path) {
-  std::error_code ec;
-  const auto size = fs::file_size(path, ec);
-  if (ec) return "missing";
-  const auto mtime = fs::last_write_time(path, ec).time_since_epoch().count();
-  return fmt::format("{}:{}", size, static_cast<long long>(mtime));
 }
 
 int64_t gamma_blocks_in(const io::TensorMap& w) {
@@ -246,23 +239,15 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   // Later keys join the signature only when set, so outputs of earlier runs keep being reused.
   if (p.ema_warmup) sig["ema_warmup"] = true;
   if (p.lr_warmup > 0) sig["lr_warmup"] = p.lr_warmup;
-  if (!force && fs::exists(out)) {
-    auto st = io::load_safetensors(out);
-    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
-      say(cb, "pretrain: reusing " + out);
-      return out;
-    }
+  if (!force && detail::stage_output_matches(out, sig.dump(), cb.log)) {
+    say(cb, "pretrain: reusing " + out);
+    return out;
   }
+  // Other settings (or --force): the old checkpoints must not be resumed; they are set aside.
   json resume_sig = sig;
   resume_sig.erase("steps");
   resume_sig.erase("use_ema");
-  const std::string sig_path = (dir / "signature.json").string();
-  if (force || read_text(sig_path) != resume_sig.dump()) {
-    // Other settings (or --force): the old checkpoints must not be resumed.
-    std::error_code ec;
-    fs::remove_all(dir / "checkpoints", ec);
-    write_text(sig_path, resume_sig.dump());
-  }
+  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), force, cb.log);
   auto train_data = get_data();
   FinetuneOptions o = pretrain_defaults();
   o.steps(p.steps).batch_size(p.batch_size).lr(p.lr).ema_decay(p.ema_decay).seed(p.seed).ckpt_every(p.ckpt_every)
@@ -270,7 +255,7 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
       .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
       .class_dropout_prob(config.model.class_dropout_prob).log_every(100).config_json(config_to_json(config));
   Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
-  if (trainer.resume()) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
+  if (trainer.resume(cb.log)) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
   say(cb, fmt::format("pretrain: {} steps x {} images from scratch, {}", p.steps, p.batch_size,
                       describe_precision(trainer.precision(), device_of(config.device))));
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
@@ -289,7 +274,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   const fs::path dir = fs::path(config.output_dir) / variant;
   const std::string out = (dir / "ema.safetensors").string();
   const auto& f = config.finetune;
-  json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_stamp(init_weights)},
+  json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_content_stamp(init_weights)},
               {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
               {"finetune_ipc", config.data.finetune_ipc}};
   if (!minimax) {
@@ -297,12 +282,9 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
     // not redo the DiffFit baseline (or its evaluation).
     for (const char* k : {"lambda_r", "lambda_d", "memory_size"}) sig["finetune"].erase(k);
   }
-  if (fs::exists(out)) {
-    auto st = io::load_safetensors(out);
-    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump()) {
-      say(cb, fmt::format("finetune-{}: reusing {}", variant, out));
-      return out;
-    }
+  if (detail::stage_output_matches(out, sig.dump(), cb.log)) {
+    say(cb, fmt::format("finetune-{}: reusing {}", variant, out));
+    return out;
   }
   // Checkpoints of a run with other settings (or another init) must not be resumed; a longer run
   // (more steps) or another checkpoint interval continues from them.
@@ -310,12 +292,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   resume_sig["finetune"].erase("steps");
   resume_sig["finetune"].erase("ckpt_every");
   resume_sig["finetune"].erase("precision");  // a run may continue in another precision
-  const std::string sig_path = (dir / "signature.json").string();
-  if (read_text(sig_path) != resume_sig.dump()) {
-    std::error_code ec;
-    fs::remove_all(dir / "checkpoints", ec);
-    write_text(sig_path, resume_sig.dump());
-  }
+  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
   auto train_data = get_data();
   FinetuneOptions o;
   o.steps(f.steps).batch_size(f.batch_size).lr(f.lr).weight_decay(f.weight_decay).ema_decay(f.ema_decay)
@@ -324,7 +301,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
       .class_dropout_prob(config.model.class_dropout_prob).device(device_of(config.device)).log_every(100)
       .precision(parse_precision(f.precision)).config_json(config_to_json(config));
   Finetuner trainer(load_model(config.model, init_weights), train_data, o);
-  if (trainer.resume()) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
+  if (trainer.resume(cb.log)) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
   say(cb, fmt::format("finetune-{}: {} steps x {} images, {}, DiffFit{}", variant, f.steps, f.batch_size,
                       describe_precision(trainer.precision(), device_of(config.device)),
                       minimax ? fmt::format(" + minimax (lambda_r {}, lambda_d {}, memory {})", f.lambda_r, f.lambda_d,
@@ -354,12 +331,12 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   const auto& s = config.sample;
   const int64_t nclass = int64_t(data.class_dirs.size());
   const json resolved = json::parse(config_to_json(config));
-  json sig = {{"weights", weights}, {"stamp", file_stamp(weights)}, {"sample", resolved["sample"]},
+  json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
-  if (fs::exists(st_path)) {
+  if (detail::stage_output_matches(st_path, sig.dump(), cb.log)) {
     auto st = io::load_safetensors(st_path);
-    if (st.metadata.count("signature") && st.metadata.at("signature") == sig.dump() && st.tensors.count("images")) {
+    if (st.tensors.count("images") && st.tensors.count("labels")) {
       say(cb, stage + ": reusing " + st_path);
       LabeledImages out;
       out.images = st.tensors.at("images");

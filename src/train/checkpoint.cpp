@@ -11,6 +11,7 @@
 #include "mdd/io/torch_checkpoint.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
+#include "util/json_preview.h"
 
 namespace fs = std::filesystem;
 
@@ -89,14 +90,8 @@ std::vector<CheckpointInfo> list_checkpoints(const std::string& dir) {
 LoadedCheckpoint read_checkpoint(const CheckpointInfo& info) {
   LoadedCheckpoint out;
   out.info = info;
-  {
-    std::FILE* f = std::fopen(info.meta_path.c_str(), "rb");
-    if (!f) throw Error(info.meta_path + ": cannot open checkpoint sidecar");
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.meta_json.append(buf, n);
-    std::fclose(f);
-  }
+  // A sidecar is a few KB; the cap keeps a hostile or runaway file from being read whole.
+  out.meta_json = read_text_file(info.meta_path, uint64_t(64) << 20);
   nlohmann::json meta;
   try {
     meta = nlohmann::json::parse(out.meta_json);
@@ -109,9 +104,16 @@ LoadedCheckpoint read_checkpoint(const CheckpointInfo& info) {
   std::error_code ec;
   const auto bytes = fs::file_size(info.weights_path, ec);
   if (ec) throw Error(info.weights_path + ": missing checkpoint weights");
-  if (meta.contains("weights_bytes") && meta["weights_bytes"].get<int64_t>() != static_cast<int64_t>(bytes))
-    throw Error(fmt::format("{}: {} bytes on disk but the sidecar recorded {} (truncated or replaced)",
-                            info.weights_path, bytes, meta["weights_bytes"].get<int64_t>()));
+  if (meta.contains("weights_bytes")) {
+    // Type-checked here: a JSON type error must take the "skip this checkpoint" path like every
+    // other defect, not escape it as a foreign exception.
+    const auto& wb = meta["weights_bytes"];
+    if (!wb.is_number_integer())
+      throw Error(fmt::format("{}: 'weights_bytes' must be an integer, got {}", info.meta_path, detail::json_preview(wb)));
+    if (wb.get<int64_t>() != static_cast<int64_t>(bytes))
+      throw Error(fmt::format("{}: {} bytes on disk but the sidecar recorded {} (truncated or replaced)",
+                              info.weights_path, bytes, wb.get<int64_t>()));
+  }
   out.tensors = io::load_safetensors(info.weights_path).tensors;
   return out;
 }
@@ -126,6 +128,24 @@ std::optional<LoadedCheckpoint> read_latest_checkpoint(const std::string& dir, s
     }
   }
   return std::nullopt;
+}
+
+std::optional<LoadedCheckpoint> open_checkpoint_for_resume(const std::string& dir, const LogFn& log) {
+  auto say = [&](const std::string& line) {
+    if (log) log(line);
+  };
+  for (const auto& f : remove_orphan_temp_files(dir))
+    say(fmt::format("resume: removed {} (a temporary file of a killed run)", f));
+  const auto all = list_checkpoints(dir);
+  std::vector<std::string> skipped;
+  auto ck = read_latest_checkpoint(dir, &skipped);
+  for (const auto& e : skipped) say("resume: skipped an unreadable checkpoint: " + e);
+  if (ck && !skipped.empty())
+    say(fmt::format("resume: fell back to step {} ({}), {} newer checkpoint(s) unreadable", ck->info.step,
+                    ck->info.weights_path, skipped.size()));
+  if (!ck && !all.empty())
+    say(fmt::format("resume: none of the {} checkpoints in {} could be read; starting from step 0", all.size(), dir));
+  return ck;
 }
 
 io::TensorMap load_model_weights(const std::string& path, const std::string& entry) {

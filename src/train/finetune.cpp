@@ -15,6 +15,7 @@
 #include "mdd/train/ema.h"
 #include "mdd/util/error.h"
 #include "util/splitmix.h"
+#include "util/json_preview.h"
 
 namespace mdd {
 namespace {
@@ -201,12 +202,17 @@ TrainStats Finetuner::step() {
     (l.loss * loss_scale_).backward();
     bool finite = true;
     {
+      // Unscale on the device and accumulate "all finite" there too: one host sync per step, not
+      // one per parameter (each .item() on CUDA waits for the queue to drain).
       torch::NoGradGuard ng;
+      torch::Tensor all_finite;
       for (auto& p : optimizer_->params())
         if (p.grad().defined()) {
           p.mutable_grad().div_(loss_scale_);
-          finite = finite && torch::isfinite(p.grad()).all().item<bool>();
+          auto f = torch::isfinite(p.grad()).all();
+          all_finite = all_finite.defined() ? all_finite.logical_and(f) : f;
         }
+      if (all_finite.defined()) finite = all_finite.item<bool>();
     }
     if (finite) {
       optimizer_->step();
@@ -273,18 +279,18 @@ std::string Finetuner::save_checkpoint() {
   return info.weights_path;
 }
 
-bool Finetuner::resume() {
+bool Finetuner::resume(const LogFn& log) {
   if (options_.checkpoint_dir().empty()) return false;
-  std::vector<std::string> skipped;
-  auto ck = read_latest_checkpoint(options_.checkpoint_dir(), &skipped);
+  auto ck = open_checkpoint_for_resume(options_.checkpoint_dir(), log);
   if (!ck) return false;
   nlohmann::json meta = nlohmann::json::parse(ck->meta_json);
   const nlohmann::json want = loop_signature(options_);
-  if (!meta.contains("loop")) throw Error(ck->info.meta_path + ": not an mdd training checkpoint (no 'loop')");
+  if (!meta.contains("loop") || !meta["loop"].is_object())
+    throw Error(ck->info.meta_path + ": not an mdd training checkpoint (no 'loop' object)");
   for (auto it = want.begin(); it != want.end(); ++it) {
     if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
       throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
-                              it.key(), meta["loop"].value(it.key(), nlohmann::json()).dump(), it.value().dump()));
+                              it.key(), detail::json_preview(meta["loop"].value(it.key(), nlohmann::json())), detail::json_preview(it.value())));
   }
   load_state_dict(*model_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
   load_state_dict(*ema_, strip_prefix(ck->tensors, "ema."), /*strict=*/true);

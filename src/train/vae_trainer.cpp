@@ -18,6 +18,7 @@
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 #include "util/splitmix.h"
+#include "util/json_preview.h"
 
 namespace mdd {
 namespace {
@@ -131,9 +132,9 @@ std::string VaeTrainer::save_checkpoint() {
   return write_checkpoint(options_.checkpoint_dir(), step_, t, meta.dump(), options_.keep_checkpoints()).weights_path;
 }
 
-bool VaeTrainer::resume() {
+bool VaeTrainer::resume(const LogFn& log) {
   if (options_.checkpoint_dir().empty()) return false;
-  auto ck = read_latest_checkpoint(options_.checkpoint_dir());
+  auto ck = open_checkpoint_for_resume(options_.checkpoint_dir(), log);
   if (!ck) return false;
   const nlohmann::json meta = nlohmann::json::parse(ck->meta_json, nullptr, /*allow_exceptions=*/false);
   if (meta.is_discarded() || !meta.is_object() || !meta.contains("loop") || !meta["loop"].is_object())
@@ -142,7 +143,7 @@ bool VaeTrainer::resume() {
   for (auto it = want.begin(); it != want.end(); ++it)
     if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
       throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
-                              it.key(), meta["loop"].value(it.key(), nlohmann::json()).dump(), it.value().dump()));
+                              it.key(), detail::json_preview(meta["loop"].value(it.key(), nlohmann::json())), detail::json_preview(it.value())));
   load_state_dict(*vae_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
   optimizer_->load_state(ck->tensors, "opt.");
   step_ = ck->info.step;

@@ -282,6 +282,15 @@ def main():
         d = {"x": d}
     write_archive(p("deep.pt"), craft_pickle(d), {"0": six}, compress=True)
 
+    # 9. The input budget (mdd::io::InputLimits): a stride-0 view of 6 stored floats that claims
+    # 2^40 elements (4 TB once materialised), one that repeats its storage 1000x, and a 16 MB pickle
+    # of empty lists deflated to a few KB (each list an object: ~1.6 GB of objects without a cap
+    # that scales with the bytes in the file).
+    write_archive(p("huge_view.pt"), craft_pickle({"a": FakeTensor(st, 0, [2 ** 20, 2 ** 20], [0, 0])}), {"0": six})
+    write_archive(p("broadcast_view.pt"), craft_pickle({"a": FakeTensor(st, 0, [1000, 6], [0, 1])}), {"0": six})
+    bomb = b"\x80\x02" + b"]0" * (1 << 23) + b"}."
+    write_archive(p("pickle_bomb.pt"), bomb, {}, compress=True)
+
     total = sum(os.path.getsize(p(f)) for f in os.listdir(args.out))
     print(f"wrote {len(os.listdir(args.out))} files, {total} bytes, to {args.out}")
     if os.path.exists(MARKER):

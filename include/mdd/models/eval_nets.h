@@ -32,6 +32,9 @@ class EvalNetImpl : public torch::nn::Module {
   /// The penultimate embedding [N, D] that the classifier consumes (ConvNet: the flattened last
   /// block; ResNets: the globally average-pooled last stage).
   virtual torch::Tensor embed(torch::Tensor x) = 0;
+  /// Logits from an `embed` output: `forward(x) == classify(embed(x))`, so callers that need both
+  /// (the generator proxy) run the network once.
+  virtual torch::Tensor classify(torch::Tensor embedding) = 0;
   /// The reference's `get_feature(x, 0, last)` list: the output of every block / stage.
   virtual std::vector<torch::Tensor> features(torch::Tensor x) = 0;
   /// Re-draws every parameter with the reference initialisation from `generator` (buffers are
@@ -64,6 +67,7 @@ class ConvNetImpl : public EvalNetImpl {
   explicit ConvNetImpl(ConvNetOptions options);
   torch::Tensor forward(torch::Tensor x) override;
   torch::Tensor embed(torch::Tensor x) override;
+  torch::Tensor classify(torch::Tensor embedding) override;
   std::vector<torch::Tensor> features(torch::Tensor x) override;
   void reset_parameters(torch::Generator generator) override;
   /// The options this network was built with.
@@ -119,6 +123,7 @@ class ResNetImpl : public EvalNetImpl {
   explicit ResNetImpl(ResNetOptions options);
   torch::Tensor forward(torch::Tensor x) override;
   torch::Tensor embed(torch::Tensor x) override;
+  torch::Tensor classify(torch::Tensor embedding) override;
   std::vector<torch::Tensor> features(torch::Tensor x) override;
   void reset_parameters(torch::Generator generator) override;
   /// The options this network was built with.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "mdd/io/safetensors.h"
+#include "mdd/util/progress.h"
 
 namespace mdd {
 
@@ -50,6 +51,12 @@ LoadedCheckpoint read_checkpoint(const CheckpointInfo& info);
 /// skipped and their error messages appended to `skipped` (when given). std::nullopt if none.
 std::optional<LoadedCheckpoint> read_latest_checkpoint(const std::string& dir,
                                                         std::vector<std::string>* skipped = nullptr);
+
+/// What a trainer's resume() does with `dir`: removes temporary files that killed runs left there,
+/// then reads the newest checkpoint that reads back cleanly. Every deviation from "the newest
+/// checkpoint loaded" goes to `log` — each skipped checkpoint with its error, the step it fell back
+/// to, "starting from step 0" when checkpoints exist but none reads — so a fallback is never silent.
+std::optional<LoadedCheckpoint> open_checkpoint_for_resume(const std::string& dir, const LogFn& log = {});
 
 /// `m` with `prefix` put in front of every key (e.g. "model." for the model's entry of a checkpoint).
 io::TensorMap with_prefix(const io::TensorMap& m, const std::string& prefix);

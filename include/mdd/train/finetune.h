@@ -131,7 +131,9 @@ class Finetuner {
   /// Loads the newest readable checkpoint of `checkpoint_dir` (model, EMA, optimizer, memories,
   /// step). Returns false when there is none. Throws mdd::Error when the checkpoint does not fit
   /// this model (names the key) or was written with a different loop configuration.
-  bool resume();
+  /// Temporary files of killed runs in `checkpoint_dir` are removed first; skipped checkpoints, the
+  /// step fallen back to and "starting from step 0" are reported through `log`.
+  bool resume(const LogFn& log = {});
 
   /// Runs until `steps` are done, writing checkpoints as configured (and one at the end).
   /// Progress stage "finetune" (or `stage`), one event per step. A NaN/Inf loss throws mdd::Error

@@ -73,7 +73,9 @@ class VaeTrainer {
   VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOptions options = {});
   /// Loads the newest readable checkpoint of `checkpoint_dir`; false when there is none. Throws
   /// mdd::Error when it was written with other loop settings (names the key).
-  bool resume();
+  /// Temporary files of killed runs in `checkpoint_dir` are removed first; skipped checkpoints, the
+  /// step fallen back to and "starting from step 0" are reported through `log`.
+  bool resume(const LogFn& log = {});
   /// Runs until `steps` are done (checkpoints as configured, one at the end). Progress stage
   /// `stage`, one event per step. A NaN/Inf loss throws mdd::Error naming the step.
   void train(const ProgressFn& progress = {}, const VaeTrainLogFn& log = {}, const std::string& stage = "train_vae");

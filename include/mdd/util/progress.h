@@ -19,4 +19,8 @@ struct Progress {
 /// Receives progress events; an empty function means "no reporting".
 using ProgressFn = std::function<void(const Progress&)>;
 
+/// Receives one human-readable log line (no trailing newline), e.g. a checkpoint skipped on resume;
+/// an empty function drops them.
+using LogFn = std::function<void(const std::string&)>;
+
 }  // namespace mdd
