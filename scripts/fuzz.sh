@@ -26,7 +26,7 @@ command -v ninja >/dev/null && GEN=(-G Ninja)
 LAUNCHER=()
 command -v ccache >/dev/null && LAUNCHER=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S . -B "$BUILD_DIR" "${GEN[@]}" "${LAUNCHER[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DMDD_BUILD_FUZZERS=ON -DMDD_BUILD_TESTS=ON \
+  -DCMAKE_CXX_COMPILER=clang++ -DMDD_BUILD_FUZZERS=ON -DMDD_BUILD_TESTS=ON \
   -DMDD_BUILD_EXAMPLES=OFF -DMDD_BUILD_BENCHMARKS=OFF >/dev/null
 fuzzers=()
 for t in $TARGETS; do fuzzers+=("fuzz_$t"); done

@@ -7,7 +7,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <stb_image.h>
+#include "stb_image.h"  // third_party/stb (v2.30), see src/io/stb_impl.cpp
 #include <stb_image_write.h>
 
 #include "io/pil_resample.h"

@@ -17,7 +17,9 @@
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 #pragma GCC diagnostic ignored "-Wsign-compare"
 #endif
-#include <stb_image.h>
+// third_party/stb/stb_image.h (v2.30, vendored: Debian's 2.27 overflows on hostile JPEGs) comes
+// first on the include path; stb_image_write.h is Debian's.
+#include "stb_image.h"
 #include <stb_image_write.h>
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
