@@ -196,6 +196,28 @@ TEST(EvalNets, ClassifyOfEmbedEqualsForward) {
   }
 }
 
+namespace {
+// A network written against the interface before classify() existed: it must still compile, and
+// using it where classify is needed must say so instead of crashing.
+struct OldStyleNet : mdd::EvalNetImpl {
+  torch::Tensor forward(torch::Tensor x) override { return embed(x); }
+  torch::Tensor embed(torch::Tensor x) override { return x.flatten(1); }
+  std::vector<torch::Tensor> features(torch::Tensor x) override { return {x}; }
+  void reset_parameters(torch::Generator) override {}
+};
+}  // namespace
+
+TEST(EvalNets, ClassifyDefaultNamesWhatIsMissing) {
+  OldStyleNet net;
+  try {
+    net.classify(torch::zeros({2, 5}));
+    FAIL() << "expected mdd::Error";
+  } catch (const mdd::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("classify"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("[2, 5]"), std::string::npos) << e.what();
+  }
+}
+
 TEST(EvalNets, BadOptionsThrow) {
   EXPECT_THROW(mdd::make_eval_net("vgg11", 10, 32), mdd::Error);
   EXPECT_THROW(mdd::make_eval_net("convnet3", 10, 32, "layer"), mdd::Error);

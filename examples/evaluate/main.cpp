@@ -2,6 +2,7 @@
 //
 //   mdd_evaluate --train <distilled_root> --test <imagenet>/val --protocol idc --net resnet_ap10
 //   mdd_evaluate --fashion-mnist --ipc 10 --select random --protocol dc --repeats 3
+//   mdd_evaluate --fashion-mnist --train <distilled_fmnist> --protocol dc --repeats 3
 //
 // Image folders are `<root>/<class>/*.png|jpg`; the test folder uses the training set's classes.
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include "mdd/data/image_folder.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/eval/selection.h"
+#include "mdd/pipeline/distill.h"
 #include "mdd/util/error.h"
 
 int main(int argc, char** argv) {
@@ -33,7 +35,9 @@ int main(int argc, char** argv) {
   uint64_t seed = 0;
   app.add_option("--train", train_dir, "training image folder <root>/<class>/*");
   app.add_option("--test", test_dir, "test image folder (same class names)");
-  app.add_flag("--fashion-mnist", fashion, "use Fashion-MNIST (train split -> selection, test split -> test)");
+  app.add_flag("--fashion-mnist", fashion,
+               "use Fashion-MNIST: test split -> test; train split -> selection, or --train <folder> of 1-channel "
+               "images in class folders named as mdd_distill writes them (T-shirt_top, Trouser, ...)");
   app.add_option("--fmnist-dir", fmnist_dir, "Fashion-MNIST directory")->capture_default_str();
   app.add_option("--ipc", ipc, "images per class taken from the training set (0 = all)");
   app.add_option("--select", select, "coreset: random | first | herding | kcenter, or a comma list (reports get a <method>_ prefix)")->capture_default_str();
@@ -69,7 +73,22 @@ int main(int argc, char** argv) {
       if (e == std::string::npos) e = select.size();
       if (e > b) methods.push_back(select.substr(b, e - b));
     }
-    if (fashion) {
+    if (fashion && !train_dir.empty()) {
+      // A distilled Fashion-MNIST set (e.g. mdd_distill's samples/<method>/): labels follow the
+      // dataset's class order, not the folders' alphabetical one.
+      if (ipc > 0) throw mdd::Error("--ipc selects from the Fashion-MNIST train split; it cannot be combined with --train");
+      if (!test_dir.empty()) throw mdd::Error("--fashion-mnist tests on its test split; drop --test");
+      test = mdd::load_fashion_mnist(fmnist_dir, "test");
+      std::vector<std::string> dirs;
+      for (const auto& n : test.class_names) dirs.push_back(mdd::sanitize_class_dir(n));
+      mdd::ImageFolder tr(train_dir, mdd::ImageFolderOptions().classes(dirs).channels(1));
+      train = tr.load({}, threads, printer.callback());
+      train.class_names = test.class_names;
+      if (train.images.size(1) != 28 || train.images.size(2) != 28)
+        throw mdd::Error(train_dir + ": Fashion-MNIST images are 28x28; this folder holds " +
+                         std::to_string(train.images.size(1)) + "x" + std::to_string(train.images.size(2)));
+      o.mean({0.2861}).std({0.3530});
+    } else if (fashion) {
       train = mdd::load_fashion_mnist(fmnist_dir, "train");
       test = mdd::load_fashion_mnist(fmnist_dir, "test");
       // DC's FashionMNIST statistics (utils.py get_dataset).
@@ -146,7 +165,7 @@ int main(int argc, char** argv) {
         run_one(mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)), m, rep);
       }
     } else {
-      run_one(train, fashion ? "all" : "folder", rep);
+      run_one(train, fashion && train_dir.empty() ? "all" : "folder", rep);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -11,6 +11,7 @@
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace {
@@ -21,8 +22,6 @@ bool file_exists(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0;
 }
-
-std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 // Word-wise multiply-xor hash (FNV-1a style over 64-bit words): fast enough to fingerprint GBs of
 // pixels in seconds, and any changed byte changes the result with overwhelming probability.

@@ -11,18 +11,12 @@
 
 #include "mdd/diffusion/schedule.h"
 #include "mdd/util/error.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace {
 
 using Vec = std::vector<double>;
-
-std::string shape_str(const torch::Tensor& t) {
-  if (!t.defined()) return "<undefined>";
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
 
 torch::Tensor to_tensor(const Vec& v) {
   return torch::tensor(v, torch::TensorOptions().dtype(torch::kFloat64));

@@ -11,16 +11,10 @@
 
 #include "mdd/util/error.h"
 #include "util/splitmix.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace {
-
-std::string shape_str(const torch::Tensor& t) {
-  if (!t.defined()) return "<undefined>";
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
 
 DiffusionOptions diffusion_options(const SamplerOptions& o) {
   return DiffusionOptions()

@@ -14,11 +14,10 @@
 #include "mdd/io/input_limits.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace {
-
-std::string shape_str(const torch::Tensor& t) { return fmt::format("[{}]", fmt::join(t.sizes(), ", ")); }
 
 // Every decode and resize result is checked against the input budget before it is allocated: a
 // small file can claim (or a thin image can be scaled to) billions of pixels.

@@ -6,12 +6,11 @@
 #include <torch/torch.h>
 
 #include "mdd/util/error.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 
 namespace {
-
-std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 }  // namespace
 

@@ -19,6 +19,7 @@
 
 #include "minimax/minimax_kernels.h"
 #include "mdd/util/error.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 
@@ -30,8 +31,6 @@ using minimax_detail::Selection;
 using minimax_detail::SelectJob;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 // Query rows with at most this many rows per class compute their dot products inside the
 // parallel selection kernel (a few bank-sized GEMVs: memory bound, nothing for BLAS to gain and

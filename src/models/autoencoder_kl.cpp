@@ -18,6 +18,7 @@
 #include "util/torch_compat.h"
 #include "util/json_preview.h"
 #include "util/file_util.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace vae {
@@ -324,10 +325,6 @@ torch::Tensor sliced(const torch::Tensor& x, int64_t slice,
   std::vector<torch::Tensor> parts;
   for (int64_t i = 0; i < n; i += slice) parts.push_back(fn(x.narrow(0, i, std::min(slice, n - i))));
   return torch::cat(parts, 0);
-}
-
-std::string shape_str(const torch::Tensor& t) {
-  return t.defined() ? fmt::format("{}", t.sizes().vec()) : std::string("<undefined>");
 }
 
 }  // namespace

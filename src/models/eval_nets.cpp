@@ -11,6 +11,7 @@
 
 #include "mdd/util/error.h"
 #include "models/fused_convnet.h"
+#include "util/shape_str.h"
 
 namespace mdd {
 namespace {
@@ -150,6 +151,12 @@ torch::Tensor ConvNetImpl::block(int64_t d, torch::Tensor x) {
 torch::Tensor ConvNetImpl::embed(torch::Tensor x) {
   for (int64_t d = 0; d < options_.depth(); ++d) x = block(d, x);
   return x.reshape({x.size(0), -1});
+}
+
+torch::Tensor EvalNetImpl::classify(torch::Tensor embedding) {
+  throw Error(fmt::format("{}: classify(embedding) is not implemented by this network (an embedding of shape {} was given); "
+                          "override EvalNetImpl::classify to use it with GeneratorProxy",
+                          name(), shape_str(embedding)));
 }
 
 torch::Tensor ConvNetImpl::forward(torch::Tensor x) { return classify(embed(std::move(x))); }

@@ -39,13 +39,6 @@ void say(const PipelineCallbacks& cb, const std::string& line) {
   if (cb.log) cb.log(line);
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  fs::create_directories(fs::path(path).parent_path());
-  AtomicFileWriter w(path);
-  w.write(text.data(), text.size());
-  w.commit();
-}
-
 // A cached JSON file of an earlier run, "" when absent or unreadable (the cache is then rebuilt).
 std::string read_text(const std::string& path) {
   std::error_code ec;
@@ -239,7 +232,7 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   // Later keys join the signature only when set, so outputs of earlier runs keep being reused.
   if (p.ema_warmup) sig["ema_warmup"] = true;
   if (p.lr_warmup > 0) sig["lr_warmup"] = p.lr_warmup;
-  if (!force && detail::stage_output_matches(out, sig.dump(), cb.log)) {
+  if (!force && detail::load_stage_output(out, sig.dump(), cb.log)) {
     say(cb, "pretrain: reusing " + out);
     return out;
   }
@@ -282,7 +275,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
     // not redo the DiffFit baseline (or its evaluation).
     for (const char* k : {"lambda_r", "lambda_d", "memory_size"}) sig["finetune"].erase(k);
   }
-  if (detail::stage_output_matches(out, sig.dump(), cb.log)) {
+  if (detail::load_stage_output(out, sig.dump(), cb.log)) {
     say(cb, fmt::format("finetune-{}: reusing {}", variant, out));
     return out;
   }
@@ -334,13 +327,12 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
-  if (detail::stage_output_matches(st_path, sig.dump(), cb.log)) {
-    auto st = io::load_safetensors(st_path);
-    if (st.tensors.count("images") && st.tensors.count("labels")) {
+  if (auto st = detail::load_stage_output(st_path, sig.dump(), cb.log)) {
+    if (st->tensors.count("images") && st->tensors.count("labels")) {
       say(cb, stage + ": reusing " + st_path);
       LabeledImages out;
-      out.images = st.tensors.at("images");
-      out.labels = st.tensors.at("labels");
+      out.images = st->tensors.at("images");
+      out.labels = st->tensors.at("labels");
       out.class_names = data.train.class_names;
       return out;
     }
@@ -401,7 +393,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
     for (int64_t c = 0; c < nclass; ++c) rows.push_back(images.index({labels == c}).slice(0, 0, 20));
     write_png((fs::path(out_dir) / "grid.png").string(), class_sheet(rows));
   }
-  write_text((fs::path(out_dir) / "sample_config.json").string(),
+  write_text_file_atomic((fs::path(out_dir) / "sample_config.json").string(),
              json({{"weights", weights}, {"sample", resolved["sample"]}, {"model", resolved["model"]}, {"codec", resolved["codec"]},
                    {"seeds", {{"seed", s.seed}, {"rule", "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
                    {"seconds", seconds_since(t0)}})
@@ -441,7 +433,7 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
   }
   say(cb, fmt::format("evaluate-{}: {} images, protocol {}, {} repeats", name, train.images.size(0), e.protocol, e.repeats));
   EvalResult r = evaluate(train, test, eo, staged(cb, "evaluate-" + name));
-  write_text(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n");
+  write_text_file_atomic(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n");
   say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", name, r.mean, r.std, r.seconds));
   return r;
 }
@@ -451,7 +443,7 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
   const auto t_all = clock_type::now();
   const fs::path out(config.output_dir);
   fs::create_directories(out);
-  write_text((out / "config.json").string(), config_to_json(config) + "\n");
+  write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n");
   json timings = json::object();
   auto timed = [&](const std::string& key, auto&& fn) {
     const auto t0 = clock_type::now();
@@ -546,7 +538,7 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
                  {"config", json::parse(config_to_json(config))}};
   if (!full.is_null()) report["full_set"] = full;
   const std::string report_path = (out / "report.json").string();
-  write_text(report_path, report.dump(2) + "\n");
+  write_text_file_atomic(report_path, report.dump(2) + "\n");
 
   static const std::map<std::string, std::string> label = {
       {"random", "Random real images"},
@@ -575,7 +567,7 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
     first = false;
   }
   md += "\n\n![contact sheet](contact_sheet.png)\n";
-  write_text((out / "report.md").string(), md);
+  write_text_file_atomic((out / "report.md").string(), md);
   say(cb, "report: " + report_path);
   return report_path;
 }

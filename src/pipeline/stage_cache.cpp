@@ -34,28 +34,21 @@ bool non_empty_dir(const fs::path& p) {
   return fs::is_directory(p, ec) && !fs::is_empty(p, ec);
 }
 
-void write_signature(const fs::path& path, const std::string& text) {
-  std::error_code ec;
-  fs::create_directories(path.parent_path(), ec);
-  if (ec) throw Error(fmt::format("{}: cannot create the stage folder ({})", path.parent_path().string(), ec.message()));
-  AtomicFileWriter w(path.string());
-  w.write(text.data(), text.size());
-  w.commit();
-}
-
 }  // namespace
 
-bool stage_output_matches(const std::string& path, const std::string& signature, const LogFn& log) {
+std::optional<io::SafeTensors> load_stage_output(const std::string& path, const std::string& signature,
+                                                 const LogFn& log) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) return false;
+  if (!fs::exists(path, ec)) return std::nullopt;
   try {
     // Fully validated (a half-written or corrupt output must not count as done).
-    const auto st = io::load_safetensors(path);
+    auto st = io::load_safetensors(path);
     const auto it = st.metadata.find("signature");
-    return it != st.metadata.end() && it->second == signature;
+    if (it == st.metadata.end() || it->second != signature) return std::nullopt;
+    return st;
   } catch (const Error& e) {
     say(log, fmt::format("cannot reuse {} ({}); computing it again", path, e.what()));
-    return false;
+    return std::nullopt;
   }
 }
 
@@ -89,7 +82,7 @@ void prepare_stage_checkpoints(const std::string& dir, const std::string& resume
                                : have_sig ? "a run with other settings" : "a run without a signature file",
                          target.string()));
   }
-  write_signature(sig_path, resume_signature);
+  write_text_file_atomic(sig_path.string(), resume_signature);
 }
 
 }  // namespace mdd::detail

@@ -30,12 +30,6 @@ int64_t step_of(const std::string& filename) {
   return std::stoll(digits);
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  AtomicFileWriter w(path);
-  w.write(text.data(), text.size());
-  w.commit();
-}
-
 }  // namespace
 
 CheckpointInfo write_checkpoint(const std::string& dir, int64_t step, const io::TensorMap& tensors,
@@ -57,7 +51,7 @@ CheckpointInfo write_checkpoint(const std::string& dir, int64_t step, const io::
   meta["weights_file"] = fs::path(info.weights_path).filename().string();
   meta["weights_bytes"] = static_cast<int64_t>(fs::file_size(info.weights_path));
   // The sidecar goes last: its presence is what marks the checkpoint complete.
-  write_text_atomic(info.meta_path, meta.dump(2) + "\n");
+  write_text_file_atomic(info.meta_path, meta.dump(2) + "\n");
   if (keep_last > 0) {
     auto all = list_checkpoints(dir);
     if (int64_t(all.size()) > keep_last) {

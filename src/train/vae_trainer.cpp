@@ -237,10 +237,7 @@ void save_pretrained(const AutoencoderKL& vae, const std::string& dir) {
   std::filesystem::create_directories(dir);
   io::save_safetensors((std::filesystem::path(dir) / "diffusion_pytorch_model.safetensors").string(), state_dict(*vae),
                        {{"format", "pt"}});
-  const std::string text = cfg.dump(2);
-  AtomicFileWriter w((std::filesystem::path(dir) / "config.json").string());
-  w.write(text.data(), text.size());
-  w.commit();
+  write_text_file_atomic((std::filesystem::path(dir) / "config.json").string(), cfg.dump(2));
 }
 
 }  // namespace mdd

@@ -76,14 +76,13 @@ std::string read_text_file(const std::string& path, uint64_t max_bytes) {
 }
 
 std::string file_content_stamp(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) return "missing";
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return "missing";
+  uint64_t size = 0;
+  int fd = -1;
+  try {
+    fd = open_regular(path, UINT64_MAX, &size);
+  } catch (const Error&) {
+    return "missing";  // absent, unreadable or not a regular file: the cache entry is rebuilt
   }
-  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   std::vector<unsigned char> buf(size_t(1) << 20);
   uLong crc = ::crc32(0L, Z_NULL, 0);
   uint64_t total = 0;
@@ -101,6 +100,18 @@ std::string file_content_stamp(const std::string& path) {
   }
   ::close(fd);
   return fmt::format("{}:{:08x}", total, uint32_t(crc));
+}
+
+void write_text_file_atomic(const std::string& path, const std::string& text) {
+  const auto parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    if (ec) throw Error(fmt::format("{}: cannot create the folder ({})", parent.string(), ec.message()));
+  }
+  AtomicFileWriter w(path);
+  w.write(text.data(), text.size());
+  w.commit();
 }
 
 std::vector<std::string> remove_orphan_temp_files(const std::string& dir) {

@@ -23,6 +23,10 @@ std::string read_text_file(const std::string& path, uint64_t max_bytes = uint64_
 /// a copy, and it changes when the bytes do.
 std::string file_content_stamp(const std::string& path);
 
+/// Writes a small text file (sidecar, signature, resolved config, report) atomically with
+/// AtomicFileWriter, creating the parent folders first; throws mdd::Error naming the folder or file.
+void write_text_file_atomic(const std::string& path, const std::string& text);
+
 /// Temporary files that killed writers left in `dir`: names `<file>.tmp.<pid>.<n>` whose writer
 /// process `<pid>` no longer runs on this machine. Removes them and returns their paths (for the
 /// caller's log). A missing `dir` gives an empty list.

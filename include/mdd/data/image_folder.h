@@ -43,7 +43,8 @@ struct ImageFolderOptions {
   /// smallest class.
   TORCH_ARG(int64_t, ipc) = 0;
   /// Accepted file extensions (case-insensitive suffix match, as torchvision). Files with other
-  /// extensions are ignored.
+  /// extensions are ignored. Only PNG and JPEG decode (read_image); BMP/PPM/PGM stay listed, as in
+  /// torchvision, so that a folder holding them fails loudly instead of silently losing images.
   TORCH_ARG(std::vector<std::string>, extensions) =
       std::vector<std::string>{".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm"};
   /// Channels to decode (3 = RGB like the reference's `convert("RGB")`, 1 = grey).

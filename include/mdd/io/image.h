@@ -18,7 +18,8 @@
 
 namespace mdd {
 
-/// Decodes an image file (PNG, JPEG, BMP, PNM, TGA, GIF first frame) to uint8 [H, W, channels].
+/// Decodes a PNG or JPEG file to uint8 [H, W, channels]. Only these two decoders are compiled in
+/// (less attack surface, docs/security.md); any other format is an `mdd::Error`.
 /// `channels` is 3 (RGB, the reference's `convert("RGB")`: alpha is dropped without compositing,
 /// grey is replicated), 1 (PIL `convert("L")`: ITU-R 601 luma with Pillow's fixed point) or 4 (RGBA,
 /// opaque alpha added when absent). A missing or undecodable file throws `mdd::Error` naming it.

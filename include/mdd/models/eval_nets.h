@@ -33,8 +33,9 @@ class EvalNetImpl : public torch::nn::Module {
   /// block; ResNets: the globally average-pooled last stage).
   virtual torch::Tensor embed(torch::Tensor x) = 0;
   /// Logits from an `embed` output: `forward(x) == classify(embed(x))`, so callers that need both
-  /// (the generator proxy) run the network once.
-  virtual torch::Tensor classify(torch::Tensor embedding) = 0;
+  /// (the generator proxy) run the network once. Not pure, so that a network written against the
+  /// earlier interface still compiles; the default throws mdd::Error naming what is missing.
+  virtual torch::Tensor classify(torch::Tensor embedding);
   /// The reference's `get_feature(x, 0, last)` list: the output of every block / stage.
   virtual std::vector<torch::Tensor> features(torch::Tensor x) = 0;
   /// Re-draws every parameter with the reference initialisation from `generator` (buffers are
