@@ -27,7 +27,7 @@ LAUNCHER=()
 command -v ccache >/dev/null && LAUNCHER=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S . -B "$BUILD_DIR" "${GEN[@]}" "${LAUNCHER[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_COMPILER=clang++ -DMDD_BUILD_FUZZERS=ON -DMDD_BUILD_TESTS=ON \
-  -DMDD_BUILD_EXAMPLES=OFF -DMDD_BUILD_BENCHMARKS=OFF >/dev/null
+  -DMDD_BUILD_EXAMPLES=OFF -DMDD_BUILD_BENCHMARKS=OFF -DMDD_USE_PCH=OFF >/dev/null
 fuzzers=()
 for t in $TARGETS; do fuzzers+=("fuzz_$t"); done
 cmake --build "$BUILD_DIR" -j "$JOBS" --target test_io test_data test_train "${fuzzers[@]}"

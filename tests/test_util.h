@@ -12,6 +12,17 @@
 
 namespace mdd_test {
 
+/// tests/data of the source tree and the build's scratch folder (generated mdd_test_paths.cpp).
+const char* test_data_dir();
+const char* test_tmp_dir();
+
+}  // namespace mdd_test
+
+#define MDD_TEST_DATA_DIR ::mdd_test::test_data_dir()
+#define MDD_TEST_TMP_DIR ::mdd_test::test_tmp_dir()
+
+namespace mdd_test {
+
 /// Absolute path of a file under tests/data.
 inline std::string data_path(const std::string& name) { return std::string(MDD_TEST_DATA_DIR) + "/" + name; }
 
