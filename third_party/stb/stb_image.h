@@ -1665,6 +1665,10 @@ static void stbi__skip(stbi__context *s, int n)
 #else
 static int stbi__getn(stbi__context *s, stbi_uc *buffer, int n)
 {
+   // mdd patch: a zero-length read needs no copy. Without this, a PNG whose first IDAT chunk is empty
+   // reaches memcpy(NULL, src, 0) (the IDAT buffer is not allocated yet), undefined behaviour that
+   // UBSan reports (fuzz/fuzz_image finding; reproducer tests/data/fuzz/png-empty-idat.png).
+   if (n == 0) return 1;
    if (s->io.read) {
       int blen = (int) (s->img_buffer_end - s->img_buffer);
       if (blen < n) {
