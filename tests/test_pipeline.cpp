@@ -14,6 +14,7 @@
 #include "mdd/pipeline/config.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/train/checkpoint.h"
+#include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
 
@@ -135,20 +136,29 @@ TEST(Pipeline, SanitizeClassDir) {
   EXPECT_EQ(sanitize_class_dir(".."), "class");
 }
 
+namespace {
+
+// Grey 8x8 PNGs `<dir>/cls<c>/<k>.png`: noise in [0, 60) with rows [c * stride, c * stride + rows)
+// brightened by 180, so that class c is learnable.
+void write_band_images(const std::string& dir, int nclass, int per_class, int stride, int rows, uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (int c = 0; c < nclass; ++c) {
+    fs::create_directories(dir + "/cls" + std::to_string(c));
+    for (int k = 0; k < per_class; ++k) {
+      torch::Tensor img = torch::randint(0, 60, {8, 8, 1}, gen, torch::kInt64);
+      img.slice(0, c * stride, c * stride + rows) += 180;
+      write_png(dir + "/cls" + std::to_string(c) + "/" + std::to_string(k) + ".png", img.to(torch::kUInt8));
+    }
+  }
+}
+
+}  // namespace
+
 // The whole pipeline on 3 classes x 8 grey 8x8 images: pretrain, both fine-tunes, sampling,
 // evaluation, report; then a re-run reuses every stage.
 TEST(Pipeline, TinyEndToEndAndReuse) {
   const std::string root = mdd_test::tmp_dir("pipeline_e2e");
-  auto gen = at::detail::createCPUGenerator(5);
-  for (int c = 0; c < 3; ++c) {
-    fs::create_directories(root + "/images/cls" + std::to_string(c));
-    for (int k = 0; k < 8; ++k) {
-      // class c is bright in band c (so a classifier can learn it)
-      torch::Tensor img = torch::randint(0, 60, {8, 8, 1}, gen, torch::kInt64);
-      img.slice(0, c * 2, c * 2 + 3) += 180;
-      write_png(root + "/images/cls" + std::to_string(c) + "/" + std::to_string(k) + ".png", img.to(torch::kUInt8));
-    }
-  }
+  write_band_images(root + "/images", 3, 8, /*stride=*/2, /*rows=*/3, /*seed=*/5);
   DistillConfig c = parse_config(R"({
     "name": "tiny", "data": {"kind": "imagefolder", "spec": "", "nclass": 3, "image_size": 8},
     "codec": {"kind": "identity", "batch_size": 5},
@@ -240,6 +250,58 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   ASSERT_GT(before, 0u);
   EXPECT_THROW(run_distill(c, {}, cb), Error);
   EXPECT_EQ(list_checkpoints(c.output_dir + "/minimax/checkpoints").size(), before);
+}
+
+TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
+  // Latents, pre-training, fine-tuning and samples all depend on the VAE. Retraining it in place
+  // (same folder, new weights) must redo them, not silently reuse what the old VAE made.
+  const std::string root = mdd_test::tmp_dir("pipeline_vae_stamp");
+  write_band_images(root + "/images", 2, 4, /*stride=*/4, /*rows=*/4, /*seed=*/7);
+  auto make_vae = [&](double scale) {
+    AutoencoderKL vae(AutoencoderKLOptions().in_channels(3).out_channels(3).latent_channels(2)
+                          .block_out_channels({8, 8}).layers_per_block(1).norm_num_groups(4).sample_size(8));
+    torch::NoGradGuard ng;
+    for (auto& p : vae->parameters()) p.mul_(scale);
+    save_pretrained(vae, root + "/vae");
+  };
+  make_vae(1.0);
+  DistillConfig c = parse_config(R"({
+    "name": "tiny-vae", "data": {"kind": "imagefolder", "spec": "", "nclass": 2, "image_size": 8},
+    "codec": {"kind": "vae", "batch_size": 4, "encoder": ")" + root + R"(/vae"},
+    "model": {"name": "custom", "input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 16, "depth": 1,
+              "num_heads": 2, "num_classes": 2},
+    "pretrain": {"steps": 2, "batch_size": 4, "lr": 0.001, "ckpt_every": 2},
+    "finetune": {"steps": 2, "batch_size": 4, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
+    "sample": {"ipc": 1, "steps": "3", "cfg_scale": 2.0, "batch_size": 2, "guidance": "all"},
+    "evaluate": {"methods": ["dit", "minimax"]}
+  })");
+  c.data.root = root + "/images";
+  c.data.test_root = root + "/images";
+  c.output_dir = root + "/out";
+  DistillRunOptions ro;
+  ro.skip_evaluate = true;
+  std::vector<std::string> lines;
+  PipelineCallbacks cb;
+  cb.log = [&](const std::string& l) { lines.push_back(l); };
+  auto count = [&](const std::string& needle) {
+    int n = 0;
+    for (const auto& l : lines) n += l.find(needle) != std::string::npos;
+    return n;
+  };
+  run_distill(c, ro, cb);
+  lines.clear();
+  run_distill(c, ro, cb);
+  EXPECT_EQ(count("latents: encoded"), 0);
+  EXPECT_EQ(count("pretrain: reusing"), 1);
+  EXPECT_EQ(count("finetune-minimax: reusing"), 1);
+
+  make_vae(0.5);  // same folder, other weights
+  lines.clear();
+  run_distill(c, ro, cb);
+  EXPECT_EQ(count("latents: encoded"), 1);
+  EXPECT_EQ(count("pretrain: reusing"), 0);
+  EXPECT_EQ(count("finetune-minimax: reusing"), 0);
+  EXPECT_EQ(count(": reusing"), 0) << "no stage may reuse outputs made with the old VAE";
 }
 
 TEST(Pipeline, ClearErrors) {

@@ -73,6 +73,8 @@ int main(int argc, char** argv) {
       if (e == std::string::npos) e = select.size();
       if (e > b) methods.push_back(select.substr(b, e - b));
     }
+    // DC's FashionMNIST statistics (utils.py get_dataset), for the train split and distilled folders alike.
+    if (fashion) o.mean({0.2861}).std({0.3530});
     if (fashion && !train_dir.empty()) {
       // A distilled Fashion-MNIST set (e.g. mdd_distill's samples/<method>/): labels follow the
       // dataset's class order, not the folders' alphabetical one.
@@ -87,12 +89,9 @@ int main(int argc, char** argv) {
       if (train.images.size(1) != 28 || train.images.size(2) != 28)
         throw mdd::Error(train_dir + ": Fashion-MNIST images are 28x28; this folder holds " +
                          std::to_string(train.images.size(1)) + "x" + std::to_string(train.images.size(2)));
-      o.mean({0.2861}).std({0.3530});
     } else if (fashion) {
       train = mdd::load_fashion_mnist(fmnist_dir, "train");
       test = mdd::load_fashion_mnist(fmnist_dir, "test");
-      // DC's FashionMNIST statistics (utils.py get_dataset).
-      o.mean({0.2861}).std({0.3530});
       if (ipc > 0) {
         const bool needs_features = std::any_of(methods.begin(), methods.end(),
                                                 [](const std::string& m) { return m == "herding" || m == "kcenter"; });

@@ -1,5 +1,6 @@
 #include "mdd/pipeline/distill.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -195,6 +196,34 @@ std::shared_ptr<Codec> make_codec(const CodecConfig& c, const std::string& role,
   return std::make_shared<VaeCodec>(vae, device_of(device));
 }
 
+namespace {
+
+// What the codec's weights are, by content: "identity", or "vae:" + the content stamps of the files
+// that define the encoder and decoder (a diffusers folder's config.json and weights, or one file).
+// Part of every cache key downstream of the codec: retraining a VAE in place must not reuse latents,
+// a pre-trained DiT or samples made with the old one.
+std::string codec_identity(const CodecConfig& c) {
+  if (c.kind == "identity") return "identity";
+  auto stamp_of = [](const std::string& path) {
+    std::error_code ec;
+    if (!fs::is_directory(path, ec)) return path + "=" + file_content_stamp(path);
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(path, ec)) {
+      const std::string name = e.path().filename().string();
+      const bool weights = name.size() > 12 && (name.rfind(".safetensors") == name.size() - 12 || name.rfind(".bin") == name.size() - 4);
+      if (name == "config.json" || weights) files.push_back(name);
+    }
+    std::sort(files.begin(), files.end());
+    std::string out = path;
+    for (const auto& f : files) out += fmt::format(" {}={}", f, file_content_stamp((fs::path(path) / f).string()));
+    return out;
+  };
+  const std::string enc = c.encoder.empty() ? c.decoder : c.encoder, dec = c.decoder.empty() ? enc : c.decoder;
+  return "vae:" + stamp_of(enc) + (dec == enc ? std::string() : " | " + stamp_of(dec));
+}
+
+}  // namespace
+
 std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
                                                        const PipelineCallbacks& cb) {
   auto codec = make_codec(config.codec, "encoder", config.device);
@@ -202,7 +231,7 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
   fs::create_directories(fs::path(path).parent_path());
   LatentCacheOptions lo;
   lo.batch_size(config.codec.batch_size).device(device_of(config.device)).flip(true)
-      .codec_tag(config.codec.kind == "identity" ? "identity" : config.codec.encoder);
+      .codec_tag(codec_identity(config.codec));
   const auto t0 = clock_type::now();
   LatentCache cache = LatentCache::build(path, *codec, data.train, lo, staged(cb, "encode_latents"));
   say(cb, fmt::format("latents: {} {} ({:.1f} s)", cache.loaded_from_disk() ? "reused" : "encoded", path, seconds_since(t0)));
@@ -232,6 +261,7 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   // Later keys join the signature only when set, so outputs of earlier runs keep being reused.
   if (p.ema_warmup) sig["ema_warmup"] = true;
   if (p.lr_warmup > 0) sig["lr_warmup"] = p.lr_warmup;
+  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
   if (!force && detail::load_stage_output(out, sig.dump(), cb.log)) {
     say(cb, "pretrain: reusing " + out);
     return out;
@@ -270,6 +300,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_content_stamp(init_weights)},
               {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
               {"finetune_ipc", config.data.finetune_ipc}};
+  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
   if (!minimax) {
     // The minimax weights and memory size cannot change a DiffFit-only run: a lambda sweep must
     // not redo the DiffFit baseline (or its evaluation).
@@ -326,6 +357,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   const json resolved = json::parse(config_to_json(config));
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
+  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
   if (auto st = detail::load_stage_output(st_path, sig.dump(), cb.log)) {
     if (st->tensors.count("images") && st->tensors.count("labels")) {

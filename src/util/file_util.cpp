@@ -1,6 +1,7 @@
 #include "util/file_util.h"
 
 #include <fcntl.h>
+#include <ctime>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +10,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <unordered_map>
 
 #include <fmt/format.h>
 #include <zlib.h>
@@ -83,6 +86,27 @@ std::string file_content_stamp(const std::string& path) {
   } catch (const Error&) {
     return "missing";  // absent, unreadable or not a regular file: the cache entry is rebuilt
   }
+  // A pipeline run asks for the same stamps many times (the init weights of every fine-tune and
+  // sample stage, the VAE files in every cache key downstream of the codec): hashing a 2.7 GB DiT-XL
+  // each time would cost seconds per stage. The memo is keyed by what any change of the file's
+  // bytes changes: device, inode, size, mtime and ctime (ctime cannot be set back by a user; an
+  // atomic replace gives a new inode).
+  struct stat st {};
+  const bool have_stat = ::fstat(fd, &st) == 0;
+  const std::string key = have_stat ? fmt::format("{}:{}:{}:{}.{}:{}.{}", uint64_t(st.st_dev), uint64_t(st.st_ino), size,
+                                                  int64_t(st.st_mtim.tv_sec), int64_t(st.st_mtim.tv_nsec),
+                                                  int64_t(st.st_ctim.tv_sec), int64_t(st.st_ctim.tv_nsec))
+                                    : std::string();
+  static std::mutex memo_mutex;
+  static std::unordered_map<std::string, std::string> memo;
+  if (have_stat) {
+    std::lock_guard<std::mutex> lock(memo_mutex);
+    const auto it = memo.find(key);
+    if (it != memo.end()) {
+      ::close(fd);
+      return it->second;
+    }
+  }
   std::vector<unsigned char> buf(size_t(1) << 20);
   uLong crc = ::crc32(0L, Z_NULL, 0);
   uint64_t total = 0;
@@ -99,7 +123,16 @@ std::string file_content_stamp(const std::string& path) {
     total += uint64_t(n);
   }
   ::close(fd);
-  return fmt::format("{}:{:08x}", total, uint32_t(crc));
+  const std::string stamp = fmt::format("{}:{:08x}", total, uint32_t(crc));
+  // As git does for its index ("racily clean" entries): a file changed within the last seconds could
+  // change again within the same timestamp tick, so only settled files are remembered.
+  const int64_t now = int64_t(::time(nullptr));
+  const bool settled = have_stat && now - int64_t(st.st_mtim.tv_sec) >= 2 && now - int64_t(st.st_ctim.tv_sec) >= 2;
+  if (settled && total == size) {
+    std::lock_guard<std::mutex> lock(memo_mutex);
+    memo[key] = stamp;
+  }
+  return stamp;
 }
 
 void write_text_file_atomic(const std::string& path, const std::string& text) {

@@ -20,7 +20,9 @@ std::string read_text_file(const std::string& path, uint64_t max_bytes = uint64_
 
 /// Content identity of a file for cache keys: "<size>:<crc32 hex>" (zlib's CRC-32 over every byte,
 /// streamed), "missing" when it cannot be opened. Unlike size + mtime it survives a fresh clone or
-/// a copy, and it changes when the bytes do.
+/// a copy, and it changes when the bytes do. Memoised per process by (device, inode, size, mtime,
+/// ctime) once the file has not changed for two seconds, so asking again for an unchanged file costs
+/// one stat.
 std::string file_content_stamp(const std::string& path);
 
 /// Writes a small text file (sidecar, signature, resolved config, report) atomically with
