@@ -65,6 +65,26 @@ TEST(Config, TyposAndBadValuesNameTheKey) {
   EXPECT_FALSE(error_of([] { load_config("/nonexistent/config.json"); }).empty());
 }
 
+TEST(Config, VaeTrainingSection) {
+  // A VAE codec needs either a named VAE or a training budget.
+  std::string msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}})"); });
+  EXPECT_NE(msg.find("codec.encoder"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("vae.steps"), std::string::npos) << msg;
+  DistillConfig c = parse_config(R"({"codec": {"kind": "vae"}, "model": {"in_channels": 4},
+                                     "vae": {"steps": 10, "block_out_channels": [8, 16]}})");
+  EXPECT_EQ(c.vae.block_out_channels, (std::vector<int64_t>{8, 16}));
+  EXPECT_EQ(parse_config(config_to_json(c)).vae.block_out_channels, c.vae.block_out_channels);
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}, "vae": {"steps": 10, "block_out_channels": [8, 12]}})"); });
+  EXPECT_NE(msg.find("vae.block_out_channels"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}, "vae": {"steps": 10, "block_out_channels": "16,32"}})"); });
+  EXPECT_NE(msg.find("vae.block_out_channels"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}, "vae": {"steps": 10, "latent_channels": 8}})"); });
+  EXPECT_NE(msg.find("model.in_channels"), std::string::npos) << msg;
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}, "vae": {"steps": 10, "kl": 0.1}})"); });
+  EXPECT_NE(msg.find("vae.kl"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("kl_weight"), std::string::npos) << msg;
+}
+
 TEST(Config, DeeplyNestedValuesGiveShortErrors) {
   // nlohmann's dump() recurses once per level; error messages print values without recursion.
   const std::string deep = std::string(300000, '[') + std::string(300000, ']');
@@ -122,6 +142,25 @@ TEST(Config, ShippedConfigsParse) {
     ++n;
   }
   EXPECT_GE(n, 5);
+}
+
+TEST(Config, ShippedFashionMnistModelsFitTheirConfigs) {
+  // The demo's committed weights must load strictly into the shipped configs (paths are relative
+  // to the repository root, where scripts/demo.sh runs).
+  const fs::path root = fs::path(MDD_TEST_DATA_DIR).parent_path().parent_path();
+  for (const char* name : {"fashion-mnist.json", "fashion-mnist-pixel.json"}) {
+    SCOPED_TRACE(name);
+    const DistillConfig c = load_config((root / "configs" / name).string());
+    ASSERT_FALSE(c.model.checkpoint.empty());
+    EXPECT_NO_THROW(load_model(c.model, (root / c.model.checkpoint).string()));
+    if (c.codec.kind != "vae") continue;
+    AutoencoderKL vae = AutoencoderKL::from_pretrained((root / c.codec.encoder).string());
+    EXPECT_EQ(vae->options.latent_channels(), c.model.in_channels);
+    EXPECT_EQ(vae->options.latent_channels(), c.vae.latent_channels);
+    EXPECT_EQ(vae->options.block_out_channels(), c.vae.block_out_channels);
+    const int64_t factor = int64_t(1) << (vae->options.block_out_channels().size() - 1);
+    EXPECT_EQ(28 / factor, c.model.input_size);
+  }
 }
 
 TEST(Pipeline, ShippedClassListFilesMatchTheCompiledLists) {
@@ -302,6 +341,70 @@ TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
   EXPECT_EQ(count("pretrain: reusing"), 0);
   EXPECT_EQ(count("finetune-minimax: reusing"), 0);
   EXPECT_EQ(count(": reusing"), 0) << "no stage may reuse outputs made with the old VAE";
+}
+
+TEST(Pipeline, TrainsTheCodecWhenAsked) {
+  // codec.encoder empty + vae.steps > 0: the run trains a VAE, encodes with it and pre-trains the
+  // DiT on its latents; a second run reuses all of it; --pretrain with a named VAE trains one too.
+  const std::string root = mdd_test::tmp_dir("pipeline_vae_train");
+  write_band_images(root + "/images", 2, 4, /*stride=*/4, /*rows=*/4, /*seed=*/3);
+  DistillConfig c = parse_config(R"({
+    "name": "tiny-vae-train", "data": {"kind": "imagefolder", "spec": "", "nclass": 2, "image_size": 8},
+    "codec": {"kind": "vae", "batch_size": 4},
+    "vae": {"steps": 3, "batch_size": 4, "block_out_channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4,
+            "ckpt_every": 2, "lr_warmup": 1},
+    "model": {"name": "custom", "input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 16, "depth": 1,
+              "num_heads": 2, "num_classes": 2, "checkpoint": "/nonexistent/was-trained-on-another-codec.safetensors"},
+    "pretrain": {"steps": 2, "batch_size": 4, "lr": 0.001, "ckpt_every": 2},
+    "finetune": {"steps": 2, "batch_size": 4, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
+    "sample": {"ipc": 1, "steps": "3", "cfg_scale": 2.0, "batch_size": 2, "guidance": "all"},
+    "evaluate": {"methods": ["minimax"], "protocol": "dc"}
+  })");
+  c.data.root = root + "/images";
+  c.data.test_root = root + "/images";
+  c.output_dir = root + "/out";
+  DistillRunOptions ro;
+  ro.skip_evaluate = true;
+  std::vector<std::string> lines;
+  PipelineCallbacks cb;
+  cb.log = [&](const std::string& l) { lines.push_back(l); };
+  auto count = [&](const std::string& needle) {
+    int n = 0;
+    for (const auto& l : lines) n += l.find(needle) != std::string::npos;
+    return n;
+  };
+  run_distill(c, ro, cb);
+  const std::string folder = root + "/out/vae/pretrained";
+  EXPECT_EQ(count("vae: wrote " + folder), 1);
+  EXPECT_EQ(count("reconstruction PSNR"), 1);
+  EXPECT_EQ(count("pretrain: wrote"), 1) << "the DiT must learn the new VAE's latents, not load model.checkpoint";
+  EXPECT_EQ(count("latents: encoded"), 1);
+  AutoencoderKL vae = AutoencoderKL::from_pretrained(folder);
+  EXPECT_EQ(vae->options.block_out_channels(), (std::vector<int64_t>{8, 8}));
+  EXPECT_GT(vae->options.scaling_factor(), 0.0);
+  // The resolved config of the run names the trained codec.
+  const DistillConfig written = load_config(root + "/out/config.json");
+  EXPECT_EQ(written.codec.encoder, folder);
+
+  lines.clear();
+  run_distill(c, ro, cb);
+  EXPECT_EQ(count("vae: reusing"), 1);
+  EXPECT_EQ(count("pretrain: reusing"), 1);
+  EXPECT_EQ(count("latents: encoded"), 0);
+
+  // A named VAE is used as it is unless --pretrain asks for the codec to be redone.
+  DistillConfig named = c;
+  named.codec.encoder = folder;
+  named.model.checkpoint = "";
+  named.output_dir = root + "/out-named";
+  lines.clear();
+  run_distill(named, ro, cb);
+  EXPECT_EQ(count("vae: "), 0);
+  ro.force_pretrain = true;
+  lines.clear();
+  run_distill(named, ro, cb);
+  EXPECT_EQ(count("vae: wrote " + root + "/out-named/vae/pretrained"), 1);
+  EXPECT_THROW(train_vae(parse_config(R"({"codec": {"kind": "identity"}})"), PipelineData{}), Error);
 }
 
 TEST(Pipeline, ClearErrors) {

@@ -18,7 +18,7 @@ int main(int argc, char** argv) {
   mdd_examples::PipelineCli cli;
   cli.add_options(app);
   mdd::DistillRunOptions run;
-  app.add_flag("--pretrain", run.force_pretrain, "pre-train the DiT from scratch even if model.checkpoint is set");
+  app.add_flag("--pretrain", run.force_pretrain, "pre-train the DiT from scratch even if model.checkpoint is set (and first train the VAE when vae.steps > 0)");
   app.add_flag("--no-eval", run.skip_evaluate, "stop after sampling (no evaluation table)");
   CLI11_PARSE(app, argc, argv);
   try {

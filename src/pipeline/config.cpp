@@ -82,6 +82,20 @@ Field field(std::vector<std::string>& ref) {
           [&ref] { return json(ref); }};
 }
 
+template <>
+Field field(std::vector<int64_t>& ref) {
+  return {[&ref](const json& j, const std::string& where) {
+            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of integers, got {}", where, detail::json_preview(j)));
+            std::vector<int64_t> v;
+            for (const auto& e : j) {
+              if (!e.is_number_integer()) throw Error(fmt::format("{}: expected a list of integers, got {}", where, detail::json_preview(j)));
+              v.push_back(e.get<int64_t>());
+            }
+            ref = v;
+          },
+          [&ref] { return json(ref); }};
+}
+
 // Every key of the config, in file order, bound to `c`.
 std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   std::vector<std::pair<std::string, Field>> f;
@@ -103,6 +117,19 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("codec.encoder", field(c.codec.encoder));
   add("codec.decoder", field(c.codec.decoder));
   add("codec.batch_size", field(c.codec.batch_size));
+  add("vae.steps", field(c.vae.steps));
+  add("vae.batch_size", field(c.vae.batch_size));
+  add("vae.lr", field(c.vae.lr));
+  add("vae.lr_warmup", field(c.vae.lr_warmup));
+  add("vae.kl_weight", field(c.vae.kl_weight));
+  add("vae.reconstruction", field(c.vae.reconstruction));
+  add("vae.block_out_channels", field(c.vae.block_out_channels));
+  add("vae.latent_channels", field(c.vae.latent_channels));
+  add("vae.layers_per_block", field(c.vae.layers_per_block));
+  add("vae.norm_num_groups", field(c.vae.norm_num_groups));
+  add("vae.ckpt_every", field(c.vae.ckpt_every));
+  add("vae.seed", field(c.vae.seed));
+  add("vae.precision", field(c.vae.precision));
   add("model.name", field(c.model.name));
   add("model.input_size", field(c.model.input_size));
   add("model.patch_size", field(c.model.patch_size));
@@ -156,7 +183,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
 }
 
 const std::set<std::string>& sections() {
-  static const std::set<std::string> s{"data", "codec", "model", "pretrain", "finetune", "sample", "evaluate"};
+  static const std::set<std::string> s{"data", "codec", "vae", "model", "pretrain", "finetune", "sample", "evaluate"};
   return s;
 }
 
@@ -277,8 +304,28 @@ void validate_config(const DistillConfig& c) {
   if (c.data.phase < 0) fail("data.phase", "must be >= 0");
   if (c.data.image_size <= 0) fail("data.image_size", "must be > 0");
   if (c.data.kind == "imagefolder" && c.data.root.empty()) fail("data.root", "must name the training image folder");
-  if (c.codec.kind == "vae" && c.codec.encoder.empty() && c.codec.decoder.empty())
-    fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\"");
+  if (c.codec.kind == "vae" && c.codec.encoder.empty() && c.codec.decoder.empty() && c.vae.steps == 0)
+    fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\", "
+                          "or set vae.steps to train one");
+  one_of("vae.reconstruction", c.vae.reconstruction, {"l1", "mse"});
+  one_of("vae.precision", c.vae.precision, {"fp32", "bf16", "fp16", "auto"});
+  if (c.vae.steps < 0) fail("vae.steps", "must be >= 0");
+  if (c.vae.ckpt_every < 0) fail("vae.ckpt_every", "must be >= 0");
+  if (c.vae.lr_warmup < 0) fail("vae.lr_warmup", "must be >= 0");
+  if (c.vae.batch_size <= 0) fail("vae.batch_size", "must be > 0");
+  if (c.vae.latent_channels <= 0) fail("vae.latent_channels", "must be > 0");
+  if (c.vae.layers_per_block <= 0) fail("vae.layers_per_block", "must be > 0");
+  if (c.vae.norm_num_groups <= 0) fail("vae.norm_num_groups", "must be > 0");
+  if (!(c.vae.lr > 0)) fail("vae.lr", "must be > 0");
+  if (!(c.vae.kl_weight >= 0)) fail("vae.kl_weight", "must be >= 0");
+  if (c.vae.block_out_channels.empty()) fail("vae.block_out_channels", "must list at least one level");
+  for (const int64_t ch : c.vae.block_out_channels)
+    if (ch <= 0 || ch % c.vae.norm_num_groups != 0)
+      fail("vae.block_out_channels", fmt::format("has {}: every entry must be > 0 and a multiple of vae.norm_num_groups ({})", ch,
+                                                 c.vae.norm_num_groups));
+  if (c.codec.kind == "vae" && c.vae.steps > 0 && c.vae.latent_channels != c.model.in_channels)
+    fail("model.in_channels", fmt::format("is {} but the VAE trained by this run has vae.latent_channels = {}",
+                                          c.model.in_channels, c.vae.latent_channels));
   if (c.codec.batch_size <= 0) fail("codec.batch_size", "must be > 0");
   for (auto [k, v] : {std::pair<const char*, int64_t>{"model.input_size", c.model.input_size},
                       {"model.patch_size", c.model.patch_size}, {"model.in_channels", c.model.in_channels},

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <mutex>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -20,6 +21,7 @@
 #include "mdd/models/autoencoder_kl.h"
 #include "mdd/models/difffit.h"
 #include "mdd/train/checkpoint.h"
+#include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "pipeline/stage_cache.h"
 #include "util/file_util.h"
@@ -247,6 +249,73 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
 
 namespace {
 
+bool trains_vae(const DistillConfig& config, bool force_pretrain) {
+  return config.codec.kind == "vae" && config.vae.steps > 0 &&
+         (force_pretrain || (config.codec.encoder.empty() && config.codec.decoder.empty()));
+}
+
+std::string run_train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb) {
+  const auto& v = config.vae;
+  if (v.steps <= 0) throw Error("run_train_vae: config 'vae.steps' must be > 0");
+  const fs::path dir = fs::path(config.output_dir) / "vae";
+  const std::string folder = (dir / "pretrained").string();
+  const std::string weights = (fs::path(folder) / "diffusion_pytorch_model.safetensors").string();
+  const json vae_section = json::parse(config_to_json(config))["vae"];
+  json sig = {{"vae", vae_section}, {"data", config.data.kind}, {"data_root", config.data.root},
+              {"nclass", config.data.nclass}, {"phase", config.data.phase}, {"image_size", config.data.image_size}};
+  if (detail::load_stage_output(weights, sig.dump(), cb.log) && fs::exists(fs::path(folder) / "config.json")) {
+    say(cb, "vae: reusing " + folder);
+    return folder;
+  }
+  json resume_sig = sig;
+  resume_sig["vae"].erase("steps");
+  resume_sig["vae"].erase("ckpt_every");
+  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
+  const torch::Tensor& images = data.train.images;
+  AutoencoderKL vae{nullptr};
+  {
+    // PyTorch-default initialisation drawn from the global generator seeded with vae.seed (as
+    // mdd_train_vae does), without leaving the caller's global generator changed.
+    // (The generator's mutex is held only around our own state changes: the initialisers lock it
+    // for every draw.)
+    auto gen = at::detail::getDefaultCPUGenerator();
+    torch::Tensor saved;
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      saved = gen.get_state();
+      gen.set_current_seed(v.seed);
+    }
+    vae = AutoencoderKL(AutoencoderKLOptions().in_channels(images.size(3)).out_channels(images.size(3))
+                            .latent_channels(v.latent_channels).block_out_channels(v.block_out_channels)
+                            .layers_per_block(v.layers_per_block).norm_num_groups(v.norm_num_groups)
+                            .sample_size(images.size(1)));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(saved);
+  }
+  VaeTrainerOptions o;
+  o.steps(v.steps).batch_size(v.batch_size).lr(v.lr).lr_warmup(v.lr_warmup).kl_weight(v.kl_weight)
+      .reconstruction(v.reconstruction).seed(v.seed).ckpt_every(v.ckpt_every)
+      .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
+      .precision(parse_precision(v.precision)).log_every(100);
+  VaeTrainer trainer(vae, data.train, o);
+  if (trainer.resume(cb.log)) say(cb, fmt::format("vae: resumed at step {}", trainer.step_count()));
+  say(cb, fmt::format("vae: training an AutoencoderKL {} (latent {}) for {} steps x {} images", json(v.block_out_channels).dump(),
+                      v.latent_channels, v.steps, v.batch_size));
+  trainer.train(staged(cb, "train_vae"), [&](const VaeTrainStats& st) {
+    say(cb, fmt::format("vae: step {}/{} loss {:.5f} (reconstruction {:.5f}, kl {:.3f}), {:.0f} images/s", st.step, st.total,
+                        st.mean_loss, st.reconstruction, st.kl, st.images_per_s));
+  }, "train_vae");
+  AutoencoderKL trained = trainer.vae();
+  trained->options.scaling_factor(fit_scaling_factor(trained, images));
+  const torch::Tensor& test = data.test.images;
+  if (test.defined() && test.dim() == 4 && test.size(0) > 0 && test.sizes().slice(1) == images.sizes().slice(1))
+    say(cb, fmt::format("vae: reconstruction PSNR {:.2f} dB on the {} test images, scaling factor {:.4f}",
+                        reconstruction_psnr(trained, test), test.size(0), trained->options.scaling_factor()));
+  save_pretrained(trained, folder, {{"signature", sig.dump()}, {"steps", std::to_string(trainer.step_count())}});
+  say(cb, "vae: wrote " + folder);
+  return folder;
+}
+
 using TrainingDataFn = std::function<std::shared_ptr<LatentTrainingData>()>;
 
 // The stage bodies take the training data lazily: a reused stage never loads it, and run_distill
@@ -470,8 +539,15 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
   return r;
 }
 
-std::string run_distill(const DistillConfig& config, const DistillRunOptions& options, const PipelineCallbacks& cb) {
+std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks) {
   validate_config(config);
+  if (config.codec.kind != "vae") throw Error("train_vae: config 'codec.kind' must be \"vae\"");
+  return run_train_vae(config, data, callbacks);
+}
+
+std::string run_distill(const DistillConfig& config_in, const DistillRunOptions& options, const PipelineCallbacks& cb) {
+  validate_config(config_in);
+  DistillConfig config = config_in;
   const auto t_all = clock_type::now();
   const fs::path out(config.output_dir);
   fs::create_directories(out);
@@ -484,13 +560,23 @@ std::string run_distill(const DistillConfig& config, const DistillRunOptions& op
     return r;
   };
   PipelineData data = timed("load_data", [&] { return load_pipeline_data(config, cb); });
+  // A codec trained by this run replaces the named one, and the DiT must then learn its latents.
+  const bool vae_trained = trains_vae(config, options.force_pretrain);
+  if (vae_trained) {
+    const std::string folder = timed("train_vae", [&] { return run_train_vae(config, data, cb); });
+    config.codec.encoder = folder;
+    config.codec.decoder = "";
+    write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n");
+  }
   // Built once; the pre-training and fine-tuning stages below share it.
   auto train_data = timed("latents", [&] { return make_training_data(config, data, cb); });
   const auto& methods = config.evaluate.methods;
   auto wants = [&](const std::string& m) { return std::find(methods.begin(), methods.end(), m) != methods.end(); };
 
   std::string base = config.model.checkpoint;
-  if (base.empty() || options.force_pretrain) {
+  if (base.empty() || options.force_pretrain || vae_trained) {
+    if (!base.empty() && !options.force_pretrain)
+      say(cb, "model: not using " + base + ": it was trained on another codec's latents; pre-training on the new VAE's");
     base = timed("pretrain", [&] { return pretrain_with(config, [&] { return train_data; }, options.force_pretrain, cb); });
   } else {
     say(cb, "model: pre-trained weights " + base);

@@ -220,7 +220,7 @@ double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int
   return 1.0 / sd;
 }
 
-void save_pretrained(const AutoencoderKL& vae, const std::string& dir) {
+void save_pretrained(const AutoencoderKL& vae, const std::string& dir, const std::map<std::string, std::string>& metadata) {
   const auto& o = vae->options;
   nlohmann::json cfg = {{"_class_name", "AutoencoderKL"},
                         {"in_channels", o.in_channels()},
@@ -234,10 +234,10 @@ void save_pretrained(const AutoencoderKL& vae, const std::string& dir) {
                         {"act_fn", "silu"},
                         {"down_block_types", std::vector<std::string>(o.block_out_channels().size(), "DownEncoderBlock2D")},
                         {"up_block_types", std::vector<std::string>(o.block_out_channels().size(), "UpDecoderBlock2D")}};
-  std::filesystem::create_directories(dir);
-  io::save_safetensors((std::filesystem::path(dir) / "diffusion_pytorch_model.safetensors").string(), state_dict(*vae),
-                       {{"format", "pt"}});
   write_text_file_atomic((std::filesystem::path(dir) / "config.json").string(), cfg.dump(2));
+  std::map<std::string, std::string> meta = metadata;
+  meta["format"] = "pt";
+  io::save_safetensors((std::filesystem::path(dir) / "diffusion_pytorch_model.safetensors").string(), state_dict(*vae), meta);
 }
 
 }  // namespace mdd

@@ -43,6 +43,32 @@ struct CodecConfig {
   int64_t batch_size = 16;
 };
 
+/// Training the codec from scratch: a small `AutoencoderKL` (`VaeTrainer`) for domains without a
+/// released VAE (Fashion-MNIST). Used when `codec.kind` is "vae" and either `codec.encoder` is empty
+/// or `--pretrain` is given with `vae.steps` > 0; the trained folder then replaces `codec.encoder`
+/// and `codec.decoder`, and the DiT is pre-trained on its latents.
+struct VaeConfig {
+  /// Optimiser steps; 0 = never train (the codec must be named by `codec.encoder`).
+  int64_t steps = 0;
+  int64_t batch_size = 64;
+  double lr = 1e-3;
+  int64_t lr_warmup = 100;
+  /// Weight of the per-element KL term against the per-element reconstruction error.
+  double kl_weight = 1e-4;
+  /// "l1" or "mse".
+  std::string reconstruction = "l1";
+  /// Channels of each resolution level (downsampling 2^(levels-1)).
+  std::vector<int64_t> block_out_channels = {16, 32, 32};
+  int64_t latent_channels = 4;
+  int64_t layers_per_block = 1;
+  /// GroupNorm groups (must divide every channel count).
+  int64_t norm_num_groups = 8;
+  int64_t ckpt_every = 500;
+  uint64_t seed = 0;
+  /// "fp32", "bf16", "fp16" (CUDA) or "auto".
+  std::string precision = "fp32";
+};
+
 /// The DiT.
 struct ModelConfig {
   /// A reference preset ("DiT-XL/2", ...) or "custom" (the shape fields below).
@@ -144,6 +170,7 @@ struct DistillConfig {
   int64_t threads = 0;
   DataConfig data;
   CodecConfig codec;
+  VaeConfig vae;
   ModelConfig model;
   PretrainConfig pretrain;
   FinetuneConfig finetune;

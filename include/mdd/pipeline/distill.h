@@ -6,6 +6,7 @@
 ///
 /// Layout under `config.output_dir`:
 ///   config.json                         the resolved config of the last run
+///   vae/pretrained/, vae/checkpoints/   the codec, when the run trains it (`vae.steps` > 0)
 ///   cache/latents.safetensors           encoder posteriors of the training images (and mirrors)
 ///   pretrain/ema.safetensors            pre-trained DiT (EMA) when the pipeline pre-trains
 ///   <variant>/checkpoints/, <variant>/ema.safetensors   fine-tuning ("difffit", "minimax")
@@ -68,6 +69,13 @@ std::shared_ptr<Codec> make_codec(const CodecConfig& config, const std::string& 
 std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
                                                        const PipelineCallbacks& callbacks = {});
 
+/// Trains the codec from scratch under `config.vae` (a small AutoencoderKL, `VaeTrainer`, resuming
+/// `<output_dir>/vae/checkpoints`) and writes it as a diffusers folder `<output_dir>/vae/pretrained`
+/// (scaling factor fitted to the training images); returns that folder, usable as `codec.encoder`.
+/// Reuses the folder when it was written with the same settings. Throws mdd::Error unless
+/// `codec.kind` is "vae" and `vae.steps` > 0.
+std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks = {});
+
 /// Pre-trains a DiT from scratch (resuming `pretrain/checkpoints` when present) and writes its EMA
 /// weights to `<output_dir>/pretrain/ema.safetensors` (raw weights to `pretrain/model.safetensors`
 /// with `pretrain.use_ema` = false); returns that path. Skips the work when the
@@ -95,7 +103,8 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
 
 /// What `run_distill` does beyond the config.
 struct DistillRunOptions {
-  /// Pre-train from scratch even when `model.checkpoint` is set.
+  /// Pre-train from scratch even when `model.checkpoint` is set; with `vae.steps` > 0 the codec
+  /// is trained too (`train_vae`) instead of loading `codec.encoder`.
   bool force_pretrain = false;
   /// Stop after sampling (no evaluation, no report table).
   bool skip_evaluate = false;

@@ -12,6 +12,7 @@
 /// seeded from (seed, s), the epoch order from (seed, epoch): resume continues bit for bit (CPU).
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 
 #include <torch/arg.h>
@@ -113,6 +114,10 @@ double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int
 
 /// Writes `vae` as a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`),
 /// readable by `AutoencoderKL::from_pretrained` and hence by the pipeline's `codec.encoder`.
-void save_pretrained(const AutoencoderKL& vae, const std::string& dir);
+/// `metadata` is added to the weights file's safetensors header ("format" is always "pt"). The
+/// weights are written last, each file atomically, so a folder whose weights carry a given
+/// metadata entry also has the config written with them.
+void save_pretrained(const AutoencoderKL& vae, const std::string& dir,
+                     const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace mdd
