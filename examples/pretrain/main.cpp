@@ -1,7 +1,7 @@
 // mdd_pretrain: train a class-conditional DiT from scratch on the config's data (for domains with
 // no released DiT, e.g. Fashion-MNIST). Resumes from <output_dir>/pretrain/checkpoints.
 //
-//   mdd_pretrain -c configs/fashion-mnist.json --set pretrain.steps=8000 --copy-to models/fashion-mnist-dit.safetensors
+//   mdd_pretrain -c configs/fashion-mnist.json --set model.checkpoint= --copy-to my-latent-dit.safetensors
 #include <cstdio>
 #include <filesystem>
 
