@@ -291,6 +291,22 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   EXPECT_EQ(list_checkpoints(c.output_dir + "/minimax/checkpoints").size(), before);
 }
 
+// Records the pipeline's log lines; count(needle) = how many contain `needle`.
+struct LogLines {
+  std::vector<std::string> lines;
+  PipelineCallbacks callbacks() {
+    PipelineCallbacks cb;
+    cb.log = [this](const std::string& l) { lines.push_back(l); };
+    return cb;
+  }
+  int count(const std::string& needle) const {
+    int n = 0;
+    for (const auto& l : lines) n += l.find(needle) != std::string::npos;
+    return n;
+  }
+  void clear() { lines.clear(); }
+};
+
 TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
   // Latents, pre-training, fine-tuning and samples all depend on the VAE. Retraining it in place
   // (same folder, new weights) must redo them, not silently reuse what the old VAE made.
@@ -319,14 +335,9 @@ TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
   c.output_dir = root + "/out";
   DistillRunOptions ro;
   ro.skip_evaluate = true;
-  std::vector<std::string> lines;
-  PipelineCallbacks cb;
-  cb.log = [&](const std::string& l) { lines.push_back(l); };
-  auto count = [&](const std::string& needle) {
-    int n = 0;
-    for (const auto& l : lines) n += l.find(needle) != std::string::npos;
-    return n;
-  };
+  LogLines lines;
+  const PipelineCallbacks cb = lines.callbacks();
+  auto count = [&](const std::string& needle) { return lines.count(needle); };
   run_distill(c, ro, cb);
   lines.clear();
   run_distill(c, ro, cb);
@@ -365,14 +376,9 @@ TEST(Pipeline, TrainsTheCodecWhenAsked) {
   c.output_dir = root + "/out";
   DistillRunOptions ro;
   ro.skip_evaluate = true;
-  std::vector<std::string> lines;
-  PipelineCallbacks cb;
-  cb.log = [&](const std::string& l) { lines.push_back(l); };
-  auto count = [&](const std::string& needle) {
-    int n = 0;
-    for (const auto& l : lines) n += l.find(needle) != std::string::npos;
-    return n;
-  };
+  LogLines lines;
+  const PipelineCallbacks cb = lines.callbacks();
+  auto count = [&](const std::string& needle) { return lines.count(needle); };
   run_distill(c, ro, cb);
   const std::string folder = root + "/out/vae/pretrained";
   EXPECT_EQ(count("vae: wrote " + folder), 1);
