@@ -307,11 +307,30 @@ struct LogLines {
   void clear() { lines.clear(); }
 };
 
+// A two-class 8x8 image-folder run on a VAE codec with 2x4x4 latents, sized to finish in seconds. The
+// caller names the VAE (codec.encoder) or sets up the vae section; the run validates the result.
+DistillConfig tiny_vae_run(const std::string& root, uint64_t image_seed = 7) {
+  write_band_images(root + "/images", 2, 4, /*stride=*/4, /*rows=*/4, image_seed);
+  DistillConfig c = parse_config(R"({
+    "name": "tiny-vae", "data": {"kind": "imagefolder", "spec": "", "nclass": 2, "image_size": 8},
+    "codec": {"kind": "identity", "batch_size": 4},
+    "model": {"name": "custom", "input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 16, "depth": 1,
+              "num_heads": 2, "num_classes": 2},
+    "pretrain": {"steps": 2, "batch_size": 4, "lr": 0.001, "ckpt_every": 2},
+    "finetune": {"steps": 2, "batch_size": 4, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
+    "sample": {"ipc": 1, "steps": "3", "cfg_scale": 2.0, "batch_size": 2, "guidance": "all"}
+  })");
+  c.codec.kind = "vae";
+  c.data.root = root + "/images";
+  c.data.test_root = root + "/images";
+  c.output_dir = root + "/out";
+  return c;
+}
+
 TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
   // Latents, pre-training, fine-tuning and samples all depend on the VAE. Retraining it in place
   // (same folder, new weights) must redo them, not silently reuse what the old VAE made.
   const std::string root = mdd_test::tmp_dir("pipeline_vae_stamp");
-  write_band_images(root + "/images", 2, 4, /*stride=*/4, /*rows=*/4, /*seed=*/7);
   auto make_vae = [&](double scale) {
     AutoencoderKL vae(AutoencoderKLOptions().in_channels(3).out_channels(3).latent_channels(2)
                           .block_out_channels({8, 8}).layers_per_block(1).norm_num_groups(4).sample_size(8));
@@ -320,19 +339,9 @@ TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
     save_pretrained(vae, root + "/vae");
   };
   make_vae(1.0);
-  DistillConfig c = parse_config(R"({
-    "name": "tiny-vae", "data": {"kind": "imagefolder", "spec": "", "nclass": 2, "image_size": 8},
-    "codec": {"kind": "vae", "batch_size": 4, "encoder": ")" + root + R"(/vae"},
-    "model": {"name": "custom", "input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 16, "depth": 1,
-              "num_heads": 2, "num_classes": 2},
-    "pretrain": {"steps": 2, "batch_size": 4, "lr": 0.001, "ckpt_every": 2},
-    "finetune": {"steps": 2, "batch_size": 4, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
-    "sample": {"ipc": 1, "steps": "3", "cfg_scale": 2.0, "batch_size": 2, "guidance": "all"},
-    "evaluate": {"methods": ["dit", "minimax"]}
-  })");
-  c.data.root = root + "/images";
-  c.data.test_root = root + "/images";
-  c.output_dir = root + "/out";
+  DistillConfig c = tiny_vae_run(root);
+  c.codec.encoder = root + "/vae";
+  c.evaluate.methods = {"dit", "minimax"};
   DistillRunOptions ro;
   ro.skip_evaluate = true;
   LogLines lines;
@@ -358,22 +367,13 @@ TEST(Pipeline, TrainsTheCodecWhenAsked) {
   // codec.encoder empty + vae.steps > 0: the run trains a VAE, encodes with it and pre-trains the
   // DiT on its latents; a second run reuses all of it; --pretrain with a named VAE trains one too.
   const std::string root = mdd_test::tmp_dir("pipeline_vae_train");
-  write_band_images(root + "/images", 2, 4, /*stride=*/4, /*rows=*/4, /*seed=*/3);
-  DistillConfig c = parse_config(R"({
-    "name": "tiny-vae-train", "data": {"kind": "imagefolder", "spec": "", "nclass": 2, "image_size": 8},
-    "codec": {"kind": "vae", "batch_size": 4},
+  DistillConfig c = tiny_vae_run(root, /*image_seed=*/3);
+  c.vae = parse_config(R"({"codec": {"kind": "vae"}, "model": {"in_channels": 2},
     "vae": {"steps": 3, "batch_size": 4, "block_out_channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4,
-            "ckpt_every": 2, "lr_warmup": 1},
-    "model": {"name": "custom", "input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 16, "depth": 1,
-              "num_heads": 2, "num_classes": 2, "checkpoint": "/nonexistent/was-trained-on-another-codec.safetensors"},
-    "pretrain": {"steps": 2, "batch_size": 4, "lr": 0.001, "ckpt_every": 2},
-    "finetune": {"steps": 2, "batch_size": 4, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
-    "sample": {"ipc": 1, "steps": "3", "cfg_scale": 2.0, "batch_size": 2, "guidance": "all"},
-    "evaluate": {"methods": ["minimax"], "protocol": "dc"}
-  })");
-  c.data.root = root + "/images";
-  c.data.test_root = root + "/images";
-  c.output_dir = root + "/out";
+            "ckpt_every": 2, "lr_warmup": 1}})").vae;
+  c.model.checkpoint = "/nonexistent/was-trained-on-another-codec.safetensors";
+  c.evaluate.methods = {"minimax"};
+  c.evaluate.protocol = "dc";
   DistillRunOptions ro;
   ro.skip_evaluate = true;
   LogLines lines;
