@@ -212,8 +212,8 @@ std::string codec_identity(const CodecConfig& c) {
     std::vector<std::string> files;
     for (const auto& e : fs::directory_iterator(path, ec)) {
       const std::string name = e.path().filename().string();
-      const bool weights = name.size() > 12 && (name.rfind(".safetensors") == name.size() - 12 || name.rfind(".bin") == name.size() - 4);
-      if (name == "config.json" || weights) files.push_back(name);
+      const std::string ext = e.path().extension().string();
+      if (name == "config.json" || ext == ".safetensors" || ext == ".bin") files.push_back(name);
     }
     std::sort(files.begin(), files.end());
     std::string out = path;
