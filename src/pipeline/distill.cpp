@@ -224,6 +224,12 @@ std::string codec_identity(const CodecConfig& c) {
   return "vae:" + stamp_of(enc) + (dec == enc ? std::string() : " | " + stamp_of(dec));
 }
 
+// Stage signatures carry the codec's identity only for VAE codecs, so the pixel-space signatures of
+// runs made before the key existed stay valid.
+void add_codec_identity(nlohmann::json& sig, const CodecConfig& c) {
+  if (c.kind != "identity") sig["codec_identity"] = codec_identity(c);
+}
+
 }  // namespace
 
 std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
@@ -330,7 +336,7 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   // Later keys join the signature only when set, so outputs of earlier runs keep being reused.
   if (p.ema_warmup) sig["ema_warmup"] = true;
   if (p.lr_warmup > 0) sig["lr_warmup"] = p.lr_warmup;
-  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
+  add_codec_identity(sig, config.codec);
   if (!force && detail::load_stage_output(out, sig.dump(), cb.log)) {
     say(cb, "pretrain: reusing " + out);
     return out;
@@ -369,7 +375,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_content_stamp(init_weights)},
               {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
               {"finetune_ipc", config.data.finetune_ipc}};
-  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
+  add_codec_identity(sig, config.codec);
   if (!minimax) {
     // The minimax weights and memory size cannot change a DiffFit-only run: a lambda sweep must
     // not redo the DiffFit baseline (or its evaluation).
@@ -426,7 +432,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   const json resolved = json::parse(config_to_json(config));
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
-  if (config.codec.kind != "identity") sig["codec_identity"] = codec_identity(config.codec);
+  add_codec_identity(sig, config.codec);
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
   if (auto st = detail::load_stage_output(st_path, sig.dump(), cb.log)) {
     if (st->tensors.count("images") && st->tensors.count("labels")) {
