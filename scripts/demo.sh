@@ -10,20 +10,56 @@
 #
 # Outputs: runs/fashion-mnist/{report.json, report.md, contact_sheet.png, samples/<class>/<k>.png}.
 # Interrupting it (Ctrl-C) during fine-tuning and running it again resumes from the last checkpoint.
-#   BUILD_DIR  build folder (default build-demo)    JOBS  parallel compile jobs (default nproc)
+#
+# LibTorch: the demo's stages run 1.4-1.7x faster on LibTorch 2.11 than on Debian's 1.13
+# (docs/performance.md), so the demo builds against the PyPI wheel's LibTorch when
+# `scripts/test.sh --torch2` has installed it (~/.cache/mdd/torch-<version>; its CMake config needs the
+# CUDA toolkit, which it is built with) and against Debian's LibTorch otherwise.
+#   --torch1   always Debian's LibTorch 1.13        --torch2   the wheel (error if it is not installed)
+#   BUILD_DIR  build folder (default build-demo, build-demo-torch2)    JOBS  parallel compile jobs (default nproc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD_DIR=${BUILD_DIR:-build-demo}
+TORCH=auto
+ARGS=()
+for a in "$@"; do
+  case "$a" in
+    --torch1) TORCH=1 ;;
+    --torch2) TORCH=2 ;;
+    *) ARGS+=("$a") ;;
+  esac
+done
 JOBS=${JOBS:-$(nproc)}
 t0=$(date +%s)
 bash scripts/setup.sh
+VER=${MDD_TORCH2_VERSION:-2.11.0}
+VENV=${MDD_TORCH2_VENV:-$HOME/.cache/mdd/torch-$VER}
+EXTRA=()
+if [ "$TORCH" != 1 ]; then
+  if [ -x "$VENV/bin/python" ] && PREFIX_PATH=$("$VENV/bin/python" -c 'import torch;print(torch.utils.cmake_prefix_path)' 2>/dev/null) \
+     && NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null); then
+    TORCH=2
+    EXTRA=(-DCMAKE_PREFIX_PATH="$PREFIX_PATH" -DCMAKE_CUDA_COMPILER="$NVCC" -DMDD_WITH_CUDA=OFF)
+  elif [ "$TORCH" = 2 ]; then
+    echo "demo: --torch2 needs the wheel installed by ./scripts/test.sh --torch2 ($VENV) and the CUDA toolkit" >&2
+    exit 1
+  else
+    TORCH=1
+  fi
+fi
+if [ "$TORCH" = 2 ]; then
+  BUILD_DIR=${BUILD_DIR:-build-demo-torch2}
+  echo "demo: LibTorch $VER from $VENV"
+else
+  BUILD_DIR=${BUILD_DIR:-build-demo}
+  echo "demo: Debian's LibTorch (./scripts/test.sh --torch2 installs the faster 2.x wheel the demo then uses)"
+fi
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 cmake -S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DMDD_BUILD_TESTS=OFF -DMDD_BUILD_EXAMPLES=ON \
-  -DMDD_BUILD_BENCHMARKS=OFF >/dev/null
+  -DMDD_BUILD_BENCHMARKS=OFF "${EXTRA[@]}" >/dev/null
 cmake --build "$BUILD_DIR" -j "$JOBS" --target mdd_distill
 t1=$(date +%s)
 echo "demo: setup + build took $((t1 - t0)) s"
-"$BUILD_DIR/examples/mdd_distill" -c configs/fashion-mnist.json --threads "$(nproc)" "$@"
+"$BUILD_DIR/examples/mdd_distill" -c configs/fashion-mnist.json --threads "$(nproc)" ${ARGS[@]+"${ARGS[@]}"}
 t2=$(date +%s)
 echo "demo: distillation took $((t2 - t1)) s, total $((t2 - t0)) s"

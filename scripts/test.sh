@@ -21,6 +21,8 @@ export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$ROOT}
 export CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}
 start=$(date +%s)
 bash scripts/setup.sh
+# Public declarations must carry MDD_API (hidden visibility; the tests below link object libraries).
+python3 scripts/check_exports.py
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 EXTRA=()

@@ -21,6 +21,7 @@
 #include "mdd/minimax/minimax_loss.h"
 #include "mdd/models/eval_nets.h"
 #include "mdd/io/image.h"
+#include "mdd/data/labeled_images.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/data/class_lists.h"
 #include "mdd/data/image_folder.h"

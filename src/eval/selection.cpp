@@ -4,7 +4,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
 #include "mdd/util/error.h"
 
 namespace mdd {

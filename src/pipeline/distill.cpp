@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "mdd/data/class_lists.h"
+#include "mdd/data/fashion_mnist.h"
 #include "mdd/data/image_folder.h"
 #include "mdd/data/latent_cache.h"
 #include "mdd/diffusion/sampler.h"

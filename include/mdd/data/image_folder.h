@@ -11,7 +11,8 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
+#include "mdd/export.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
@@ -20,16 +21,16 @@ namespace mdd {
 using ImageTransform = std::function<torch::Tensor(const torch::Tensor& image_u8)>;
 
 /// The DiT / MinimaxDiffusion training crop: `center_crop_arr(image, size)`.
-ImageTransform adm_transform(int64_t size = 256);
+MDD_API ImageTransform adm_transform(int64_t size = 256);
 
 /// The evaluation geometry: torchvision `Resize(size)` + `CenterCrop(size)` (uint8 part of
 /// `transform_imagenet(size)`; ToTensor/Normalize come later, as floats).
-ImageTransform resize_center_crop_transform(int64_t size = 224);
+MDD_API ImageTransform resize_center_crop_transform(int64_t size = 224);
 
 /// Options of an ImageFolder. Class selection, in priority order: explicit `classes`, else `spec`
 /// (reference class files: "woof", "nette", anything else = IDC's class100, sliced by
 /// nclass/phase), else every sub-directory of the root in sorted order.
-struct ImageFolderOptions {
+struct MDD_API ImageFolderOptions {
   /// Class folder names in label order (label = position).
   TORCH_ARG(std::vector<std::string>, classes) = std::vector<std::string>{};
   /// Reference `--spec` ("woof", "nette", "idc", ...); empty = not used.
@@ -52,14 +53,14 @@ struct ImageFolderOptions {
 };
 
 /// One file of an ImageFolder and its local label.
-struct ImageSample {
+struct MDD_API ImageSample {
   std::string path;
   int64_t label = 0;
 };
 
 /// A scanned image folder. Samples are ordered like torchvision's make_dataset: classes by folder
 /// NAME, inside a class by sorted directory path then sorted file name (sub-folders included).
-class ImageFolder {
+class MDD_API ImageFolder {
  public:
   /// Scans `root`. Throws `mdd::Error` when the root is missing, a selected class folder is missing
   /// or holds no image, or `ipc` exceeds the smallest class.

@@ -14,14 +14,15 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
+#include "mdd/export.h"
 #include "mdd/models/codec.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
 
 /// Options of LatentCache::build.
-struct LatentCacheOptions {
+struct MDD_API LatentCacheOptions {
   /// Images per encoder call.
   TORCH_ARG(int64_t, batch_size) = 16;
   /// Device the codec runs on (images are moved there; moments come back to the CPU).
@@ -35,7 +36,7 @@ struct LatentCacheOptions {
 /// Posterior moments of every image (and its mirror) in a safetensors file: "mean" and "logvar"
 /// float32 [N, V, c, h, w] (V = 2 views: original, mirrored; 1 without flips), "labels" int64 [N];
 /// metadata records the image fingerprint, shapes, scaling factor and codec tag.
-class LatentCache {
+class MDD_API LatentCache {
  public:
   /// Loads `path` when it exists and matches `data` (same images and labels, by fingerprint), the
   /// codec's latent shape, scaling factor, tag and flip setting; otherwise encodes every image
@@ -75,6 +76,6 @@ class LatentCache {
 };
 
 /// A 64-bit fingerprint of the images and labels of a data set (used to validate caches).
-std::string dataset_fingerprint(const LabeledImages& data);
+MDD_API std::string dataset_fingerprint(const LabeledImages& data);
 
 }  // namespace mdd

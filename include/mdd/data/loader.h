@@ -17,11 +17,12 @@
 #include <torch/types.h>
 
 #include "mdd/data/image_folder.h"
+#include "mdd/export.h"
 
 namespace mdd {
 
 /// Options of a BatchLoader.
-struct BatchLoaderOptions {
+struct MDD_API BatchLoaderOptions {
   /// Samples per batch.
   TORCH_ARG(int64_t, batch_size) = 64;
   /// Visit samples in a seeded random order per epoch (false: 0, 1, 2, ...).
@@ -37,7 +38,7 @@ struct BatchLoaderOptions {
 };
 
 /// One batch: stacked samples, their labels (undefined when the loader has none) and dataset indices.
-struct Batch {
+struct MDD_API Batch {
   torch::Tensor data;
   torch::Tensor labels;
   torch::Tensor indices;
@@ -49,7 +50,7 @@ struct Batch {
 /// delivered to the consumer by `next()` as `mdd::Error` naming the sample. The destructor stops and
 /// joins the workers (also mid-epoch). Not copyable or movable; `next()`/`start_epoch()` must be
 /// called from one consumer thread.
-class BatchLoader {
+class MDD_API BatchLoader {
  public:
   /// Produces sample `index` (called concurrently from worker threads; must be thread-safe).
   using SampleFn = std::function<torch::Tensor(int64_t index)>;
@@ -101,7 +102,7 @@ class BatchLoader {
 
 /// A loader over an ImageFolder: each sample is `transform(folder.read(i))` (or the decoded image
 /// when `transform` is empty), labels are the folder's local labels.
-std::unique_ptr<BatchLoader> make_image_folder_loader(const ImageFolder& folder, ImageTransform transform,
-                                                      BatchLoaderOptions options = {});
+MDD_API std::unique_ptr<BatchLoader> make_image_folder_loader(const ImageFolder& folder, ImageTransform transform,
+                                                              BatchLoaderOptions options = {});
 
 }  // namespace mdd

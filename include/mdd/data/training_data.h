@@ -10,11 +10,12 @@
 #include <torch/types.h>
 
 #include "mdd/data/latent_cache.h"
+#include "mdd/export.h"
 
 namespace mdd {
 
 /// One training batch in latent space (CPU tensors).
-struct LatentBatch {
+struct MDD_API LatentBatch {
   torch::Tensor latents;       ///< scaled latents z0, float32 [B, c, h, w]
   torch::Tensor labels;        ///< local class ids, int64 [B]
   torch::Tensor model_labels;  ///< labels the model is conditioned on, int64 [B]
@@ -22,7 +23,7 @@ struct LatentBatch {
 };
 
 /// A source of latent training batches.
-class TrainingData {
+class MDD_API TrainingData {
  public:
   virtual ~TrainingData() = default;
   /// Number of training items.
@@ -39,7 +40,7 @@ class TrainingData {
 
 /// Training data over a LatentCache: each draw is a fresh posterior sample of a randomly chosen
 /// view (original or mirror), the distribution of the reference's per-step `vae.encode(flip(x))`.
-class LatentTrainingData : public TrainingData {
+class MDD_API LatentTrainingData : public TrainingData {
  public:
   /// `model_labels_of_class[c]` = the model label of local class c (identity when empty).
   /// `subset` (int64 indices into the cache, e.g. from `finetune_subset`) restricts the items;
@@ -65,10 +66,10 @@ class LatentTrainingData : public TrainingData {
 
 /// The reference's `--finetune-ipc`: indices of the first `ipc` items of every class in dataset
 /// order (ipc < 0 or 0 = all items). Throws mdd::Error when a class has fewer than `ipc` items.
-torch::Tensor finetune_subset(const torch::Tensor& labels, int64_t ipc);
+MDD_API torch::Tensor finetune_subset(const torch::Tensor& labels, int64_t ipc);
 
 /// The order in which epoch `epoch` visits items 0..size-1 (a seeded permutation that depends on
 /// (seed, epoch) only, like a DistributedSampler with shuffle and set_epoch).
-torch::Tensor epoch_order(int64_t size, uint64_t seed, int64_t epoch);
+MDD_API torch::Tensor epoch_order(int64_t size, uint64_t seed, int64_t epoch);
 
 }  // namespace mdd

@@ -11,12 +11,13 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
 
 /// Configuration of a `GaussianDiffusion`, defaults as the reference `create_diffusion`.
-struct DiffusionOptions {
+struct MDD_API DiffusionOptions {
   /// Number of steps of the original (training) process.
   TORCH_ARG(int64_t, num_timesteps) = 1000;
   /// Respacing: "" (all steps), "50", "250", "10,15,20" (sections) or "ddimN" (see space_timesteps).
@@ -36,13 +37,13 @@ struct DiffusionOptions {
 using ModelFn = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t)>;
 
 /// Output of p_mean_variance (float32, shape of x).
-struct MeanVariance {
+struct MDD_API MeanVariance {
   torch::Tensor mean, variance, log_variance, pred_xstart;
 };
 
 /// Output of training_losses: per-sample terms [N] and the x0 prediction [N,C,H,W] that keeps its
 /// graph to the model's eps output (the minimax embedding).
-struct TrainingLosses {
+struct MDD_API TrainingLosses {
   torch::Tensor loss, mse, vb, pred_xstart;
 };
 
@@ -55,7 +56,7 @@ using StepNoiseFn = std::function<torch::Tensor(int64_t k, const torch::Tensor& 
 /// touch a tensor, exactly like the reference `_extract_into_tensor`. Timesteps `t` given to the
 /// methods are RESPACED indices in [0, num_timesteps()); the model receives timestep_map()[t].
 /// Immutable after construction, so one instance can be shared by threads.
-class GaussianDiffusion {
+class MDD_API GaussianDiffusion {
  public:
   /// Builds the schedule; throws mdd::Error for a bad respacing string or schedule.
   explicit GaussianDiffusion(DiffusionOptions options = {});

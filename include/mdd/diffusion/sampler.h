@@ -13,6 +13,7 @@
 
 #include "mdd/diffusion/gaussian_diffusion.h"
 #include "mdd/diffusion/guidance.h"
+#include "mdd/export.h"
 #include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
@@ -31,7 +32,7 @@ enum class SamplingMethod {
 
 /// Options of a `Sampler`; defaults follow MinimaxDiffusion's sample.py except batch_size (the
 /// reference hard-codes 1; batching only changes throughput, see the seeding scheme).
-struct SamplerOptions {
+struct MDD_API SamplerOptions {
   /// Images denoised together per model call (the CFG forward sees 2x this batch).
   TORCH_ARG(int64_t, batch_size) = 16;
   /// Respacing of the sampling process ("50" = 50 respaced steps, "ddim25", "10,15,20", ...).
@@ -80,7 +81,7 @@ struct SamplerOptions {
 /// latent whatever the batch size, batch composition, order or device (up to the model's own
 /// numerics, which may depend on batch size in the last bits). Images do not match the reference
 /// sample.py bit for bit: it draws from one global stream in generation order.
-class Sampler {
+class MDD_API Sampler {
  public:
   /// Throws mdd::Error for an empty model, a bad respacing or invalid options.
   Sampler(ConditionalModelFn model, SamplerOptions options = {});

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Beta schedule by name, in float64, of length `num_timesteps`.
@@ -15,7 +17,7 @@ namespace mdd {
 ///  - "squaredcos_cap_v2" (alias "cosine"): betas_for_alpha_bar with
 ///    alpha_bar(t) = cos((t + 0.008)/1.008 * pi/2)^2, each beta capped at 0.999.
 /// Throws mdd::Error for an unknown name or num_timesteps < 1.
-std::vector<double> get_named_beta_schedule(const std::string& name, int64_t num_timesteps);
+MDD_API std::vector<double> get_named_beta_schedule(const std::string& name, int64_t num_timesteps);
 
 /// The original timesteps kept when respacing a `num_timesteps` process, sorted ascending.
 /// `section_counts` follows the reference:
@@ -26,6 +28,6 @@ std::vector<double> get_named_beta_schedule(const std::string& name, int64_t num
 ///  - "ddimN" takes range(0, T, s) for the smallest integer stride s giving exactly N steps.
 /// Throws mdd::Error for unparsable strings or impossible requests (a section asked for more
 /// steps than it has, no integer DDIM stride, no steps at all).
-std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& section_counts);
+MDD_API std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& section_counts);
 
 }  // namespace mdd

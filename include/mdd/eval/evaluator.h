@@ -25,14 +25,15 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/types.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
+#include "mdd/export.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
 
 /// Evaluation options. Fields after `seed` are additions to the contract: 0 / "" / empty /
 /// negative means "the protocol's value".
-struct EvalOptions {
+struct MDD_API EvalOptions {
   TORCH_ARG(std::string, protocol) = "idc";   ///< "idc" | "dc"
   TORCH_ARG(std::string, net) = "";           ///< "" = protocol default (idc: resnet_ap10, dc: convnet3)
   TORCH_ARG(int64_t, epochs) = 0;             ///< 0 = protocol rule (idc: ipc_epoch, dc: 300)
@@ -56,7 +57,7 @@ struct EvalOptions {
 
 /// Top-1 accuracies in percent. `best`/`last` per repeat; `mean`/`std` over `best`
 /// (population std, as the reference's np.std). Additions: `last_mean`/`last_std`, `seconds`.
-struct EvalResult {
+struct MDD_API EvalResult {
   std::vector<double> best, last;
   double mean = 0, std = 0;
   double last_mean = 0, last_std = 0;
@@ -64,7 +65,7 @@ struct EvalResult {
 };
 
 /// The concrete recipe after applying a protocol preset and the overrides.
-struct ResolvedEval {
+struct MDD_API ResolvedEval {
   std::string protocol, net, norm, augment;
   int64_t width = 0, image_size = 0, in_channels = 3, batch_size = 0, epochs = 0, eval_every = 0, ipc = 0;
   int64_t num_classes = 0;
@@ -78,10 +79,10 @@ struct ResolvedEval {
 /// The reference's `ipc_epoch` (MMD argument.py): epochs for `ipc` images per class
 /// (1 -> 3000, <=10 -> 2000, <=50 -> 1500, <=200 -> 1000, <=500 -> 500, else 300); for 100
 /// classes x2/3 rounded down to a multiple of 100.
-int64_t ipc_epoch(int64_t ipc, int64_t num_classes = 10);
+MDD_API int64_t ipc_epoch(int64_t ipc, int64_t num_classes = 10);
 
 /// Trains fresh networks on a training set and tests them; any dataset, any `EvalOptions`.
-class Evaluator {
+class MDD_API Evaluator {
  public:
   explicit Evaluator(EvalOptions options = {});
 
@@ -113,7 +114,7 @@ class Evaluator {
 };
 
 /// `Evaluator(options).run(train, test, progress)`.
-EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options = {},
-                    const ProgressFn& progress = {});
+MDD_API EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options = {},
+                            const ProgressFn& progress = {});
 
 }  // namespace mdd

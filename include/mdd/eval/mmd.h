@@ -10,10 +10,12 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Kernel choice for `mmd2`. The Gaussian kernel is k(x, y) = exp(-|x - y|^2 / (2 sigma^2)).
-struct MMDOptions {
+struct MDD_API MMDOptions {
   /// Explicit bandwidths sigma; empty = the median heuristic (sigma = median pairwise distance
   /// of the pooled set, distinct pairs), optionally multiplied by `multipliers`.
   TORCH_ARG(std::vector<double>, bandwidths) = {};
@@ -23,11 +25,11 @@ struct MMDOptions {
 
 /// The median heuristic bandwidth: median Euclidean distance over distinct pairs of rows of
 /// cat(x, y). Computed in float64.
-double median_bandwidth(const torch::Tensor& x, const torch::Tensor& y);
+MDD_API double median_bandwidth(const torch::Tensor& x, const torch::Tensor& y);
 
 /// Unbiased MMD^2 (Gretton et al. 2012, eq. 3) between x [m, D] and y [n, D] (m, n >= 2):
 /// sum_{i!=j} k(x_i,x_j) / (m(m-1)) + sum_{i!=j} k(y_i,y_j) / (n(n-1)) - 2 sum_{i,j} k(x_i,y_j) / (mn).
 /// Can be slightly negative for identical distributions (it is unbiased). Computed in float64.
-double mmd2(const torch::Tensor& x, const torch::Tensor& y, const MMDOptions& options = {});
+MDD_API double mmd2(const torch::Tensor& x, const torch::Tensor& y, const MMDOptions& options = {});
 
 }  // namespace mdd

@@ -19,14 +19,15 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/types.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
 #include "mdd/eval/evaluator.h"
+#include "mdd/export.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
 
 /// How the proxy classifier is trained (an `EvalOptions` recipe; `dc` ConvNet-3 by default).
-struct ProxyOptions {
+struct MDD_API ProxyOptions {
   /// Training recipe of the classifier: protocol preset and overrides (epochs = 1 gives the dc
   /// schedule's 2 passes over the whole set).
   TORCH_ARG(EvalOptions, eval) = EvalOptions().protocol("dc").epochs(1);
@@ -37,7 +38,7 @@ struct ProxyOptions {
 };
 
 /// What the proxy says about one set of generated images.
-struct ProxyScore {
+struct MDD_API ProxyScore {
   int64_t images = 0;                 ///< generated images scored
   double class_accuracy = 0;          ///< % of generated images classified as their label
   std::vector<double> per_class;      ///< the same per class (NaN for a class without images)
@@ -47,7 +48,7 @@ struct ProxyScore {
 };
 
 /// The trained proxy classifier and the real test features it compares against.
-class GeneratorProxy {
+class MDD_API GeneratorProxy {
  public:
   /// Trains the classifier on `train` (every image) and caches the features of `test`.
   /// Progress stage "evaluate" (the Evaluator's). Throws mdd::Error on bad data.
@@ -78,6 +79,6 @@ class GeneratorProxy {
 
 /// Fréchet distance between Gaussians fitted to two feature sets [N1, D] and [N2, D] (float64
 /// arithmetic; the matrix square root via symmetric eigendecompositions). Needs N1, N2 >= 2.
-double frechet_distance(const torch::Tensor& a, const torch::Tensor& b);
+MDD_API double frechet_distance(const torch::Tensor& a, const torch::Tensor& b);
 
 }  // namespace mdd

@@ -10,33 +10,35 @@
 
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 struct LabeledImages;
 
 /// `per_class` uniformly random samples of every class (without replacement), seeded.
-torch::Tensor select_random(const torch::Tensor& labels, int64_t per_class, uint64_t seed);
+MDD_API torch::Tensor select_random(const torch::Tensor& labels, int64_t per_class, uint64_t seed);
 
 /// The first `per_class` samples of every class in the given order (the reference's "random"
 /// selection over sorted file names).
-torch::Tensor select_first(const torch::Tensor& labels, int64_t per_class);
+MDD_API torch::Tensor select_first(const torch::Tensor& labels, int64_t per_class);
 
 /// Herding (Welling 2009, as in iCaRL / the DC papers' baseline): per class, greedily add the
 /// sample that brings the mean of the selected features closest (L2) to the class mean.
 /// `features` [N, D] (e.g. the penultimate embedding of a trained network, `EvalNetImpl::embed`).
-torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class);
+MDD_API torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class);
 
 /// K-Center greedy (farthest-first traversal, Sener & Savarese 2018) per class: start from the
 /// sample closest to the class mean (deterministic), then repeatedly add the sample whose L2
 /// distance to its nearest selected sample is largest.
-torch::Tensor select_kcenter(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class);
+MDD_API torch::Tensor select_kcenter(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class);
 
 /// Dispatch by name: "random" (seeded), "first", "herding", "kcenter". `features` may be
 /// undefined for random/first. Unknown names or too few samples of a class throw mdd::Error.
-torch::Tensor select_coreset(const std::string& method, const torch::Tensor& features, const torch::Tensor& labels,
-                             int64_t per_class, uint64_t seed = 0);
+MDD_API torch::Tensor select_coreset(const std::string& method, const torch::Tensor& features, const torch::Tensor& labels,
+                                     int64_t per_class, uint64_t seed = 0);
 
 /// The images/labels at `indices` (class names copied).
-LabeledImages subset(const LabeledImages& data, const torch::Tensor& indices);
+MDD_API LabeledImages subset(const LabeledImages& data, const torch::Tensor& indices);
 
 }  // namespace mdd

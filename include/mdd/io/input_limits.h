@@ -7,11 +7,13 @@
 /// (DiT-XL/2 and SD-VAE weights, ImageNet JPEGs, Fashion-MNIST); raise them for unusual inputs.
 #include <cstdint>
 
+#include "mdd/export.h"
+
 namespace mdd {
 namespace io {
 
 /// Limits on what a decoder may produce from its input.
-struct InputLimits {
+struct MDD_API InputLimits {
   /// Most bytes any decompression (a DEFLATE zip entry, a gzip file) may produce per compressed
   /// byte. DEFLATE itself cannot exceed ~1032:1, so the default only rejects impossible headers;
   /// lower it to refuse "zip bombs" earlier.
@@ -31,11 +33,11 @@ struct InputLimits {
 };
 
 /// The limits in force (process-wide; the defaults until set_input_limits is called).
-InputLimits input_limits();
+MDD_API InputLimits input_limits();
 
 /// Replaces the process-wide limits (thread-safe; loads already running keep the old ones).
 /// Throws mdd::Error when a limit is 0.
-void set_input_limits(const InputLimits& limits);
+MDD_API void set_input_limits(const InputLimits& limits);
 
 }  // namespace io
 }  // namespace mdd

@@ -7,6 +7,8 @@
 
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 namespace io {
 
@@ -14,7 +16,7 @@ namespace io {
 using TensorMap = std::map<std::string, torch::Tensor>;
 
 /// The content of a safetensors file: its tensors and its `__metadata__` string map.
-struct SafeTensors {
+struct MDD_API SafeTensors {
   TensorMap tensors;
   std::map<std::string, std::string> metadata;
 };
@@ -23,16 +25,16 @@ struct SafeTensors {
 /// The file is validated completely (header bounds, JSON, dtype names, shapes, data offsets that
 /// must tile the data section); any inconsistency throws `mdd::Error` naming the file and key.
 /// Tensors are CPU, contiguous and own their memory.
-SafeTensors load_safetensors(const std::string& path);
+MDD_API SafeTensors load_safetensors(const std::string& path);
 
 /// Parses safetensors bytes already in memory (`what` names the source in error messages).
-SafeTensors parse_safetensors(const void* data, size_t size, const std::string& what = "<memory>");
+MDD_API SafeTensors parse_safetensors(const void* data, size_t size, const std::string& what = "<memory>");
 
 /// Writes `tensors` (any device, any layout; written as contiguous CPU data) and `metadata` to
 /// `path`. The write is atomic: data goes to a temporary file in the same directory which is then
 /// renamed over `path`, so readers never see a half-written file.
-void save_safetensors(const std::string& path, const TensorMap& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+MDD_API void save_safetensors(const std::string& path, const TensorMap& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace io
 }  // namespace mdd

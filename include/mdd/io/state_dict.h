@@ -7,6 +7,7 @@
 
 #include <torch/nn/module.h>
 
+#include "mdd/export.h"
 #include "mdd/io/safetensors.h"
 
 namespace mdd {
@@ -14,7 +15,7 @@ namespace mdd {
 /// What `load_state_dict` found: keys the module has but the weights lack (`missing`), keys the
 /// weights have but the module lacks (`unexpected`) and keys present in both with different
 /// shapes (`mismatched`, as "key: module [a, b] vs weights [c, d]").
-struct LoadReport {
+struct MDD_API LoadReport {
   std::vector<std::string> missing, unexpected, mismatched;
   /// True when nothing is missing, unexpected or mismatched.
   bool ok() const { return missing.empty() && unexpected.empty() && mismatched.empty(); }
@@ -26,10 +27,10 @@ struct LoadReport {
 /// PyTorch). Values are cast to each destination's dtype and device. Shape mismatches are never
 /// copied. `strict = true` throws `mdd::Error` listing every problem (and copies nothing);
 /// `strict = false` copies what matches and returns the report.
-LoadReport load_state_dict(torch::nn::Module& module, const io::TensorMap& weights,
-                           bool strict = true);
+MDD_API LoadReport load_state_dict(torch::nn::Module& module, const io::TensorMap& weights,
+                                   bool strict = true);
 
 /// The parameters and buffers of `module` under their dotted names (detached, shared storage).
-io::TensorMap state_dict(const torch::nn::Module& module);
+MDD_API io::TensorMap state_dict(const torch::nn::Module& module);
 
 }  // namespace mdd

@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "mdd/export.h"
 #include "mdd/io/safetensors.h"
 
 namespace mdd {
@@ -21,11 +22,11 @@ namespace io {
 /// storage in Python share memory here too. Legacy (pre-1.6) and TorchScript archives, truncated or
 /// corrupt zips (offsets, sizes and CRC-32 are checked), missing storage records and tensor extents
 /// beyond their storage all throw `mdd::Error` naming the file. See docs/weights.md.
-TensorMap load_torch_checkpoint(const std::string& path, const std::string& entry = "");
+MDD_API TensorMap load_torch_checkpoint(const std::string& path, const std::string& entry = "");
 
 /// Loads weights from a safetensors or torch.save file, chosen by the file's content (not its
 /// name). For torch.save files this is `load_torch_checkpoint(path)`.
-TensorMap load_weights(const std::string& path);
+MDD_API TensorMap load_weights(const std::string& path);
 
 }  // namespace io
 }  // namespace mdd

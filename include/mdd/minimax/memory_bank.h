@@ -10,6 +10,8 @@
 
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// A per-class FIFO of detached tensors with a fixed capacity per class.
@@ -26,7 +28,7 @@ namespace mdd {
 /// The ring fills slots 0, 1, ... first; once full, the oldest slot is overwritten. Hence slots
 /// `0..size-1` are always the valid ones, and the logical (oldest-first) index `i` lives in
 /// physical slot `(head + i) % capacity`.
-class MemoryBank {
+class MDD_API MemoryBank {
  public:
   /// A bank of `num_classes` empty FIFOs holding at most `capacity` items each (both > 0).
   MemoryBank(int64_t num_classes, int64_t capacity);

@@ -7,12 +7,13 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
 #include "mdd/minimax/memory_bank.h"
 
 namespace mdd {
 
 /// Weights of the two minimax terms (reference defaults `--lambda-pos 0.002`, `--lambda-neg 0.008`).
-struct MinimaxLossOptions {
+struct MDD_API MinimaxLossOptions {
   /// Weight of the representativeness term R (reference `--lambda-pos`).
   TORCH_ARG(double, lambda_r) = 0.002;
   /// Weight of the diversity term D (reference `--lambda-neg`).
@@ -25,7 +26,7 @@ struct MinimaxLossOptions {
 /// The minimax terms of one batch. `representativeness`, `diversity` and `total` are 0-dim tensors
 /// (dtype of `pred_x0`, float32 for reduced-precision inputs; device of `pred_x0`) that carry
 /// gradient to `pred_x0`.
-struct MinimaxTerms {
+struct MDD_API MinimaxTerms {
   /// R = Σ_c (1 − min cos(pred_c, real_c)) / num_distinct_classes.
   torch::Tensor representativeness;
   /// D = Σ_c max cos(pred_c, generated_c) / num_distinct_classes.
@@ -61,12 +62,12 @@ struct MinimaxTerms {
 ///
 /// Runs as one fused autograd node: CPU (BLAS dots + parallel reductions) or CUDA kernels when
 /// `pred_x0` is on a CUDA device and mdd was built with CUDA.
-MinimaxTerms minimax_loss(const torch::Tensor& pred_x0, const torch::Tensor& labels, const MemoryBank& real,
-                          const MemoryBank& generated, const MinimaxLossOptions& options = {});
+MDD_API MinimaxTerms minimax_loss(const torch::Tensor& pred_x0, const torch::Tensor& labels, const MemoryBank& real,
+                                  const MemoryBank& generated, const MinimaxLossOptions& options = {});
 
 /// The full cosine matrix `[rows.size(0), bank.size(label)]` between the flattened `rows` and the
 /// items of class `label` of `bank` (oldest first), with the zero-vector rule of `minimax_loss`.
 /// For inspection and tests; not differentiable through the bank.
-torch::Tensor bank_cosine(const torch::Tensor& rows, const MemoryBank& bank, int64_t label);
+MDD_API torch::Tensor bank_cosine(const torch::Tensor& rows, const MemoryBank& bank, int64_t label);
 
 }  // namespace mdd

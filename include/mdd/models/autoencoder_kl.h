@@ -18,6 +18,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/models/codec.h"
 
@@ -25,7 +26,7 @@ namespace mdd {
 
 /// Architecture of an `AutoencoderKL` (the fields of a diffusers `config.json`). Defaults are the
 /// sd-vae-ft-ema / sd-vae-ft-mse configuration (83,653,863 parameters, latent = image / 8).
-struct AutoencoderKLOptions {
+struct MDD_API AutoencoderKLOptions {
   /// Image channels in.
   TORCH_ARG(int64_t, in_channels) = 3;
   /// Image channels out.
@@ -46,7 +47,7 @@ struct AutoencoderKLOptions {
 
 /// How encode/decode spend memory and precision. None of these change the parameters, and
 /// slicing never changes results; tiling approximates the untiled result (see docs/vae.md).
-struct VaeRuntimeOptions {
+struct MDD_API VaeRuntimeOptions {
   /// Images (or latents) per chunk of the batch; 0 = the whole batch at once. Per-sample results
   /// are independent of the chunking (GroupNorm normalises per sample), so this only bounds memory.
   TORCH_ARG(int64_t, slice_size) = 16;
@@ -74,7 +75,7 @@ namespace vae {
 
 /// diffusers ResnetBlock2D without time embedding: shortcut(x) + conv2(SiLU(GN2(conv1(SiLU(GN1(x)))))).
 /// `conv_shortcut` (1x1) exists only when in_channels != out_channels.
-class ResnetBlock2DImpl : public torch::nn::Module {
+class MDD_API ResnetBlock2DImpl : public torch::nn::Module {
  public:
   /// `groups` GroupNorm groups (eps 1e-6).
   ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t groups);
@@ -88,7 +89,7 @@ TORCH_MODULE(ResnetBlock2D);
 
 /// Single-head spatial self-attention with a GroupNorm and a residual (diffusers Attention as built
 /// for the VAE mid block: heads = 1, head dim = C, softmax in float32).
-class AttentionImpl : public torch::nn::Module {
+class MDD_API AttentionImpl : public torch::nn::Module {
  public:
   /// `channels` C, `groups` GroupNorm groups (eps 1e-6).
   AttentionImpl(int64_t channels, int64_t groups);
@@ -103,7 +104,7 @@ class AttentionImpl : public torch::nn::Module {
 TORCH_MODULE(Attention);
 
 /// resnets.0 -> attentions.0 -> resnets.1 at constant channels (diffusers UNetMidBlock2D, no temb).
-class MidBlockImpl : public torch::nn::Module {
+class MDD_API MidBlockImpl : public torch::nn::Module {
  public:
   /// `channels` C, `groups` GroupNorm groups.
   MidBlockImpl(int64_t channels, int64_t groups);
@@ -116,7 +117,7 @@ TORCH_MODULE(MidBlock);
 
 /// The VAE encoder: conv_in, down_blocks (resnets + asymmetric-pad stride-2 downsamplers),
 /// mid_block, conv_norm_out, SiLU, conv_out (-> 2 * latent_channels moments).
-class EncoderImpl : public torch::nn::Module {
+class MDD_API EncoderImpl : public torch::nn::Module {
  public:
   /// Built from the architecture options.
   explicit EncoderImpl(const AutoencoderKLOptions& options);
@@ -132,7 +133,7 @@ TORCH_MODULE(Encoder);
 
 /// The VAE decoder: conv_in, mid_block, up_blocks (layers_per_block + 1 resnets, nearest x2 +
 /// conv upsamplers, reversed channels), conv_norm_out, SiLU, conv_out. No output clamp.
-class DecoderImpl : public torch::nn::Module {
+class MDD_API DecoderImpl : public torch::nn::Module {
  public:
   /// Built from the architecture options.
   explicit DecoderImpl(const AutoencoderKLOptions& options);
@@ -154,7 +155,7 @@ class AutoencoderKL;
 /// decoder(post_quant_conv(z)). Neither applies `scaling_factor` (the caller does, as DiT does).
 /// encode/decode run in the dtype and on the device of the parameters (inputs are moved there);
 /// their results are float32. Gradients follow the caller's grad mode.
-class AutoencoderKLImpl : public torch::nn::Module {
+class MDD_API AutoencoderKLImpl : public torch::nn::Module {
  public:
   /// Builds the architecture with PyTorch-default initialisation (load weights afterwards).
   explicit AutoencoderKLImpl(AutoencoderKLOptions options = {}, VaeRuntimeOptions runtime = {});
@@ -208,7 +209,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
 
 /// Module holder of AutoencoderKLImpl; equivalent to `TORCH_MODULE(AutoencoderKL)` plus
 /// `AutoencoderKL::from_pretrained`.
-class AutoencoderKL : public torch::nn::ModuleHolder<AutoencoderKLImpl> {
+class MDD_API AutoencoderKL : public torch::nn::ModuleHolder<AutoencoderKLImpl> {
  public:
   using torch::nn::ModuleHolder<AutoencoderKLImpl>::ModuleHolder;
   using Impl = AutoencoderKLImpl;
@@ -220,7 +221,7 @@ class AutoencoderKL : public torch::nn::ModuleHolder<AutoencoderKLImpl> {
 
 /// `Codec` over an AutoencoderKL: encode/decode without gradients on the VAE's device, latents
 /// [latent_channels, H/8, W/8], scaling_factor from the VAE options (0.18215 for sd-vae).
-class VaeCodec : public Codec {
+class MDD_API VaeCodec : public Codec {
  public:
   /// Puts `vae` in eval mode on `device` (in `vae->runtime.dtype` on CUDA, float32 on CPU).
   explicit VaeCodec(AutoencoderKL vae, torch::Device device = torch::kCPU);

@@ -7,11 +7,13 @@
 
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// A diagonal Gaussian posterior over latents (the VAE encoder's output).
 /// `logvar` is clamped to [-30, 20] on construction by the producer, as diffusers does.
-struct DiagonalGaussian {
+struct MDD_API DiagonalGaussian {
   torch::Tensor mean, logvar;
   /// exp(0.5 * logvar).
   torch::Tensor std() const;
@@ -31,7 +33,7 @@ struct DiagonalGaussian {
 
 /// Maps images in [-1, 1] ([N, C, H, W]) to latents and back. The pipeline multiplies encoder
 /// samples by `scaling_factor()` before diffusion and divides by it before `decode`.
-class Codec {
+class MDD_API Codec {
  public:
   virtual ~Codec() = default;
   /// Posterior over (unscaled) latents for images in [-1, 1].
@@ -49,7 +51,7 @@ class Codec {
 /// so std = exp(-15) ~ 3.1e-7: sampling perturbs pixels by ~1e-7, far below 8-bit quantisation,
 /// i.e. it is deterministic for every practical purpose while keeping the DiagonalGaussian contract
 /// (finite logvar, sample() works). decode is the identity (a clone, so callers may write into it).
-class IdentityCodec : public Codec {
+class MDD_API IdentityCodec : public Codec {
  public:
   /// mean = images, logvar = full_like(images, -30). Requires a 4-D [N, C, H, W] tensor.
   DiagonalGaussian encode(const torch::Tensor& images) override;

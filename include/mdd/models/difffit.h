@@ -10,12 +10,13 @@
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 
+#include "mdd/export.h"
 #include "mdd/models/dit.h"
 
 namespace mdd {
 
 /// How many blocks get DiffFit gammas.
-struct DiffFitOptions {
+struct MDD_API DiffFitOptions {
   /// Blocks 0 .. min(gamma_blocks, depth) - 1 get gammas (the reference hard-codes 14 = half of
   /// DiT-XL's 28 blocks). Must be >= 0.
   TORCH_ARG(int64_t, gamma_blocks) = 14;
@@ -29,16 +30,16 @@ struct DiffFitOptions {
 /// With all gammas = 1 the model computes exactly the same function as before.
 /// Not idempotent by design: calling it on a model that already has gammas throws `mdd::Error`
 /// (a second call is almost always a bug, e.g. a resumed run applying it twice).
-void apply_difffit(DiT& model, const DiffFitOptions& options = {});
+MDD_API void apply_difffit(DiT& model, const DiffFitOptions& options = {});
 
 /// True when any block of `model` has DiffFit gammas (i.e. `apply_difffit` ran).
-bool has_difffit(const DiT& model);
+MDD_API bool has_difffit(const DiT& model);
 
 /// The reference substring rule (DiffFit-pytorch `mark_difffit_trainable`, used by MinimaxDiffusion
 /// train_dit.py): a parameter trains iff its name contains "bias", "norm", "gamma" or "y_embed".
-bool is_difffit_trainable(const std::string& parameter_name);
+MDD_API bool is_difffit_trainable(const std::string& parameter_name);
 
 /// Parameters of `module` (recursively) with requires_grad = true, in registration order.
-std::vector<torch::Tensor> trainable_parameters(const torch::nn::Module& module);
+MDD_API std::vector<torch::Tensor> trainable_parameters(const torch::nn::Module& module);
 
 }  // namespace mdd

@@ -23,10 +23,12 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Architecture of a DiT (the constructor arguments of the reference `DiT` class).
-struct DiTOptions {
+struct MDD_API DiTOptions {
   /// The six shape arguments; the rest default to the reference values.
   DiTOptions(int64_t input_size, int64_t patch_size, int64_t in_channels, int64_t hidden_size,
              int64_t depth, int64_t num_heads);
@@ -59,20 +61,20 @@ struct DiTOptions {
 /// Options of one of the 12 reference configurations "DiT-{XL,L,B,S}/{2,4,8}" (in_channels 4,
 /// mlp_ratio 4, class_dropout_prob 0.1, learn_sigma). `input_size` is the latent size (image / 8).
 /// Throws `mdd::Error` listing the valid names for an unknown name.
-DiTOptions dit_options(const std::string& name, int64_t input_size = 32, int64_t num_classes = 1000);
+MDD_API DiTOptions dit_options(const std::string& name, int64_t input_size = 32, int64_t num_classes = 1000);
 
 /// The 12 names accepted by `dit_options`, in the reference's order (XL/2 ... S/8).
-std::vector<std::string> dit_model_names();
+MDD_API std::vector<std::string> dit_model_names();
 
 /// Fixed 2-D sin-cos position table [grid*grid, embed_dim] in float64, as the reference's
 /// `get_2d_sincos_pos_embed` (token n = row*grid + col; first half encodes the column, second the
 /// row; each half is [sin, cos]). `embed_dim` must be divisible by 4.
-torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size);
+MDD_API torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size);
 
 // ------------------------------------------------------------------ submodules
 
 /// timm `PatchEmbed` as DiT uses it: Conv2d(k = s = p) -> tokens [N, T, D] in row-major patch order.
-class PatchEmbedImpl : public torch::nn::Module {
+class MDD_API PatchEmbedImpl : public torch::nn::Module {
  public:
   /// Conv from `in_channels` to `hidden_size` with kernel = stride = `patch_size`.
   PatchEmbedImpl(int64_t in_channels, int64_t hidden_size, int64_t patch_size);
@@ -85,7 +87,7 @@ class PatchEmbedImpl : public torch::nn::Module {
 TORCH_MODULE(PatchEmbed);
 
 /// Sinusoidal timestep features followed by Linear -> SiLU -> Linear (`t_embedder`).
-class TimestepEmbedderImpl : public torch::nn::Module {
+class MDD_API TimestepEmbedderImpl : public torch::nn::Module {
  public:
   /// MLP 256 -> `hidden_size` -> `hidden_size` (`frequency_embedding_size` = 256 in DiT).
   explicit TimestepEmbedderImpl(int64_t hidden_size, int64_t frequency_embedding_size = 256);
@@ -103,7 +105,7 @@ class TimestepEmbedderImpl : public torch::nn::Module {
 TORCH_MODULE(TimestepEmbedder);
 
 /// Class-label embedding table with an extra null-class row and train-mode label dropout (`y_embedder`).
-class LabelEmbedderImpl : public torch::nn::Module {
+class MDD_API LabelEmbedderImpl : public torch::nn::Module {
  public:
   /// Table of `num_classes + (dropout_prob > 0)` rows of width `hidden_size`.
   LabelEmbedderImpl(int64_t num_classes, int64_t hidden_size, double dropout_prob);
@@ -125,7 +127,7 @@ class LabelEmbedderImpl : public torch::nn::Module {
 TORCH_MODULE(LabelEmbedder);
 
 /// Multi-head self-attention (timm `Attention`, no qk-norm, no dropout) with optional DiffFit gammas.
-class DiTAttentionImpl : public torch::nn::Module {
+class MDD_API DiTAttentionImpl : public torch::nn::Module {
  public:
   /// qkv Linear(D, 3D) and proj Linear(D, D), both with bias.
   DiTAttentionImpl(int64_t dim, int64_t num_heads);
@@ -146,7 +148,7 @@ class DiTAttentionImpl : public torch::nn::Module {
 TORCH_MODULE(DiTAttention);
 
 /// timm `Mlp`: fc1 -> GELU(tanh approximation) -> fc2.
-class DiTMlpImpl : public torch::nn::Module {
+class MDD_API DiTMlpImpl : public torch::nn::Module {
  public:
   /// fc1 Linear(dim, hidden), fc2 Linear(hidden, dim).
   DiTMlpImpl(int64_t dim, int64_t hidden);
@@ -159,7 +161,7 @@ class DiTMlpImpl : public torch::nn::Module {
 TORCH_MODULE(DiTMlp);
 
 /// Intermediate tensors of one block (filled by `DiTImpl::forward_with_taps`).
-struct DiTBlockTaps {
+struct MDD_API DiTBlockTaps {
   /// adaLN_modulation(c) [N, 6D] (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
   torch::Tensor adaLN;
   /// attn(modulate(norm1(x))) before gating [N, T, D].
@@ -171,7 +173,7 @@ struct DiTBlockTaps {
 };
 
 /// adaLN-Zero transformer block (LayerNorm eps 1e-6 without affine) with optional DiffFit gammas.
-class DiTBlockImpl : public torch::nn::Module {
+class MDD_API DiTBlockImpl : public torch::nn::Module {
  public:
   /// Block of width `hidden_size`, `num_heads` heads and MLP width int(hidden_size * mlp_ratio).
   DiTBlockImpl(int64_t hidden_size, int64_t num_heads, double mlp_ratio);
@@ -195,7 +197,7 @@ class DiTBlockImpl : public torch::nn::Module {
 TORCH_MODULE(DiTBlock);
 
 /// adaLN-modulated LayerNorm followed by Linear(D, p*p*out_channels).
-class FinalLayerImpl : public torch::nn::Module {
+class MDD_API FinalLayerImpl : public torch::nn::Module {
  public:
   /// Projects width `hidden_size` tokens to p*p*out_channels values.
   FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels);
@@ -210,7 +212,7 @@ class FinalLayerImpl : public torch::nn::Module {
 TORCH_MODULE(FinalLayer);
 
 /// Every intermediate of one DiT forward pass (for golden tests and debugging).
-struct DiTTaps {
+struct MDD_API DiTTaps {
   /// Sinusoidal timestep features [N, 256].
   torch::Tensor t_freq;
   /// t_embedder(t) [N, D].
@@ -235,7 +237,7 @@ struct DiTTaps {
 /// (original 0..999 scale), labels [N] int64 in [0, num_classes] (num_classes = null class).
 /// Output [N, out_channels, H, W]: channels [0, C) = epsilon, [C, 2C) = variance value v.
 /// Shape or label errors throw `mdd::Error`.
-class DiTImpl : public torch::nn::Module {
+class MDD_API DiTImpl : public torch::nn::Module {
  public:
   /// Guide only eps channels 0..2 (the reference `forward_with_cfg`; used for the paper's samples).
   static constexpr int64_t kReferenceGuidedChannels = 3;

@@ -21,11 +21,13 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Common interface of the evaluation networks, so that code holding a `torch::nn::AnyModule`
 /// (what `make_eval_net` returns) can reach the embedding used by coreset selection and MMD.
-class EvalNetImpl : public torch::nn::Module {
+class MDD_API EvalNetImpl : public torch::nn::Module {
  public:
   /// Logits [N, num_classes] for images [N, C, H, W] (normalised).
   virtual torch::Tensor forward(torch::Tensor x) = 0;
@@ -47,7 +49,7 @@ class EvalNetImpl : public torch::nn::Module {
 /// AvgPool2d(2, 2)] then a Linear classifier on the flattened map (no global pooling, so the
 /// classifier size depends on `image_size`; a 1-channel input gets padding 3 in the first conv as
 /// in the reference, so 28 px grey images run at 32 px like the reference's "28 is treated as 32").
-struct ConvNetOptions {
+struct MDD_API ConvNetOptions {
   ConvNetOptions(int64_t num_classes, int64_t depth) : num_classes_(num_classes), depth_(depth) {}
   TORCH_ARG(int64_t, num_classes);
   TORCH_ARG(int64_t, depth);
@@ -63,7 +65,7 @@ struct ConvNetOptions {
 };
 
 /// The IDC ConvNet. Keys: layers.conv.<d>.{weight,bias}, layers.norm.<d>.*, classifier.*.
-class ConvNetImpl : public EvalNetImpl {
+class MDD_API ConvNetImpl : public EvalNetImpl {
  public:
   explicit ConvNetImpl(ConvNetOptions options);
   torch::Tensor forward(torch::Tensor x) override;
@@ -90,7 +92,7 @@ TORCH_MODULE(ConvNet);
 /// otherwise the torchvision-style ResNet (models/resnet.py: stride-2 convs, 7x7 stride-2 stem +
 /// MaxPool(3, 2, 1)). The stem follows `image_size` like the reference: "small" (<= 64,
 /// conv3x3 only), "mid" (<= 128, conv3x3 + pool), "large" (> 128).
-struct ResNetOptions {
+struct MDD_API ResNetOptions {
   ResNetOptions(int64_t num_classes, int64_t depth) : num_classes_(num_classes), depth_(depth) {}
   TORCH_ARG(int64_t, num_classes);
   TORCH_ARG(int64_t, depth);                 ///< 10, 18 or 34 (BasicBlock configurations)
@@ -102,7 +104,7 @@ struct ResNetOptions {
 };
 
 /// One BasicBlock (both variants). Keys conv1, bn1, conv2, bn2, downsample.{0,1|2}.
-class ResNetBlockImpl : public torch::nn::Module {
+class MDD_API ResNetBlockImpl : public torch::nn::Module {
  public:
   ResNetBlockImpl(int64_t in_planes, int64_t planes, int64_t stride, const std::string& norm,
                   bool avg_pool_downsampling);
@@ -119,7 +121,7 @@ class ResNetBlockImpl : public torch::nn::Module {
 TORCH_MODULE(ResNetBlock);
 
 /// ResNetAP-D / ResNet-D of the IDC code (layer0 stem, layer1..4, global avg-pool, fc).
-class ResNetImpl : public EvalNetImpl {
+class MDD_API ResNetImpl : public EvalNetImpl {
  public:
   explicit ResNetImpl(ResNetOptions options);
   torch::Tensor forward(torch::Tensor x) override;
@@ -150,11 +152,11 @@ TORCH_MODULE(ResNet);
 /// Parameters use the reference initialisation drawn from the global torch RNG; call
 /// `as_eval_net(net)->reset_parameters(gen)` for a generator-driven draw.
 /// Unknown names, norms or bad sizes throw mdd::Error.
-torch::nn::AnyModule make_eval_net(const std::string& name, int64_t num_classes, int64_t image_size,
-                                   const std::string& norm = "instance", int64_t width = 0,
-                                   int64_t in_channels = 3);
+MDD_API torch::nn::AnyModule make_eval_net(const std::string& name, int64_t num_classes, int64_t image_size,
+                                           const std::string& norm = "instance", int64_t width = 0,
+                                           int64_t in_channels = 3);
 
 /// The EvalNetImpl behind an AnyModule made by `make_eval_net` (throws mdd::Error otherwise).
-EvalNetImpl* as_eval_net(const torch::nn::AnyModule& net);
+MDD_API EvalNetImpl* as_eval_net(const torch::nn::AnyModule& net);
 
 }  // namespace mdd

@@ -9,10 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Where the images come from.
-struct DataConfig {
+struct MDD_API DataConfig {
   /// "fashion-mnist" (the Debian dataset package) or "imagefolder" (`root/<class>/<images>`).
   std::string kind = "imagefolder";
   /// fashion-mnist: the IDX directory; imagefolder: the training root (the ImageNet train dir).
@@ -32,7 +34,7 @@ struct DataConfig {
 };
 
 /// The latent codec.
-struct CodecConfig {
+struct MDD_API CodecConfig {
   /// "identity" (pixel-space diffusion) or "vae" (AutoencoderKL, diffusers folder or file).
   std::string kind = "vae";
   /// VAE used to encode the training images (reference: sd-vae-ft-ema).
@@ -47,7 +49,7 @@ struct CodecConfig {
 /// released VAE (Fashion-MNIST). Used when `codec.kind` is "vae" and either `codec.encoder` is empty
 /// or `--pretrain` is given with `vae.steps` > 0; the trained folder then replaces `codec.encoder`
 /// and `codec.decoder`, and the DiT is pre-trained on its latents.
-struct VaeConfig {
+struct MDD_API VaeConfig {
   /// Optimiser steps; 0 = never train (the codec must be named by `codec.encoder`).
   int64_t steps = 0;
   int64_t batch_size = 64;
@@ -70,7 +72,7 @@ struct VaeConfig {
 };
 
 /// The DiT.
-struct ModelConfig {
+struct MDD_API ModelConfig {
   /// A reference preset ("DiT-XL/2", ...) or "custom" (the shape fields below).
   std::string name = "DiT-XL/2";
   int64_t input_size = 32;
@@ -86,7 +88,7 @@ struct ModelConfig {
 };
 
 /// Pre-training from scratch (only when `model.checkpoint` is empty or `--pretrain` is given).
-struct PretrainConfig {
+struct MDD_API PretrainConfig {
   int64_t steps = 10000;
   int64_t batch_size = 64;
   double lr = 1e-4;
@@ -105,7 +107,7 @@ struct PretrainConfig {
 };
 
 /// DiffFit (+ minimax) fine-tuning (reference run.sh).
-struct FinetuneConfig {
+struct MDD_API FinetuneConfig {
   int64_t steps = 12000;
   int64_t batch_size = 8;
   double lr = 1e-3;
@@ -122,7 +124,7 @@ struct FinetuneConfig {
 };
 
 /// Sampling (reference sample.py, batched).
-struct SampleConfig {
+struct MDD_API SampleConfig {
   /// Images per class.
   int64_t ipc = 100;
   /// Respacing of the sampling process ("50" = 50 DDPM steps; "ddim50" for DDIM).
@@ -141,7 +143,7 @@ struct SampleConfig {
 };
 
 /// Evaluation of the distilled sets.
-struct EvaluateConfig {
+struct MDD_API EvaluateConfig {
   /// "idc" (the paper's ImageNet protocol) or "dc" (ConvNet-3, DC/DSA).
   std::string protocol = "idc";
   int64_t repeats = 3;
@@ -159,7 +161,7 @@ struct EvaluateConfig {
 };
 
 /// The whole pipeline.
-struct DistillConfig {
+struct MDD_API DistillConfig {
   /// Run name (reports and logs).
   std::string name = "distill";
   /// Everything is written below this directory.
@@ -180,15 +182,15 @@ struct DistillConfig {
 
 /// Parses a config file. Throws mdd::Error naming the file and key on unknown keys, wrong types
 /// and invalid values.
-DistillConfig load_config(const std::string& path);
+MDD_API DistillConfig load_config(const std::string& path);
 /// Parses config text (`what` names the source in errors).
-DistillConfig parse_config(const std::string& json_text, const std::string& what = "<config>");
+MDD_API DistillConfig parse_config(const std::string& json_text, const std::string& what = "<config>");
 /// Applies one "section.key=value" override (value parsed as JSON, else taken as a string), with the
 /// same checks as the file.
-void apply_override(DistillConfig& config, const std::string& assignment);
+MDD_API void apply_override(DistillConfig& config, const std::string& assignment);
 /// The fully resolved config as pretty JSON (every key, defaults included).
-std::string config_to_json(const DistillConfig& config);
+MDD_API std::string config_to_json(const DistillConfig& config);
 /// Throws mdd::Error when values are inconsistent (e.g. unknown method, non-positive sizes).
-void validate_config(const DistillConfig& config);
+MDD_API void validate_config(const DistillConfig& config);
 
 }  // namespace mdd

@@ -20,9 +20,10 @@
 #include <string>
 #include <vector>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
 #include "mdd/data/training_data.h"
 #include "mdd/eval/evaluator.h"
+#include "mdd/export.h"
 #include "mdd/models/codec.h"
 #include "mdd/models/dit.h"
 #include "mdd/pipeline/config.h"
@@ -32,7 +33,7 @@
 namespace mdd {
 
 /// Callbacks of a pipeline run (all optional). The library never prints; examples render these.
-struct PipelineCallbacks {
+struct MDD_API PipelineCallbacks {
   /// Progress of long stages ("load_images", "encode_latents", "pretrain", "finetune-minimax",
   /// "sample-minimax", "evaluate-random", ...).
   ProgressFn progress;
@@ -43,7 +44,7 @@ struct PipelineCallbacks {
 };
 
 /// The real data of a run.
-struct PipelineData {
+struct MDD_API PipelineData {
   /// Training images (uint8 [N, H, W, C]) with local labels and class names.
   LabeledImages train;
   /// Test images (empty tensors when the config has no test set).
@@ -55,54 +56,54 @@ struct PipelineData {
 };
 
 /// Loads the training (and test) images the config names.
-PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallbacks& callbacks = {});
+MDD_API PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallbacks& callbacks = {});
 
 /// A freshly initialised DiT of the configured architecture (seeded with `seed`).
-DiT make_model(const ModelConfig& config, uint64_t seed = 0);
+MDD_API DiT make_model(const ModelConfig& config, uint64_t seed = 0);
 /// A DiT of the configured architecture with weights from `path` (any format load_model_weights
 /// reads; DiffFit gammas are added when the file has them). Loaded strictly: every key must match.
-DiT load_model(const ModelConfig& config, const std::string& path, const std::string& entry = "");
+MDD_API DiT load_model(const ModelConfig& config, const std::string& path, const std::string& entry = "");
 /// The codec for encoding ("encoder") or decoding ("decoder") under the config.
-std::shared_ptr<Codec> make_codec(const CodecConfig& config, const std::string& role, const std::string& device);
+MDD_API std::shared_ptr<Codec> make_codec(const CodecConfig& config, const std::string& role, const std::string& device);
 
 /// Latent training data (cached posteriors of the training images, `finetune_ipc` subset).
-std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
-                                                       const PipelineCallbacks& callbacks = {});
+MDD_API std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
+                                                               const PipelineCallbacks& callbacks = {});
 
 /// Trains the codec from scratch under `config.vae` (a small AutoencoderKL, `VaeTrainer`, resuming
 /// `<output_dir>/vae/checkpoints`) and writes it as a diffusers folder `<output_dir>/vae/pretrained`
 /// (scaling factor fitted to the training images); returns that folder, usable as `codec.encoder`.
 /// Reuses the folder when it was written with the same settings. Throws mdd::Error unless
 /// `codec.kind` is "vae" and `vae.steps` > 0.
-std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks = {});
+MDD_API std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks = {});
 
 /// Pre-trains a DiT from scratch (resuming `pretrain/checkpoints` when present) and writes its EMA
 /// weights to `<output_dir>/pretrain/ema.safetensors` (raw weights to `pretrain/model.safetensors`
 /// with `pretrain.use_ema` = false); returns that path. Skips the work when the
 /// file exists and `force` is false.
-std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force = false,
-                         const PipelineCallbacks& callbacks = {});
+MDD_API std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force = false,
+                                 const PipelineCallbacks& callbacks = {});
 
 /// Fine-tunes the weights at `init_weights` with DiffFit, with (`variant` "minimax") or without
 /// ("difffit") the minimax terms; resumes `<output_dir>/<variant>/checkpoints`; writes and returns
 /// `<output_dir>/<variant>/ema.safetensors` (skipped when it exists for the same settings).
-std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
-                         const std::string& variant, const PipelineCallbacks& callbacks = {});
+MDD_API std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
+                                 const std::string& variant, const PipelineCallbacks& callbacks = {});
 
 /// Samples `sample.ipc` images per class from `weights` (EMA) into `out_dir` (`<class>/<k>.png`,
 /// samples.safetensors, sample_config.json, grid.png = up to 20 per class) and returns them as a labelled set. Reuses an existing
 /// samples.safetensors written with the same weights and settings.
-LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
-                         const std::string& out_dir, const std::string& stage = "sample",
-                         const PipelineCallbacks& callbacks = {});
+MDD_API LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
+                                 const std::string& out_dir, const std::string& stage = "sample",
+                                 const PipelineCallbacks& callbacks = {});
 
 /// Evaluates a training set on the test set under `config.evaluate` (protocol, repeats, seed),
 /// caching the result in `<output_dir>/eval/<name>.json`.
-EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
-                        const std::string& name, const PipelineCallbacks& callbacks = {});
+MDD_API EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
+                                const std::string& name, const PipelineCallbacks& callbacks = {});
 
 /// What `run_distill` does beyond the config.
-struct DistillRunOptions {
+struct MDD_API DistillRunOptions {
   /// Pre-train from scratch even when `model.checkpoint` is set; with `vae.steps` > 0 the codec
   /// is trained too (`train_vae`) instead of loading `codec.encoder`.
   bool force_pretrain = false;
@@ -112,10 +113,10 @@ struct DistillRunOptions {
 
 /// The whole pipeline. Writes report.json (`results.<method>.{mean,std,runs}`, `ipc`, `protocol`,
 /// `timings_s`, ...), report.md and contact_sheet.png; returns the path of report.json.
-std::string run_distill(const DistillConfig& config, const DistillRunOptions& options = {},
-                        const PipelineCallbacks& callbacks = {});
+MDD_API std::string run_distill(const DistillConfig& config, const DistillRunOptions& options = {},
+                                const PipelineCallbacks& callbacks = {});
 
 /// A class name made safe as a folder name ("T-shirt/top" -> "T-shirt_top").
-std::string sanitize_class_dir(const std::string& name);
+MDD_API std::string sanitize_class_dir(const std::string& name);
 
 }  // namespace mdd

@@ -14,10 +14,12 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// Hyper-parameters of AdamW (PyTorch defaults except the reference fine-tuning lr of 1e-3).
-struct AdamWOptions {
+struct MDD_API AdamWOptions {
   /// Learning rate (constant; the reference uses no schedule).
   TORCH_ARG(double, lr) = 1e-3;
   /// Decoupled weight decay: p -= lr * wd * p before the Adam update (reference: 0).
@@ -32,7 +34,7 @@ struct AdamWOptions {
 
 /// AdamW over a fixed list of parameters. Parameters without a gradient in a step are skipped
 /// (their moments and step count stay as they were), as in PyTorch.
-class AdamW {
+class MDD_API AdamW {
  public:
   /// Throws mdd::Error when a parameter is undefined or an option is out of range.
   AdamW(std::vector<torch::Tensor> params, AdamWOptions options = {});

@@ -25,6 +25,7 @@
 
 #include "mdd/data/training_data.h"
 #include "mdd/diffusion/gaussian_diffusion.h"
+#include "mdd/export.h"
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/models/dit.h"
 #include "mdd/train/adamw.h"
@@ -34,7 +35,7 @@
 namespace mdd {
 
 /// Options of the training loop. Defaults are the reference fine-tuning run (run.sh).
-struct FinetuneOptions {
+struct MDD_API FinetuneOptions {
   /// Optimiser steps in total (the reference uses the step-12000 checkpoint).
   TORCH_ARG(int64_t, steps) = 12000;
   /// Images per step (reference --global-batch-size 8).
@@ -91,7 +92,7 @@ struct FinetuneOptions {
 };
 
 /// Losses of one step (host values).
-struct TrainStats {
+struct MDD_API TrainStats {
   int64_t step = 0;             ///< steps completed
   int64_t total = 0;            ///< steps planned
   double loss = 0;              ///< total loss of the last step
@@ -109,7 +110,7 @@ struct TrainStats {
 using TrainLogFn = std::function<void(const TrainStats&)>;
 
 /// Every input of one step, as the loop draws them (for tests and debugging).
-struct StepInputs {
+struct MDD_API StepInputs {
   LatentBatch batch;           ///< z0 and labels (CPU)
   torch::Tensor t;             ///< int64 [B]
   torch::Tensor noise;         ///< float32 [B, c, h, w]
@@ -117,12 +118,12 @@ struct StepInputs {
 };
 
 /// The loss of one step and its parts (tensors on the training device; `loss` has grad).
-struct StepLoss {
+struct MDD_API StepLoss {
   torch::Tensor loss, diffusion, representativeness, diversity, minimax, pred_xstart;
 };
 
 /// Fine-tunes (or pre-trains) a DiT. Owns the model's EMA copy, the optimizer and the memories.
-class Finetuner {
+class MDD_API Finetuner {
  public:
   /// Prepares `model` (moved to the device; DiffFit applied when requested and absent) and makes
   /// the EMA copy. Throws mdd::Error on inconsistent options or data (latent shape, labels).
@@ -182,16 +183,16 @@ class Finetuner {
 };
 
 /// Options of `Pretrainer` (train a DiT from scratch; DiT train.py defaults where they fit).
-FinetuneOptions pretrain_defaults();
+MDD_API FinetuneOptions pretrain_defaults();
 
 /// The same loop with every parameter trainable and no minimax terms, for domains without a
 /// released class-conditional DiT. `options.difffit()`/`minimax()` must be false.
-class Pretrainer : public Finetuner {
+class MDD_API Pretrainer : public Finetuner {
  public:
   Pretrainer(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options = pretrain_defaults());
 };
 
 /// The per-step generator seed: splitmix64 mix of (seed, step).
-uint64_t step_seed(uint64_t seed, int64_t step);
+MDD_API uint64_t step_seed(uint64_t seed, int64_t step);
 
 }  // namespace mdd

@@ -18,7 +18,8 @@
 #include <torch/arg.h>
 #include <torch/types.h>
 
-#include "mdd/data/fashion_mnist.h"
+#include "mdd/data/labeled_images.h"
+#include "mdd/export.h"
 #include "mdd/models/autoencoder_kl.h"
 #include "mdd/train/adamw.h"
 #include "mdd/util/precision.h"
@@ -27,7 +28,7 @@
 namespace mdd {
 
 /// Options of `VaeTrainer`.
-struct VaeTrainerOptions {
+struct MDD_API VaeTrainerOptions {
   /// Optimiser steps in total.
   TORCH_ARG(int64_t, steps) = 4000;
   /// Images per step.
@@ -56,7 +57,7 @@ struct VaeTrainerOptions {
 };
 
 /// Losses of one step (host values).
-struct VaeTrainStats {
+struct MDD_API VaeTrainStats {
   int64_t step = 0, total = 0;
   double loss = 0, reconstruction = 0, kl = 0;
   double mean_loss = 0;      ///< mean total loss since the previous report
@@ -67,7 +68,7 @@ struct VaeTrainStats {
 using VaeTrainLogFn = std::function<void(const VaeTrainStats&)>;
 
 /// Trains an AutoencoderKL on labelled (or unlabelled) uint8 images [N, H, W, C].
-class VaeTrainer {
+class MDD_API VaeTrainer {
  public:
   /// Throws mdd::Error when the images do not fit the VAE (channels, H and W multiples of the
   /// downsampling factor) or the options are invalid.
@@ -100,24 +101,24 @@ class VaeTrainer {
 };
 
 /// uint8 images [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (ToTensor + Normalize(0.5, 0.5)).
-torch::Tensor images_to_unit_range(const torch::Tensor& images_u8);
+MDD_API torch::Tensor images_to_unit_range(const torch::Tensor& images_u8);
 
 /// Reconstruction quality of `vae` on uint8 images [N, H, W, C]: the posterior mean decoded,
 /// clamped to [-1, 1] and rounded to uint8 as an image file would be; returns PSNR in dB over
 /// all pixels and the reconstructed uint8 images in `reconstructions` (when given).
-double reconstruction_psnr(AutoencoderKL vae, const torch::Tensor& images_u8, torch::Tensor* reconstructions = nullptr,
-                           int64_t batch_size = 256);
+MDD_API double reconstruction_psnr(AutoencoderKL vae, const torch::Tensor& images_u8, torch::Tensor* reconstructions = nullptr,
+                                   int64_t batch_size = 256);
 
 /// The latent scaling factor for `vae` on these images: 1 / std of the posterior means (the LDM
 /// rule, so scaled latents have unit variance like the diffusion noise), from at most `max_images`.
-double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int64_t max_images = 5000);
+MDD_API double fit_scaling_factor(AutoencoderKL vae, const torch::Tensor& images_u8, int64_t max_images = 5000);
 
 /// Writes `vae` as a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`),
 /// readable by `AutoencoderKL::from_pretrained` and hence by the pipeline's `codec.encoder`.
 /// `metadata` is added to the weights file's safetensors header ("format" is always "pt"). The
 /// weights are written last, each file atomically, so a folder whose weights carry a given
 /// metadata entry also has the config written with them.
-void save_pretrained(const AutoencoderKL& vae, const std::string& dir,
-                     const std::map<std::string, std::string>& metadata = {});
+MDD_API void save_pretrained(const AutoencoderKL& vae, const std::string& dir,
+                             const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace mdd

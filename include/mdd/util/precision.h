@@ -10,6 +10,8 @@
 
 #include <c10/core/Device.h>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// The precision of a model's forward/backward.
@@ -21,24 +23,24 @@ enum class Precision {
 };
 
 /// "fp32", "bf16", "fp16", "auto".
-const char* precision_name(Precision p);
+MDD_API const char* precision_name(Precision p);
 /// Inverse of `precision_name`; throws mdd::Error listing the valid names.
-Precision parse_precision(const std::string& name);
+MDD_API Precision parse_precision(const std::string& name);
 
 /// Whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16), by CPUID.
-bool cpu_has_fast_bf16();
+MDD_API bool cpu_has_fast_bf16();
 
 /// The concrete precision `p` means on `device`: kAuto -> kBF16 or kFP32 (see the file comment).
 /// Throws mdd::Error for kFP16 on a CPU device (CPU fp16 matrix kernels are slower than fp32).
-Precision resolve_precision(Precision p, const c10::Device& device);
+MDD_API Precision resolve_precision(Precision p, const c10::Device& device);
 
 /// One line naming what runs, e.g. "bf16 autocast (cpu: AMX-BF16)" for logs and benchmark labels.
-std::string describe_precision(Precision resolved, const c10::Device& device);
+MDD_API std::string describe_precision(Precision resolved, const c10::Device& device);
 
 /// RAII: enables autocast for `device`'s type in the resolved precision (kFP32: does nothing) and
 /// restores the previous autocast state on destruction (clearing the weight-cast cache when the
 /// outermost guard ends, as `torch.autocast.__exit__`). Thread-local, like autocast itself.
-class AutocastGuard {
+class MDD_API AutocastGuard {
  public:
   AutocastGuard(const c10::Device& device, Precision resolved);
   ~AutocastGuard();

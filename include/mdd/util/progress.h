@@ -6,10 +6,12 @@
 #include <functional>
 #include <string>
 
+#include "mdd/export.h"
+
 namespace mdd {
 
 /// One progress event: `step` of `total` units of the named `stage` are done.
-struct Progress {
+struct MDD_API Progress {
   std::string stage;      ///< e.g. "finetune", "sample", "evaluate"
   int64_t step = 0;       ///< completed units
   int64_t total = 0;      ///< total units (0 = unknown)
