@@ -11,6 +11,7 @@
 #include "mdd/io/input_limits.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/torch_checkpoint.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
 
@@ -165,6 +166,25 @@ TEST(TorchCheckpoint, MalformedTensorRecordsAreErrors) {
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("missing_key.pt")); }, "storage key '9'"));
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("bad_numel.pt")); }, "claims 7 elements"));
   EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("not_storage.pt")); }, "not a storage"));
+  // Errors name the opcode at the reported offset, as `pickletools.dis` prints it.
+  EXPECT_TRUE(ThrowsWith([] { io::load_torch_checkpoint(pt("not_storage.pt")); }, "(REDUCE): "));
+}
+
+TEST(TorchCheckpoint, OneDefaultEntryRule) {
+  auto present = [](std::initializer_list<const char*> names) {
+    return [names](const std::string& e) {
+      for (const char* n : names)
+        if (e == n) return true;
+      return false;
+    };
+  };
+  EXPECT_EQ(io::default_weight_entry(present({"model", "ema", "opt"})), "ema");
+  EXPECT_EQ(io::default_weight_entry(present({"model", "opt"})), "model");
+  EXPECT_EQ(io::default_weight_entry(present({"opt"})), "");
+  EXPECT_NO_THROW(io::check_weight_entry("", "here"));
+  EXPECT_NO_THROW(io::check_weight_entry("ema", "here"));
+  EXPECT_NO_THROW(io::check_weight_entry("model", "here"));
+  EXPECT_TRUE(ThrowsWith([] { io::check_weight_entry("opt", "here"); }, "here: entry must be"));
 }
 
 TEST(TorchCheckpoint, ResourceExhaustionIsBounded) {

@@ -159,6 +159,9 @@ void Unpickler::charge(uint64_t units) {
 }
 
 void Unpickler::fail(const std::string& message) const {
+  // Naming the opcode being read lets a user compare the offset with `pickletools.dis` output.
+  const char* name = op_pos_ < size_ ? opcode_name(data_[op_pos_]) : nullptr;
+  if (name) throw Error(fmt::format("{}: pickle offset {} ({}): {}", what_, op_pos_, name, message));
   throw Error(fmt::format("{}: pickle offset {}: {}", what_, op_pos_, message));
 }
 
@@ -357,8 +360,8 @@ PickleValue* Unpickler::new_object(PickleValue* cls, const std::vector<PickleVal
   return o;
 }
 
-PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValue*>& args, const char* opcode) {
-  if (callable->kind != Kind::Global) fail(fmt::format("{} on a {} (only globals can be called)", opcode, callable->describe()));
+PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValue*>& args, Op opcode) {
+  if (callable->kind != Kind::Global) fail(fmt::format("{} on a {} (only globals can be called)", opcode_name(uint8_t(opcode)), callable->describe()));
   const std::string& q = callable->text;
   // _rebuild_from_type_v2 calls recursively; nesting is bounded so a deep pickle cannot overflow
   // the C++ stack.
@@ -446,7 +449,7 @@ PickleValue* Unpickler::call(PickleValue* callable, const std::vector<PickleValu
   }
   throw Error(fmt::format("{}: refusing to load: the pickle calls '{}' ({}), which is not on the allowlist of tensor "
                           "rebuilds and plain data types. The file was not loaded and nothing in it was run",
-                          what_, q, opcode));
+                          what_, q, opcode_name(uint8_t(opcode))));
 }
 
 void Unpickler::set_item(PickleValue* target, PickleValue* key, PickleValue* value) {
@@ -473,37 +476,111 @@ void Unpickler::append(PickleValue* target, PickleValue* value) {
   target->items.push_back(value);
 }
 
+const char* opcode_name(uint8_t op) {
+  switch (static_cast<Op>(op)) {
+    case Op::kMark: return "MARK";
+    case Op::kStop: return "STOP";
+    case Op::kPop: return "POP";
+    case Op::kPopMark: return "POP_MARK";
+    case Op::kDup: return "DUP";
+    case Op::kFloat: return "FLOAT";
+    case Op::kInt: return "INT";
+    case Op::kBinInt: return "BININT";
+    case Op::kBinInt1: return "BININT1";
+    case Op::kLong: return "LONG";
+    case Op::kBinInt2: return "BININT2";
+    case Op::kNone: return "NONE";
+    case Op::kPersId: return "PERSID";
+    case Op::kBinPersId: return "BINPERSID";
+    case Op::kReduce: return "REDUCE";
+    case Op::kString: return "STRING";
+    case Op::kBinString: return "BINSTRING";
+    case Op::kShortBinString: return "SHORT_BINSTRING";
+    case Op::kUnicode: return "UNICODE";
+    case Op::kBinUnicode: return "BINUNICODE";
+    case Op::kAppend: return "APPEND";
+    case Op::kBuild: return "BUILD";
+    case Op::kGlobal: return "GLOBAL";
+    case Op::kDict: return "DICT";
+    case Op::kEmptyDict: return "EMPTY_DICT";
+    case Op::kAppends: return "APPENDS";
+    case Op::kGet: return "GET";
+    case Op::kBinGet: return "BINGET";
+    case Op::kInst: return "INST";
+    case Op::kLongBinGet: return "LONG_BINGET";
+    case Op::kList: return "LIST";
+    case Op::kEmptyList: return "EMPTY_LIST";
+    case Op::kObj: return "OBJ";
+    case Op::kPut: return "PUT";
+    case Op::kBinPut: return "BINPUT";
+    case Op::kLongBinPut: return "LONG_BINPUT";
+    case Op::kSetItem: return "SETITEM";
+    case Op::kTuple: return "TUPLE";
+    case Op::kEmptyTuple: return "EMPTY_TUPLE";
+    case Op::kSetItems: return "SETITEMS";
+    case Op::kBinFloat: return "BINFLOAT";
+    case Op::kProto: return "PROTO";
+    case Op::kNewObj: return "NEWOBJ";
+    case Op::kExt1: return "EXT1";
+    case Op::kExt2: return "EXT2";
+    case Op::kExt4: return "EXT4";
+    case Op::kTuple1: return "TUPLE1";
+    case Op::kTuple2: return "TUPLE2";
+    case Op::kTuple3: return "TUPLE3";
+    case Op::kNewTrue: return "NEWTRUE";
+    case Op::kNewFalse: return "NEWFALSE";
+    case Op::kLong1: return "LONG1";
+    case Op::kLong4: return "LONG4";
+    case Op::kBinBytes: return "BINBYTES";
+    case Op::kShortBinBytes: return "SHORT_BINBYTES";
+    case Op::kShortBinUnicode: return "SHORT_BINUNICODE";
+    case Op::kBinUnicode8: return "BINUNICODE8";
+    case Op::kBinBytes8: return "BINBYTES8";
+    case Op::kEmptySet: return "EMPTY_SET";
+    case Op::kAddItems: return "ADDITEMS";
+    case Op::kFrozenSet: return "FROZENSET";
+    case Op::kNewObjEx: return "NEWOBJ_EX";
+    case Op::kStackGlobal: return "STACK_GLOBAL";
+    case Op::kMemoize: return "MEMOIZE";
+    case Op::kFrame: return "FRAME";
+    case Op::kByteArray8: return "BYTEARRAY8";
+    case Op::kNextBuffer: return "NEXT_BUFFER";
+    case Op::kReadOnlyBuffer: return "READONLY_BUFFER";
+  }
+  return nullptr;
+}
+
 PickleValue* Unpickler::load() {
   for (;;) {
     if (pos_ >= size_) fail("pickle ends without STOP (truncated?)");
     op_pos_ = pos_;
-    const uint8_t op = data_[pos_++];
+    const Op op = static_cast<Op>(data_[pos_++]);
     switch (op) {
-      case 0x80: {  // PROTO
+      case Op::kProto: {
         const uint8_t proto = read_u8();
         if (proto > 5) fail(fmt::format("unsupported pickle protocol {}", int(proto)));
         break;
       }
-      case 0x95: read_bytes(8); break;  // FRAME: a length hint only
-      case '.': {                       // STOP
+      case Op::kFrame: read_bytes(8); break;  // a length hint only
+      case Op::kStop: {
         PickleValue* root = pop();
         return root;
       }
-      case '(':  // MARK
+      case Op::kMark:
         if (marks_.size() >= kMaxMarks) fail("too many nested MARKs");
         marks_.push_back(stack_.size());
         break;
-      case '0': pop(); break;        // POP
-      case '1': pop_mark(); break;   // POP_MARK
-      case '2': push(top()); break;  // DUP
-      case 'N': push(make(Kind::None)); break;
-      case 0x88: case 0x89: {  // NEWTRUE / NEWFALSE
+      case Op::kPop: pop(); break;
+      case Op::kPopMark: pop_mark(); break;
+      case Op::kDup: push(top()); break;
+      case Op::kNone: push(make(Kind::None)); break;
+      case Op::kNewTrue: case Op::kNewFalse: {
         PickleValue* b = make(Kind::Bool);
-        b->boolean = op == 0x88;
+        b->boolean = op == Op::kNewTrue;
         push(b);
         break;
       }
-      case 'I': {  // INT (text); "01"/"00" are protocol-0 booleans
+      case Op::kInt: {  // text; "01"/"00" are protocol-0 booleans
         const std::string s = read_line();
         if (s == "01" || s == "00") {
           PickleValue* b = make(Kind::Bool);
@@ -518,7 +595,7 @@ PickleValue* Unpickler::load() {
         push(make_int(v));
         break;
       }
-      case 'L': {  // LONG (text)
+      case Op::kLong: {  // text
         std::string s = read_line();
         if (!s.empty() && s.back() == 'L') s.pop_back();
         char* end = nullptr;
@@ -534,25 +611,25 @@ PickleValue* Unpickler::load() {
         }
         break;
       }
-      case 'J': {  // BININT
+      case Op::kBinInt: {
         const uint8_t* p = read_bytes(4);
         int32_t v;
         std::memcpy(&v, p, 4);
         push(make_int(v));
         break;
       }
-      case 'K': push(make_int(read_u8())); break;  // BININT1
-      case 'M': {                                    // BININT2
+      case Op::kBinInt1: push(make_int(read_u8())); break;
+      case Op::kBinInt2: {
         const uint8_t* p = read_bytes(2);
         push(make_int(p[0] | (p[1] << 8)));
         break;
       }
-      case 0x8a: {  // LONG1
+      case Op::kLong1: {
         const uint8_t n = read_u8();
         push(make_long(read_bytes(n), n));
         break;
       }
-      case 0x8b: {  // LONG4
+      case Op::kLong4: {
         const uint8_t* p = read_bytes(4);
         int32_t n;
         std::memcpy(&n, p, 4);
@@ -560,7 +637,7 @@ PickleValue* Unpickler::load() {
         push(make_long(read_bytes(uint64_t(n)), uint64_t(n)));
         break;
       }
-      case 'G': {  // BINFLOAT (big-endian double)
+      case Op::kBinFloat: {  // big-endian double
         const uint8_t* p = read_bytes(8);
         uint64_t u = 0;
         for (int i = 0; i < 8; ++i) u = (u << 8) | p[i];
@@ -569,7 +646,7 @@ PickleValue* Unpickler::load() {
         push(f);
         break;
       }
-      case 'F': {  // FLOAT (text)
+      case Op::kFloat: {  // text
         const std::string s = read_line();
         char* end = nullptr;
         const double v = std::strtod(s.c_str(), &end);
@@ -579,41 +656,41 @@ PickleValue* Unpickler::load() {
         push(f);
         break;
       }
-      case 'S': {  // STRING (quoted repr); kept verbatim without the quotes
+      case Op::kString: {  // quoted repr; kept verbatim without the quotes
         std::string s = read_line();
         if (s.size() < 2 || (s.front() != '\'' && s.front() != '"') || s.back() != s.front()) fail("malformed STRING");
         push(make_text(Kind::Str, reinterpret_cast<const uint8_t*>(s.data()) + 1, s.size() - 2));
         break;
       }
-      case 'V': {  // UNICODE (raw-unicode-escape); kept verbatim
+      case Op::kUnicode: {  // raw-unicode-escape; kept verbatim
         const std::string s = read_line();
         push(make_text(Kind::Str, reinterpret_cast<const uint8_t*>(s.data()), s.size()));
         break;
       }
-      case 'T': case 'X': case 'B': {  // BINSTRING / BINUNICODE / BINBYTES: 4-byte length
+      case Op::kBinString: case Op::kBinUnicode: case Op::kBinBytes: {  // 4-byte length
         const uint8_t* p = read_bytes(4);
         uint32_t n;
         std::memcpy(&n, p, 4);
-        if (op == 'T' && int32_t(n) < 0) fail("negative BINSTRING length");
-        push(make_text(op == 'B' ? Kind::Bytes : Kind::Str, read_bytes(n), n));
+        if (op == Op::kBinString && int32_t(n) < 0) fail("negative BINSTRING length");
+        push(make_text(op == Op::kBinBytes ? Kind::Bytes : Kind::Str, read_bytes(n), n));
         break;
       }
-      case 'U': case 0x8c: case 'C': {  // SHORT_BINSTRING / SHORT_BINUNICODE / SHORT_BINBYTES
+      case Op::kShortBinString: case Op::kShortBinUnicode: case Op::kShortBinBytes: {
         const uint8_t n = read_u8();
-        push(make_text(op == 'C' ? Kind::Bytes : Kind::Str, read_bytes(n), n));
+        push(make_text(op == Op::kShortBinBytes ? Kind::Bytes : Kind::Str, read_bytes(n), n));
         break;
       }
-      case 0x8d: case 0x8e: case 0x96: {  // BINUNICODE8 / BINBYTES8 / BYTEARRAY8
+      case Op::kBinUnicode8: case Op::kBinBytes8: case Op::kByteArray8: {
         uint64_t n;
         std::memcpy(&n, read_bytes(8), 8);
-        push(make_text(op == 0x8d ? Kind::Str : Kind::Bytes, read_bytes(n), n));
+        push(make_text(op == Op::kBinUnicode8 ? Kind::Str : Kind::Bytes, read_bytes(n), n));
         break;
       }
-      case '}': push(make(Kind::Dict)); break;  // EMPTY_DICT
-      case ']': push(make(Kind::List)); break;  // EMPTY_LIST
-      case ')': push(make(Kind::Tuple)); break; // EMPTY_TUPLE
-      case 0x8f: push(make(Kind::List)); break; // EMPTY_SET (sets are kept as lists)
-      case 'd': {                               // DICT
+      case Op::kEmptyDict: push(make(Kind::Dict)); break;
+      case Op::kEmptyList: push(make(Kind::List)); break;
+      case Op::kEmptyTuple: push(make(Kind::Tuple)); break;
+      case Op::kEmptySet: push(make(Kind::List)); break;  // sets are kept as lists
+      case Op::kDict: {
         auto items = pop_mark();
         if (items.size() % 2) fail("DICT with an odd number of items");
         PickleValue* d = make(Kind::Dict);
@@ -621,46 +698,46 @@ PickleValue* Unpickler::load() {
         push(d);
         break;
       }
-      case 'l': case 't': case 0x91: {  // LIST / TUPLE / FROZENSET
+      case Op::kList: case Op::kTuple: case Op::kFrozenSet: {
         auto items = pop_mark();
-        PickleValue* l = make(op == 't' ? Kind::Tuple : Kind::List);
+        PickleValue* l = make(op == Op::kTuple ? Kind::Tuple : Kind::List);
         l->items = std::move(items);
         push(l);
         break;
       }
-      case 0x85: case 0x86: case 0x87: {  // TUPLE1..3
-        const size_t n = size_t(op - 0x84);
+      case Op::kTuple1: case Op::kTuple2: case Op::kTuple3: {
+        const size_t n = size_t(uint8_t(op) - uint8_t(Op::kTuple1) + 1);
         PickleValue* t = make(Kind::Tuple);
         t->items.resize(n);
         for (size_t i = n; i-- > 0;) t->items[i] = pop();
         push(t);
         break;
       }
-      case 'a': {  // APPEND
+      case Op::kAppend: {
         PickleValue* v = pop();
         append(top(), v);
         break;
       }
-      case 'e': case 0x90: {  // APPENDS / ADDITEMS
+      case Op::kAppends: case Op::kAddItems: {
         auto items = pop_mark();
         PickleValue* target = top();
         for (PickleValue* v : items) append(target, v);
         break;
       }
-      case 's': {  // SETITEM
+      case Op::kSetItem: {
         PickleValue* v = pop();
         PickleValue* k = pop();
         set_item(top(), k, v);
         break;
       }
-      case 'u': {  // SETITEMS
+      case Op::kSetItems: {
         auto items = pop_mark();
         if (items.size() % 2) fail("SETITEMS with an odd number of items");
         PickleValue* target = top();
         for (size_t i = 0; i < items.size(); i += 2) set_item(target, items[i], items[i + 1]);
         break;
       }
-      case 'p': {  // PUT (text index)
+      case Op::kPut: {  // text index
         const std::string s = read_line();
         char* end = nullptr;
         const unsigned long long i = std::strtoull(s.c_str(), &end, 10);
@@ -668,15 +745,15 @@ PickleValue* Unpickler::load() {
         memo_put(i);
         break;
       }
-      case 'q': memo_put(read_u8()); break;  // BINPUT
-      case 'r': {                            // LONG_BINPUT
+      case Op::kBinPut: memo_put(read_u8()); break;
+      case Op::kLongBinPut: {
         uint32_t i;
         std::memcpy(&i, read_bytes(4), 4);
         memo_put(i);
         break;
       }
-      case 0x94: memo_put(memo_.size()); break;  // MEMOIZE
-      case 'g': {                                // GET (text index)
+      case Op::kMemoize: memo_put(memo_.size()); break;
+      case Op::kGet: {  // text index
         const std::string s = read_line();
         char* end = nullptr;
         const unsigned long long i = std::strtoull(s.c_str(), &end, 10);
@@ -684,54 +761,54 @@ PickleValue* Unpickler::load() {
         push(memo_get(i));
         break;
       }
-      case 'h': push(memo_get(read_u8())); break;  // BINGET
-      case 'j': {                                  // LONG_BINGET
+      case Op::kBinGet: push(memo_get(read_u8())); break;
+      case Op::kLongBinGet: {
         uint32_t i;
         std::memcpy(&i, read_bytes(4), 4);
         push(memo_get(i));
         break;
       }
-      case 'c': {  // GLOBAL
+      case Op::kGlobal: {
         const std::string module = read_line();
         const std::string name = read_line();
         push(global(module, name));
         break;
       }
-      case 0x93: {  // STACK_GLOBAL
+      case Op::kStackGlobal: {
         PickleValue* name = pop();
         PickleValue* module = pop();
         if (module->kind != Kind::Str || name->kind != Kind::Str) fail("STACK_GLOBAL needs two str");
         push(global(module->text, name->text));
         break;
       }
-      case 'R': {  // REDUCE
+      case Op::kReduce: {
         PickleValue* args = pop();
         PickleValue* fn = pop();
         if (args->kind != Kind::Tuple) fail(fmt::format("REDUCE arguments are a {}, not a tuple", args->describe()));
-        push(call(fn, args->items, "REDUCE"));
+        push(call(fn, args->items, op));
         break;
       }
-      case 'i': {  // INST: module\nname\n with the arguments above the mark
+      case Op::kInst: {  // module\nname\n with the arguments above the mark
         const std::string module = read_line();
         const std::string name = read_line();
         auto args = pop_mark();
-        push(call(global(module, name), args, "INST"));
+        push(call(global(module, name), args, op));
         break;
       }
-      case 'o': {  // OBJ: class and arguments above the mark
+      case Op::kObj: {  // class and arguments above the mark
         auto items = pop_mark();
         if (items.empty()) fail("OBJ without a class");
-        push(call(items[0], std::vector<PickleValue*>(items.begin() + 1, items.end()), "OBJ"));
+        push(call(items[0], std::vector<PickleValue*>(items.begin() + 1, items.end()), op));
         break;
       }
-      case 0x81: {  // NEWOBJ
+      case Op::kNewObj: {
         PickleValue* args = pop();
         PickleValue* cls = pop();
         if (args->kind != Kind::Tuple) fail("NEWOBJ arguments are not a tuple");
         push(new_object(cls, args->items));
         break;
       }
-      case 0x92: {  // NEWOBJ_EX
+      case Op::kNewObjEx: {
         pop();  // kwargs
         PickleValue* args = pop();
         PickleValue* cls = pop();
@@ -739,7 +816,7 @@ PickleValue* Unpickler::load() {
         push(new_object(cls, args->items));
         break;
       }
-      case 'b': {  // BUILD
+      case Op::kBuild: {
         PickleValue* state = pop();
         PickleValue* target = top();
         if (target->kind == Kind::Object) target->state = state;      // inert: stored, nothing runs
@@ -750,7 +827,7 @@ PickleValue* Unpickler::load() {
         } else fail(fmt::format("BUILD on a {}", target->describe()));
         break;
       }
-      case 'P': {  // PERSID (text)
+      case Op::kPersId: {  // text
         const std::string s = read_line();
         PickleValue* pid = make(Kind::Str);
         pid->text = s;
@@ -758,18 +835,18 @@ PickleValue* Unpickler::load() {
         push(persistent_load_(*this, pid));
         break;
       }
-      case 'Q': {  // BINPERSID
+      case Op::kBinPersId: {
         PickleValue* pid = pop();
         if (!persistent_load_) fail("persistent id without a loader");
         push(persistent_load_(*this, pid));
         break;
       }
-      case 0x82: case 0x83: case 0x84:
+      case Op::kExt1: case Op::kExt2: case Op::kExt4:
         fail("extension-registry opcodes (EXT1/2/4) are not supported");
-      case 0x97: case 0x98:
+      case Op::kNextBuffer: case Op::kReadOnlyBuffer:
         fail("out-of-band buffers (NEXT_BUFFER/READONLY_BUFFER) are not supported");
       default:
-        fail(fmt::format("unknown pickle opcode 0x{:02x}", int(op)));
+        fail(fmt::format("unknown pickle opcode 0x{:02x}", unsigned(op)));
     }
   }
 }

@@ -18,6 +18,81 @@ namespace mdd {
 namespace io {
 namespace detail {
 
+/// Pickle opcodes (protocols 0-5), named as in CPython's pickle module.
+enum class Op : uint8_t {
+  kMark = '(',  ///< MARK
+  kStop = '.',  ///< STOP
+  kPop = '0',  ///< POP
+  kPopMark = '1',  ///< POP_MARK
+  kDup = '2',  ///< DUP
+  kFloat = 'F',  ///< FLOAT
+  kInt = 'I',  ///< INT
+  kBinInt = 'J',  ///< BININT
+  kBinInt1 = 'K',  ///< BININT1
+  kLong = 'L',  ///< LONG
+  kBinInt2 = 'M',  ///< BININT2
+  kNone = 'N',  ///< NONE
+  kPersId = 'P',  ///< PERSID
+  kBinPersId = 'Q',  ///< BINPERSID
+  kReduce = 'R',  ///< REDUCE
+  kString = 'S',  ///< STRING
+  kBinString = 'T',  ///< BINSTRING
+  kShortBinString = 'U',  ///< SHORT_BINSTRING
+  kUnicode = 'V',  ///< UNICODE
+  kBinUnicode = 'X',  ///< BINUNICODE
+  kAppend = 'a',  ///< APPEND
+  kBuild = 'b',  ///< BUILD
+  kGlobal = 'c',  ///< GLOBAL
+  kDict = 'd',  ///< DICT
+  kEmptyDict = '}',  ///< EMPTY_DICT
+  kAppends = 'e',  ///< APPENDS
+  kGet = 'g',  ///< GET
+  kBinGet = 'h',  ///< BINGET
+  kInst = 'i',  ///< INST
+  kLongBinGet = 'j',  ///< LONG_BINGET
+  kList = 'l',  ///< LIST
+  kEmptyList = ']',  ///< EMPTY_LIST
+  kObj = 'o',  ///< OBJ
+  kPut = 'p',  ///< PUT
+  kBinPut = 'q',  ///< BINPUT
+  kLongBinPut = 'r',  ///< LONG_BINPUT
+  kSetItem = 's',  ///< SETITEM
+  kTuple = 't',  ///< TUPLE
+  kEmptyTuple = ')',  ///< EMPTY_TUPLE
+  kSetItems = 'u',  ///< SETITEMS
+  kBinFloat = 'G',  ///< BINFLOAT
+  kProto = 0x80,  ///< PROTO
+  kNewObj = 0x81,  ///< NEWOBJ
+  kExt1 = 0x82,  ///< EXT1
+  kExt2 = 0x83,  ///< EXT2
+  kExt4 = 0x84,  ///< EXT4
+  kTuple1 = 0x85,  ///< TUPLE1
+  kTuple2 = 0x86,  ///< TUPLE2
+  kTuple3 = 0x87,  ///< TUPLE3
+  kNewTrue = 0x88,  ///< NEWTRUE
+  kNewFalse = 0x89,  ///< NEWFALSE
+  kLong1 = 0x8a,  ///< LONG1
+  kLong4 = 0x8b,  ///< LONG4
+  kBinBytes = 'B',  ///< BINBYTES
+  kShortBinBytes = 'C',  ///< SHORT_BINBYTES
+  kShortBinUnicode = 0x8c,  ///< SHORT_BINUNICODE
+  kBinUnicode8 = 0x8d,  ///< BINUNICODE8
+  kBinBytes8 = 0x8e,  ///< BINBYTES8
+  kEmptySet = 0x8f,  ///< EMPTY_SET
+  kAddItems = 0x90,  ///< ADDITEMS
+  kFrozenSet = 0x91,  ///< FROZENSET
+  kNewObjEx = 0x92,  ///< NEWOBJ_EX
+  kStackGlobal = 0x93,  ///< STACK_GLOBAL
+  kMemoize = 0x94,  ///< MEMOIZE
+  kFrame = 0x95,  ///< FRAME
+  kByteArray8 = 0x96,  ///< BYTEARRAY8
+  kNextBuffer = 0x97,  ///< NEXT_BUFFER
+  kReadOnlyBuffer = 0x98,  ///< READONLY_BUFFER
+};
+
+/// CPython's name of `op` ("REDUCE", ...), or nullptr for a byte that is no opcode.
+const char* opcode_name(uint8_t op);
+
 /// One unpickled Python value. Values live in the Unpickler's arena and point to each other with raw
 /// pointers, so reference cycles a hostile pickle may build cannot leak memory.
 struct PickleValue {
@@ -106,7 +181,7 @@ class Unpickler {
   PickleValue* top();
   std::vector<PickleValue*> pop_mark();
   PickleValue* global(const std::string& module, const std::string& name);
-  PickleValue* call(PickleValue* callable, const std::vector<PickleValue*>& args, const char* opcode);
+  PickleValue* call(PickleValue* callable, const std::vector<PickleValue*>& args, Op opcode);
   PickleValue* new_object(PickleValue* cls, const std::vector<PickleValue*>& args);
   PickleValue* rebuild_tensor(const std::vector<PickleValue*>& args, const std::string& fn,
                              const PickleValue* view_dtype = nullptr);

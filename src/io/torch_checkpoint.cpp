@@ -13,6 +13,7 @@
 #include "io/widen.h"
 #include "io/safetensors_internal.h"
 #include "io/zip_reader.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 
@@ -88,19 +89,9 @@ const PickleValue* dict_get(const PickleValue* dict, const std::string& key) {
   return nullptr;
 }
 
-TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& path, const std::string& entry) {
-  const auto* base = bytes.data_ptr<uint8_t>();
-  const size_t size = size_t(bytes.numel());
-  if (is_legacy_torch_file(base, size))
-    throw Error(fmt::format("{}: legacy torch.save format (PyTorch < 1.6 or _use_new_zipfile_serialization=False) is not "
-                            "supported; re-save it with torch.save(obj, path) in PyTorch >= 1.6, or convert it to "
-                            "safetensors",
-                            path));
-  if (!is_zip(base, size))
-    throw Error(fmt::format("{}: not a torch.save checkpoint (no zip signature; file truncated or of another format)", path));
-  detail::ZipReader zip(bytes, path);
-
-  // torch.save writes every record under one top-level folder: <prefix>/data.pkl, <prefix>/data/<key>.
+// Phase 1: the checks that tell a torch.save archive from other zips. Returns the one folder every
+// record lives under (<prefix>/data.pkl, <prefix>/data/<key>).
+std::string archive_prefix(const detail::ZipReader& zip, const std::string& path) {
   std::string prefix;
   int found = 0;
   for (const auto& [name, e] : zip.entries()) {
@@ -123,16 +114,18 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     if (order != "little")
       throw Error(fmt::format("{}: byte order '{}' is not supported (only little-endian checkpoints)", path, order));
   }
+  return prefix;
+}
 
-  const auto* pkl_entry = zip.find(prefix + "/data.pkl");
-  const torch::Tensor pkl = zip.read(*pkl_entry);
-  std::vector<StorageRecord> storages;
-  std::unordered_map<std::string, size_t> by_key;
-  const std::string pkl_name = fmt::format("{} ({}/data.pkl)", path, prefix);
+// Phase 2: the storages the pickle names through persistent ids. `load` is the unpickler's
+// persistent_load: ('storage', storage_type, key, location, numel) -> a Storage value; a key seen
+// twice returns the same value, so views of one storage share memory as they do in PyTorch.
+class StorageTable {
+ public:
+  StorageTable(const detail::ZipReader& zip, std::string prefix) : zip_(zip), prefix_(std::move(prefix)) {}
+  std::vector<StorageRecord> records;
 
-  // persistent_load: ('storage', storage_type, key, location, numel) -> a Storage value; a key seen
-  // twice returns the same value, so views of one storage share memory as they do in PyTorch.
-  auto persistent_load = [&](detail::Unpickler& up, PickleValue* pid) -> PickleValue* {
+  PickleValue* load(detail::Unpickler& up, PickleValue* pid) {
     if (pid->kind != Kind::Tuple || pid->items.size() != 5 || pid->items[0]->kind != Kind::Str ||
         pid->items[0]->text != "storage")
       up.fail(fmt::format("unsupported persistent id (a {}; expected ('storage', type, key, location, numel))", pid->describe()));
@@ -145,15 +138,15 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     if (key->kind != Kind::Str) up.fail("storage key is not a str");
     up.charge(key->text.size());
     if (numel->kind != Kind::Int || numel->integer < 0) up.fail(fmt::format("storage '{}' has an invalid element count", key->text));
-    auto it = by_key.find(key->text);
-    if (it != by_key.end()) {
-      const StorageRecord& r = storages[it->second];
+    auto it = by_key_.find(key->text);
+    if (it != by_key_.end()) {
+      const StorageRecord& r = records[it->second];
       if (r.dtype != dtype || r.numel != numel->integer)
         up.fail(fmt::format("storage '{}' is referenced with two different types or sizes", key->text));
       return r.value;
     }
-    const std::string record = prefix + "/data/" + key->text;
-    const detail::ZipEntry* e = zip.find(record);
+    const std::string record = prefix_ + "/data/" + key->text;
+    const detail::ZipEntry* e = zip_.find(record);
     if (!e) up.fail(fmt::format("storage key '{}' has no record '{}' in the archive", key->text, record));
     const uint64_t esize = uint64_t(c10::elementSize(dtype));
     if (uint64_t(numel->integer) > e->size / esize || uint64_t(numel->integer) * esize != e->size)
@@ -163,65 +156,64 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     v->text = key->text;
     v->dtype = dtype;
     v->integer = numel->integer;
-    v->storage_id = int64_t(storages.size());
+    v->storage_id = int64_t(records.size());
     StorageRecord r;
     r.key = key->text;
     r.entry = e;
     r.dtype = dtype;
     r.numel = numel->integer;
     r.value = v;
-    by_key.emplace(r.key, storages.size());
-    storages.push_back(std::move(r));
+    by_key_.emplace(r.key, records.size());
+    records.push_back(std::move(r));
     return v;
-  };
+  }
 
-  detail::Unpickler unpickler(pkl.data_ptr<uint8_t>(), size_t(pkl.numel()), pkl_name, persistent_load,
-                              pkl_entry->compressed_size);
-  const PickleValue* root = unpickler.load();
+ private:
+  const detail::ZipReader& zip_;
+  std::string prefix_;
+  std::unordered_map<std::string, size_t> by_key_;
+};
 
+// Phase 3: the dict whose tensors are returned, by the shared entry rule (weight_entry.h): a named
+// entry must exist and be a dict; "" takes the first default entry present, else the root itself.
+const PickleValue* select_entry(const PickleValue* root, const std::string& entry, const std::string& path) {
   if (root->kind != Kind::Dict) {
     if (root->kind == Kind::Tensor)
       throw Error(fmt::format("{}: holds a single tensor, not a dict of named tensors (a state_dict)", path));
     throw Error(fmt::format("{}: holds a pickled {}, not a dict of tensors; save model.state_dict() instead", path, root->describe()));
   }
-  auto sub_dicts = [&]() {
+  auto is_sub_dict = [&](const std::string& name) {
+    const PickleValue* v = dict_get(root, name);
+    return v && v->kind == Kind::Dict;
+  };
+  if (entry.empty()) {
+    const std::string chosen = default_weight_entry(is_sub_dict);
+    return chosen.empty() ? root : dict_get(root, chosen);
+  }
+  const PickleValue* chosen = dict_get(root, entry);
+  if (!chosen) {
     std::vector<std::string> names;
     for (const auto& [k, v] : root->entries)
       if (k->kind == Kind::Str && v->kind == Kind::Dict) names.push_back("'" + k->text + "'");
-    return names;
-  };
-  const PickleValue* chosen = root;
-  if (!entry.empty()) {
-    chosen = dict_get(root, entry);
-    if (!chosen) {
-      const auto names = sub_dicts();
-      throw Error(fmt::format("{}: entry '{}' not found; {}", path, entry,
-                              names.empty() ? fmt::format("the file is a plain state_dict of {} entries (use entry \"\")",
-                                                          root->entries.size())
-                                            : fmt::format("available entries: {}", fmt::join(names, ", "))));
-    }
-    if (chosen->kind != Kind::Dict)
-      throw Error(fmt::format("{}: entry '{}' is a {}, not a dict of tensors", path, entry, chosen->describe()));
-  } else {
-    for (const char* name : {"ema", "model"}) {
-      const PickleValue* v = dict_get(root, name);
-      if (v && v->kind == Kind::Dict) {
-        chosen = v;
-        break;
-      }
-    }
+    throw Error(fmt::format("{}: entry '{}' not found; {}", path, entry,
+                            names.empty() ? fmt::format("the file is a plain state_dict of {} entries (use entry \"\")",
+                                                        root->entries.size())
+                                          : fmt::format("available entries: {}", fmt::join(names, ", "))));
   }
-  // Budgets scale with what the pickle occupies in the file (see Unpickler).
-  const uint64_t pkl_size = std::min<uint64_t>(uint64_t(pkl.numel()), std::max<uint64_t>(pkl_entry->compressed_size, 1));
-  Flattener flat(path, size_t(4 * pkl_size + 1024), 64 * pkl_size + (uint64_t(16) << 20));
-  flat.run(chosen, "");
+  if (chosen->kind != Kind::Dict)
+    throw Error(fmt::format("{}: entry '{}' is a {}, not a dict of tensors", path, entry, chosen->describe()));
+  return chosen;
+}
 
-  // Storages become tensors without a copy: STORED records are views into the file buffer. When the
-  // chosen entry uses less than half the file (e.g. "ema" out of {model, ema, opt}), the used
-  // storages are copied instead so the rest of the file can be freed.
+// Phase 5: reads the storages the flattened tensors use. STORED records become views into the file
+// buffer without a copy; when the used storages take less than half the file (e.g. "ema" out of
+// {model, ema, opt}) they are copied instead so the rest of the file can be freed.
+void read_used_storages(const detail::ZipReader& zip, std::vector<StorageRecord>& storages,
+                        const std::map<std::string, const PickleValue*>& tensors, uint64_t file_size,
+                        const std::string& path) {
   std::vector<size_t> used;
   uint64_t used_bytes = 0;
-  for (const auto& [name, t] : flat.out) {
+  for (const auto& [name, t] : tensors) {
     StorageRecord& r = storages[size_t(t->storage->storage_id)];
     if (!r.data.defined()) {
       r.data = torch::empty({0}, r.dtype);  // placeholder marks "used" until filled below
@@ -229,7 +221,7 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
       used_bytes += r.entry->size;
     }
   }
-  const bool compact = used_bytes * 2 < uint64_t(size);
+  const bool compact = used_bytes * 2 < file_size;
   for (size_t id : used) {
     StorageRecord& r = storages[id];
     const torch::Tensor raw = zip.read(*r.entry);
@@ -246,8 +238,13 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
       if (r.numel > 0) std::memcpy(r.data.data_ptr(), p, size_t(r.numel) * esize);
     }
   }
-  // PyTorch 2.x v3 tensors reinterpret a storage's bytes as their own dtype; one 1-D tensor per
-  // (storage, dtype) keeps views of one storage sharing memory.
+}
+
+// Phase 6: the named tensors as strided views of their storages. PyTorch 2.x v3 tensors reinterpret
+// a storage's bytes as their own dtype; one 1-D tensor per (storage, dtype) keeps views of one
+// storage sharing memory.
+TensorMap build_tensors(const std::vector<StorageRecord>& storages,
+                        const std::map<std::string, const PickleValue*>& tensors, const std::string& path) {
   std::map<std::pair<int64_t, std::string>, torch::Tensor> reinterpreted;
   auto as_view_dtype = [&](const PickleValue* t, const std::string& name) -> const torch::Tensor& {
     const StorageRecord& r = storages[size_t(t->storage->storage_id)];
@@ -272,12 +269,44 @@ TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& 
     return reinterpreted.emplace(key, std::move(out)).first->second;
   };
   TensorMap result;
-  for (const auto& [name, t] : flat.out) {
+  for (const auto& [name, t] : tensors) {
     const StorageRecord& r = storages[size_t(t->storage->storage_id)];
     const torch::Tensor& base = t->has_view_dtype ? as_view_dtype(t, name) : r.data;
     result.emplace(name, base.as_strided(t->sizes, t->strides, t->offset));
   }
   return result;
+}
+
+TensorMap load_checkpoint_buffer(const torch::Tensor& bytes, const std::string& path, const std::string& entry) {
+  const auto* base = bytes.data_ptr<uint8_t>();
+  const size_t size = size_t(bytes.numel());
+  if (is_legacy_torch_file(base, size))
+    throw Error(fmt::format("{}: legacy torch.save format (PyTorch < 1.6 or _use_new_zipfile_serialization=False) is not "
+                            "supported; re-save it with torch.save(obj, path) in PyTorch >= 1.6, or convert it to "
+                            "safetensors",
+                            path));
+  if (!is_zip(base, size))
+    throw Error(fmt::format("{}: not a torch.save checkpoint (no zip signature; file truncated or of another format)", path));
+  const detail::ZipReader zip(bytes, path);
+  const std::string prefix = archive_prefix(zip, path);
+
+  // Phase 2-3: unpickle data.pkl (nothing in it runs) and choose the entry.
+  const auto* pkl_entry = zip.find(prefix + "/data.pkl");
+  const torch::Tensor pkl = zip.read(*pkl_entry);
+  StorageTable storages(zip, prefix);
+  detail::Unpickler unpickler(pkl.data_ptr<uint8_t>(), size_t(pkl.numel()), fmt::format("{} ({}/data.pkl)", path, prefix),
+                              [&](detail::Unpickler& up, PickleValue* pid) { return storages.load(up, pid); },
+                              pkl_entry->compressed_size);
+  const PickleValue* chosen = select_entry(unpickler.load(), entry, path);
+
+  // Phase 4: dotted names for the tensor leaves. Budgets scale with what the pickle occupies in the
+  // file (see Unpickler).
+  const uint64_t pkl_size = std::min<uint64_t>(uint64_t(pkl.numel()), std::max<uint64_t>(pkl_entry->compressed_size, 1));
+  Flattener flat(path, size_t(4 * pkl_size + 1024), 64 * pkl_size + (uint64_t(16) << 20));
+  flat.run(chosen, "");
+
+  read_used_storages(zip, storages.records, flat.out, uint64_t(size), path);
+  return build_tensors(storages.records, flat.out, path);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 #include "util/json_preview.h"
@@ -293,7 +294,7 @@ void validate_config(const DistillConfig& c) {
   one_of("codec.kind", c.codec.kind, {"identity", "vae"});
   one_of("sample.guidance", c.sample.guidance, {"reference", "all"});
   one_of("sample.method", c.sample.method, {"ddpm", "ddim"});
-  one_of("sample.entry", c.sample.entry, {"", "ema", "model"});
+  one_of("sample.entry", c.sample.entry, {"", io::kEmaEntry, io::kModelEntry});
   one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
   for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
                       {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision}})

@@ -19,6 +19,7 @@
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/state_dict.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/models/autoencoder_kl.h"
 #include "mdd/models/difffit.h"
 #include "mdd/train/checkpoint.h"
@@ -360,7 +361,7 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
   io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),
                        {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
-                        {"steps", std::to_string(trainer.step_count())}, {"weights", p.use_ema ? "ema" : "model"}});
+                        {"steps", std::to_string(trainer.step_count())}, {"weights", p.use_ema ? io::kEmaEntry : io::kModelEntry}});
   say(cb, "pretrain: wrote " + out);
   return out;
 }

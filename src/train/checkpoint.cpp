@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mdd/io/torch_checkpoint.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
 #include "util/json_preview.h"
@@ -143,15 +144,16 @@ std::optional<LoadedCheckpoint> open_checkpoint_for_resume(const std::string& di
 }
 
 io::TensorMap load_model_weights(const std::string& path, const std::string& entry) {
-  if (!entry.empty() && entry != "ema" && entry != "model")
-    throw Error("load_model_weights: entry must be \"\", \"ema\" or \"model\", got \"" + entry + "\"");
+  io::check_weight_entry(entry, "load_model_weights");
   io::TensorMap all = io::load_weights(path);
-  auto has_prefix = [&](const std::string& prefix) {
+  auto has_prefix = [&](const std::string& name) {
+    const std::string prefix = name + ".";
     return std::any_of(all.begin(), all.end(), [&](const auto& kv) { return kv.first.rfind(prefix, 0) == 0; });
   };
-  if (!(has_prefix("ema.") && has_prefix("model."))) {
+  // An mdd training checkpoint holds both copies under "model." and "ema." prefixes.
+  if (!(has_prefix(io::kEmaEntry) && has_prefix(io::kModelEntry))) {
     // Plain state_dict, or a torch.save dict that io::load_weights already resolved to "ema"/"model".
-    if (entry == "model" && !all.empty()) {
+    if (entry == io::kModelEntry && !all.empty()) {
       // For torch.save training dicts the entry choice matters; re-read with it.
       try {
         return io::load_torch_checkpoint(path, entry);
@@ -161,7 +163,7 @@ io::TensorMap load_model_weights(const std::string& path, const std::string& ent
     }
     return all;
   }
-  const std::string prefix = (entry.empty() ? std::string("ema") : entry) + ".";
+  const std::string prefix = (entry.empty() ? io::default_weight_entry(has_prefix) : entry) + ".";
   io::TensorMap out = strip_prefix(all, prefix);
   if (out.empty()) throw Error(path + ": checkpoint has no '" + prefix + "*' tensors");
   return out;

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "mdd/io/state_dict.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/minimax/minimax_loss.h"
 #include "mdd/models/difffit.h"
 #include "mdd/train/checkpoint.h"
@@ -254,8 +255,8 @@ TrainStats Finetuner::step() {
 
 std::string Finetuner::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("Finetuner::save_checkpoint: no checkpoint_dir set");
-  io::TensorMap t = with_prefix(state_dict(*model_), "model.");
-  for (auto& kv : with_prefix(state_dict(*ema_), "ema.")) t.emplace(kv);
+  io::TensorMap t = with_prefix(state_dict(*model_), std::string(io::kModelEntry) + ".");
+  for (auto& kv : with_prefix(state_dict(*ema_), std::string(io::kEmaEntry) + ".")) t.emplace(kv);
   for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
   if (options_.minimax()) {
     for (auto& kv : real_.state("bank.real.")) t.emplace(kv);
@@ -292,8 +293,8 @@ bool Finetuner::resume(const LogFn& log) {
       throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
                               it.key(), detail::json_preview(meta["loop"].value(it.key(), nlohmann::json())), detail::json_preview(it.value())));
   }
-  load_state_dict(*model_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
-  load_state_dict(*ema_, strip_prefix(ck->tensors, "ema."), /*strict=*/true);
+  load_state_dict(*model_, strip_prefix(ck->tensors, std::string(io::kModelEntry) + "."), /*strict=*/true);
+  load_state_dict(*ema_, strip_prefix(ck->tensors, std::string(io::kEmaEntry) + "."), /*strict=*/true);
   optimizer_->load_state(ck->tensors, "opt.");
   if (options_.minimax()) {
     real_.load_state(ck->tensors, "bank.real.");

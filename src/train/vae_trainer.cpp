@@ -14,6 +14,7 @@
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/state_dict.h"
+#include "mdd/io/weight_entry.h"
 #include "mdd/train/checkpoint.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
@@ -118,7 +119,7 @@ VaeTrainStats VaeTrainer::step() {
 
 std::string VaeTrainer::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("VaeTrainer::save_checkpoint: no checkpoint_dir set");
-  io::TensorMap t = with_prefix(state_dict(*vae_), "model.");
+  io::TensorMap t = with_prefix(state_dict(*vae_), std::string(io::kModelEntry) + ".");
   for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
   const auto& a = vae_->options;
   nlohmann::json meta = {{"format", "mdd-vae-train-checkpoint"},
@@ -144,7 +145,7 @@ bool VaeTrainer::resume(const LogFn& log) {
     if (!meta["loop"].contains(it.key()) || meta["loop"][it.key()] != it.value())
       throw Error(fmt::format("{}: cannot resume: '{}' was {} in the checkpointed run and is {} now", ck->info.meta_path,
                               it.key(), detail::json_preview(meta["loop"].value(it.key(), nlohmann::json())), detail::json_preview(it.value())));
-  load_state_dict(*vae_, strip_prefix(ck->tensors, "model."), /*strict=*/true);
+  load_state_dict(*vae_, strip_prefix(ck->tensors, std::string(io::kModelEntry) + "."), /*strict=*/true);
   optimizer_->load_state(ck->tensors, "opt.");
   step_ = ck->info.step;
   return true;
