@@ -189,6 +189,40 @@ TEST(DiffFit, UnitGammasReproducePlainModelExactly) {
                            fitted->forward(io.at("x"), io.at("t"), io.at("y"))));
 }
 
+TEST(DiffFit, CloneIsAnIndependentDeepCopyWithGammas) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"));
+  mdd::apply_difffit(model, mdd::DiffFitOptions().gamma_blocks(1));
+  {
+    // Gammas away from 1, so the copy is only right if their values (not a fresh init) are copied.
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->named_parameters())
+      if (p.key().find("gamma") != std::string::npos) p.value().fill_(0.75);
+  }
+  model->eval();
+  auto copy = mdd::DiT(std::dynamic_pointer_cast<mdd::DiTImpl>(model->clone()));
+  ASSERT_TRUE(copy);
+  EXPECT_TRUE(mdd::has_difffit(copy));
+  EXPECT_FALSE(copy->is_training());
+  const auto a = mdd::state_dict(*model), b = mdd::state_dict(*copy);
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [k, v] : a) {
+    ASSERT_TRUE(b.count(k)) << k;
+    EXPECT_TRUE(torch::equal(v, b.at(k))) << k;
+    EXPECT_NE(v.data_ptr(), b.at(k).data_ptr()) << k << " shares storage with the original";
+  }
+  ASSERT_TRUE(copy->block(0)->has_gammas());
+  EXPECT_FALSE(copy->block(1)->has_gammas());
+  torch::NoGradGuard no_grad;
+  const auto io = golden("dit_small.io.safetensors");
+  const auto before = model->forward(io.at("x"), io.at("t"), io.at("y"));
+  EXPECT_TRUE(torch::equal(before, copy->forward(io.at("x"), io.at("t"), io.at("y"))));
+  // Changing the copy (through its blocks, as DiT::block hands them out) leaves the original alone.
+  copy->block(0)->gamma1.fill_(2.0);
+  EXPECT_TRUE(torch::equal(before, model->forward(io.at("x"), io.at("t"), io.at("y"))));
+  EXPECT_FALSE(torch::equal(before, copy->forward(io.at("x"), io.at("t"), io.at("y"))));
+}
+
 TEST(DiffFit, TrainableSetAndGradients) {
   auto model = small_model();
   mdd::apply_difffit(model);
@@ -323,6 +357,23 @@ TEST(DiT, LabelDropoutOnlyInTrainModeAndSeeded) {
   EXPECT_EQ(no_drop->y_embedder->embedding_table->weight.size(0), 10);
   no_drop->train();
   EXPECT_THROW(no_drop->forward(x.narrow(0, 0, 2), t.narrow(0, 0, 2), torch::full({2}, 10, torch::kLong)), mdd::Error);
+}
+
+TEST(MddCheck, ThrowsOnlyOnFailureAndBuildsTheMessageOnlyThen) {
+  int built = 0;
+  auto message = [&built] {
+    ++built;
+    return std::string("the message, with, commas");
+  };
+  EXPECT_NO_THROW(MDD_CHECK(1 + 1 == 2, message()));
+  EXPECT_EQ(built, 0);
+  try {
+    MDD_CHECK(1 + 1 == 3, message());
+    ADD_FAILURE() << "MDD_CHECK did not throw";
+  } catch (const mdd::Error& e) {
+    EXPECT_STREQ(e.what(), "the message, with, commas");
+  }
+  EXPECT_EQ(built, 1);
 }
 
 TEST(DiT, BadInputsThrow) {

@@ -367,6 +367,22 @@ TEST(Finetuner, RejectsBadSetups) {
   EXPECT_THROW(Finetuner(tiny_dit(), data, tiny_options().batch_size(100)), Error);
   EXPECT_THROW(Finetuner(DiT(DiTOptions(16, 2, 1, 32, 1, 2).num_classes(3)), data, tiny_options()), Error);
   EXPECT_THROW(Pretrainer(tiny_dit(), data, tiny_options()), Error);
+  auto respaced = tiny_options();
+  respaced.diffusion().timestep_respacing("50");  // training draws from every step
+  EXPECT_THROW(Finetuner(tiny_dit(), data, respaced), Error);
+  {
+    // The EMA starts as a deep copy (DiT::clone) of the model, DiffFit gammas included.
+    Finetuner ft(tiny_dit(), data, tiny_options());
+    const auto m = state_dict(*ft.model()), e = state_dict(*ft.ema());
+    ASSERT_EQ(m.size(), e.size());
+    for (const auto& [k, v] : m) {
+      ASSERT_TRUE(e.count(k)) << k;
+      EXPECT_TRUE(torch::equal(v, e.at(k))) << k;
+      EXPECT_NE(v.data_ptr(), e.at(k).data_ptr()) << k;
+      EXPECT_FALSE(e.at(k).requires_grad()) << k;
+    }
+    EXPECT_TRUE(has_difffit(ft.ema()));
+  }
   Pretrainer pre(tiny_dit(), data, pretrain_defaults().batch_size(6).steps(1));
   pre.train();
   EXPECT_FALSE(has_difffit(pre.model()));

@@ -17,10 +17,6 @@
 namespace mdd {
 namespace {
 
-void require(bool ok, const std::string& message) {
-  if (!ok) throw Error(message);
-}
-
 std::vector<int64_t> shape_of(const torch::Tensor& t) { return t.defined() ? t.sizes().vec() : std::vector<int64_t>{}; }
 
 // DiT's modulate(): per-sample shift/scale broadcast over tokens.
@@ -95,9 +91,9 @@ DiTOptions dit_options(const std::string& name, int64_t input_size, int64_t num_
 }
 
 torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size) {
-  require(embed_dim > 0 && embed_dim % 4 == 0,
+  MDD_CHECK(embed_dim > 0 && embed_dim % 4 == 0,
           fmt::format("sincos_pos_embed_2d: embed_dim {} must be a positive multiple of 4", embed_dim));
-  require(grid_size > 0, fmt::format("sincos_pos_embed_2d: grid_size {} must be positive", grid_size));
+  MDD_CHECK(grid_size > 0, fmt::format("sincos_pos_embed_2d: grid_size {} must be positive", grid_size));
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   // get_1d_sincos_pos_embed_from_grid(E, pos): omega_k = 1 / 10000^(k / (E/2)), [sin(pos w), cos(pos w)].
   const int64_t half_dim = embed_dim / 2;  // E of each 1-D embedding
@@ -116,22 +112,35 @@ torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size) {
 
 // ------------------------------------------------------------------ submodules
 
-PatchEmbedImpl::PatchEmbedImpl(int64_t in_channels, int64_t hidden_size, int64_t patch_size) {
-  proj = register_module(
-      "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels, hidden_size, patch_size).stride(patch_size).bias(true)));
+// Every submodule follows LibTorch's Cloneable pattern: the constructor keeps its arguments and calls
+// reset(), which creates the parameters; clone() runs reset() on a copy and copies the values over.
+
+PatchEmbedImpl::PatchEmbedImpl(int64_t in_channels, int64_t hidden_size, int64_t patch_size)
+    : in_channels_(in_channels), hidden_size_(hidden_size), patch_size_(patch_size) {
+  reset();
+}
+
+void PatchEmbedImpl::reset() {
+  proj = register_module("proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels_, hidden_size_, patch_size_)
+                                                       .stride(patch_size_)
+                                                       .bias(true)));
 }
 
 torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& x) { return proj->forward(x).flatten(2).transpose(1, 2); }
 
 TimestepEmbedderImpl::TimestepEmbedderImpl(int64_t hidden_size, int64_t frequency_embedding_size_)
-    : frequency_embedding_size(frequency_embedding_size_) {
-  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(frequency_embedding_size, hidden_size),
+    : frequency_embedding_size(frequency_embedding_size_), hidden_size_(hidden_size) {
+  reset();
+}
+
+void TimestepEmbedderImpl::reset() {
+  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(frequency_embedding_size, hidden_size_),
                                                      torch::nn::SiLU(),
-                                                     torch::nn::Linear(hidden_size, hidden_size)));
+                                                     torch::nn::Linear(hidden_size_, hidden_size_)));
 }
 
 torch::Tensor TimestepEmbedderImpl::timestep_embedding(const torch::Tensor& t, int64_t dim, double max_period) {
-  require(t.defined() && t.dim() == 1, fmt::format("timestep_embedding: t must be 1-D [N], got {}", shape_of(t)));
+  MDD_CHECK(t.defined() && t.dim() == 1, fmt::format("timestep_embedding: t must be 1-D [N], got {}", shape_of(t)));
   const int64_t half = dim / 2;
   // Same float32 op order as DiT models.py: exp((-ln(max_period) * arange) / half), then t * freqs.
   // The arguments reach ~1000 rad, so a 1-ulp different frequency would move the result by ~1e-4.
@@ -150,9 +159,13 @@ torch::Tensor TimestepEmbedderImpl::forward(const torch::Tensor& t) {
 }
 
 LabelEmbedderImpl::LabelEmbedderImpl(int64_t num_classes_, int64_t hidden_size, double dropout_prob_)
-    : num_classes(num_classes_), dropout_prob(dropout_prob_) {
+    : num_classes(num_classes_), dropout_prob(dropout_prob_), hidden_size_(hidden_size) {
+  reset();
+}
+
+void LabelEmbedderImpl::reset() {
   const int64_t rows = num_classes + (dropout_prob > 0 ? 1 : 0);
-  embedding_table = register_module("embedding_table", torch::nn::Embedding(rows, hidden_size));
+  embedding_table = register_module("embedding_table", torch::nn::Embedding(rows, hidden_size_));
 }
 
 torch::Tensor LabelEmbedderImpl::drop_labels(const torch::Tensor& labels, const torch::Tensor& drop) const {
@@ -173,16 +186,28 @@ torch::Tensor LabelEmbedderImpl::forward(const torch::Tensor& labels, bool train
 }
 
 DiTAttentionImpl::DiTAttentionImpl(int64_t dim, int64_t num_heads_) : num_heads(num_heads_), head_dim(dim / num_heads_) {
-  qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(true)));
-  proj = register_module("proj", torch::nn::Linear(dim, dim));
+  reset();
 }
 
-void DiTAttentionImpl::enable_gammas() {
-  require(!gamma1.defined(), "DiTAttention::enable_gammas: gammas already exist");
+void DiTAttentionImpl::reset() {
+  const int64_t dim = num_heads * head_dim;
+  qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(true)));
+  proj = register_module("proj", torch::nn::Linear(dim, dim));
+  if (gammas_) register_gammas();
+}
+
+void DiTAttentionImpl::register_gammas() {
+  // On the device/dtype of the weights, so a model moved or cast before apply_difffit stays uniform.
   const auto opts = qkv->weight.options();
   const int64_t dim = proj->weight.size(0);
   gamma1 = register_parameter("gamma1", torch::ones({3 * dim}, opts));
   gamma2 = register_parameter("gamma2", torch::ones({dim}, opts));
+}
+
+void DiTAttentionImpl::enable_gammas() {
+  MDD_CHECK(!gammas_, "DiTAttention::enable_gammas: gammas already exist");
+  gammas_ = true;
+  register_gammas();
 }
 
 torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
@@ -205,29 +230,40 @@ torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
   return out;
 }
 
-DiTMlpImpl::DiTMlpImpl(int64_t dim, int64_t hidden) {
-  fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
-  fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+DiTMlpImpl::DiTMlpImpl(int64_t dim, int64_t hidden) : dim_(dim), hidden_(hidden) { reset(); }
+
+void DiTMlpImpl::reset() {
+  fc1 = register_module("fc1", torch::nn::Linear(dim_, hidden_));
+  fc2 = register_module("fc2", torch::nn::Linear(hidden_, dim_));
 }
 
 torch::Tensor DiTMlpImpl::forward(const torch::Tensor& x) {
   return fc2->forward(torch::gelu(fc1->forward(x), "tanh"));
 }
 
-DiTBlockImpl::DiTBlockImpl(int64_t hidden_size, int64_t num_heads, double mlp_ratio) {
-  attn = register_module("attn", DiTAttention(hidden_size, num_heads));
+DiTBlockImpl::DiTBlockImpl(int64_t hidden_size, int64_t num_heads, double mlp_ratio)
+    : hidden_size_(hidden_size), num_heads_(num_heads), mlp_ratio_(mlp_ratio) {
+  reset();
+}
+
+void DiTBlockImpl::reset() {
+  attn = register_module("attn", DiTAttention(hidden_size_, num_heads_));
   // int(hidden_size * mlp_ratio) as the reference (Python int() truncates).
-  mlp = register_module("mlp", DiTMlp(hidden_size, static_cast<int64_t>(static_cast<double>(hidden_size) * mlp_ratio)));
+  mlp = register_module("mlp", DiTMlp(hidden_size_, static_cast<int64_t>(static_cast<double>(hidden_size_) * mlp_ratio_)));
   adaLN_modulation = register_module(
-      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size, 6 * hidden_size)));
+      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size_, 6 * hidden_size_)));
+  if (gammas_) {
+    gammas_ = false;
+    enable_gammas();
+  }
 }
 
 void DiTBlockImpl::enable_gammas() {
-  require(!gamma1.defined(), "DiTBlock::enable_gammas: gammas already exist");
+  MDD_CHECK(!gammas_, "DiTBlock::enable_gammas: gammas already exist");
+  gammas_ = true;
   const auto opts = attn->proj->weight.options();
-  const int64_t dim = attn->proj->weight.size(0);
-  gamma1 = register_parameter("gamma1", torch::ones({dim}, opts));
-  gamma2 = register_parameter("gamma2", torch::ones({dim}, opts));
+  gamma1 = register_parameter("gamma1", torch::ones({hidden_size_}, opts));
+  gamma2 = register_parameter("gamma2", torch::ones({hidden_size_}, opts));
   attn->enable_gammas();
 }
 
@@ -251,10 +287,15 @@ torch::Tensor DiTBlockImpl::forward(const torch::Tensor& x_in, const torch::Tens
   return x;
 }
 
-FinalLayerImpl::FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels) {
-  linear = register_module("linear", torch::nn::Linear(hidden_size, patch_size * patch_size * out_channels));
+FinalLayerImpl::FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels)
+    : hidden_size_(hidden_size), patch_size_(patch_size), out_channels_(out_channels) {
+  reset();
+}
+
+void FinalLayerImpl::reset() {
+  linear = register_module("linear", torch::nn::Linear(hidden_size_, patch_size_ * patch_size_ * out_channels_));
   adaLN_modulation = register_module(
-      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size, 2 * hidden_size)));
+      "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size_, 2 * hidden_size_)));
 }
 
 torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
@@ -266,23 +307,31 @@ torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tenso
 
 DiTImpl::DiTImpl(DiTOptions options) : options_(std::move(options)) {
   const auto& o = options_;
-  require(o.input_size() > 0 && o.patch_size() > 0 && o.in_channels() > 0 && o.hidden_size() > 0 && o.depth() >= 0 &&
+  MDD_CHECK(o.input_size() > 0 && o.patch_size() > 0 && o.in_channels() > 0 && o.hidden_size() > 0 && o.depth() >= 0 &&
               o.num_heads() > 0,
           fmt::format("DiT: sizes must be positive (input_size {}, patch_size {}, in_channels {}, hidden_size {}, "
                       "depth {}, num_heads {})",
                       o.input_size(), o.patch_size(), o.in_channels(), o.hidden_size(), o.depth(), o.num_heads()));
-  require(o.input_size() % o.patch_size() == 0,
+  MDD_CHECK(o.input_size() % o.patch_size() == 0,
           fmt::format("DiT: input_size {} is not divisible by patch_size {}", o.input_size(), o.patch_size()));
-  require(o.hidden_size() % o.num_heads() == 0,
+  MDD_CHECK(o.hidden_size() % o.num_heads() == 0,
           fmt::format("DiT: hidden_size {} is not divisible by num_heads {}", o.hidden_size(), o.num_heads()));
-  require(o.hidden_size() % 4 == 0,
+  MDD_CHECK(o.hidden_size() % 4 == 0,
           fmt::format("DiT: hidden_size {} must be a multiple of 4 (2-D sin-cos position table)", o.hidden_size()));
-  require(o.mlp_ratio() > 0 && static_cast<int64_t>(static_cast<double>(o.hidden_size()) * o.mlp_ratio()) > 0,
+  MDD_CHECK(o.mlp_ratio() > 0 && static_cast<int64_t>(static_cast<double>(o.hidden_size()) * o.mlp_ratio()) > 0,
           fmt::format("DiT: mlp_ratio {} gives an empty MLP", o.mlp_ratio()));
-  require(o.class_dropout_prob() >= 0 && o.class_dropout_prob() <= 1,
+  MDD_CHECK(o.class_dropout_prob() >= 0 && o.class_dropout_prob() <= 1,
           fmt::format("DiT: class_dropout_prob {} is not in [0, 1]", o.class_dropout_prob()));
-  require(o.num_classes() > 0, fmt::format("DiT: num_classes {} must be positive", o.num_classes()));
+  MDD_CHECK(o.num_classes() > 0, fmt::format("DiT: num_classes {} must be positive", o.num_classes()));
+  reset();
+}
 
+void DiTImpl::reset() {
+  const auto& o = options_;
+  // A DiffFit model keeps its gammas: the blocks that had them get them again (as ones).
+  std::vector<bool> gammas;
+  if (blocks)
+    for (const auto& m : *blocks) gammas.push_back(m->as<DiTBlockImpl>()->has_gammas());
   // Registration order follows the reference __init__ (x_embedder, t_embedder, y_embedder,
   // pos_embed, blocks, final_layer) so parameter order matches named_parameters() there.
   x_embedder = register_module("x_embedder", PatchEmbed(o.in_channels(), o.hidden_size(), o.patch_size()));
@@ -293,8 +342,8 @@ DiTImpl::DiTImpl(DiTOptions options) : options_(std::move(options)) {
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.depth(); ++i) {
     DiTBlock b(o.hidden_size(), o.num_heads(), o.mlp_ratio());
+    if (size_t(i) < gammas.size() && gammas[size_t(i)]) b->enable_gammas();
     blocks->push_back(b);
-    block_list_.push_back(b);
   }
   final_layer = register_module("final_layer", FinalLayer(o.hidden_size(), o.patch_size(), o.out_channels()));
   initialize_weights();
@@ -317,7 +366,8 @@ void DiTImpl::initialize_weights(std::optional<torch::Generator> gen) {
   y_embedder->embedding_table->weight.normal_(0.0, 0.02, to_c10(gen));
   sequential_linear(t_embedder->mlp, 0)->weight.normal_(0.0, 0.02, to_c10(gen));
   sequential_linear(t_embedder->mlp, 2)->weight.normal_(0.0, 0.02, to_c10(gen));
-  for (auto& b : block_list_) {
+  for (const auto& m : *blocks) {
+    auto* b = m->as<DiTBlockImpl>();
     auto ada = sequential_linear(b->adaLN_modulation, 1);
     ada->weight.zero_();
     ada->bias.zero_();
@@ -338,37 +388,37 @@ void DiTImpl::set_label_dropout_generator(std::optional<torch::Generator> genera
 }
 
 DiTBlock DiTImpl::block(int64_t i) const {
-  require(i >= 0 && i < static_cast<int64_t>(block_list_.size()),
-          fmt::format("DiT::block: index {} out of range (depth {})", i, block_list_.size()));
-  return block_list_[static_cast<size_t>(i)];
+  MDD_CHECK(i >= 0 && i < static_cast<int64_t>(blocks->size()),
+          fmt::format("DiT::block: index {} out of range (depth {})", i, blocks->size()));
+  return DiTBlock(blocks->ptr<DiTBlockImpl>(static_cast<size_t>(i)));
 }
 
 void DiTImpl::check_inputs(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y,
                            const char* where) const {
   const auto& o = options_;
-  require(x.defined() && x.dim() == 4, fmt::format("DiT::{}: x must be [N, C, H, W], got shape {}", where, shape_of(x)));
-  require(x.is_floating_point(), fmt::format("DiT::{}: x must be floating point, got {}", where, c10::toString(x.scalar_type())));
-  require(x.size(1) == o.in_channels(), fmt::format("DiT::{}: x has {} channels, the model expects {} (shape {})",
+  MDD_CHECK(x.defined() && x.dim() == 4, fmt::format("DiT::{}: x must be [N, C, H, W], got shape {}", where, shape_of(x)));
+  MDD_CHECK(x.is_floating_point(), fmt::format("DiT::{}: x must be floating point, got {}", where, c10::toString(x.scalar_type())));
+  MDD_CHECK(x.size(1) == o.in_channels(), fmt::format("DiT::{}: x has {} channels, the model expects {} (shape {})",
                                                     where, x.size(1), o.in_channels(), shape_of(x)));
-  require(x.size(2) % o.patch_size() == 0 && x.size(3) % o.patch_size() == 0,
+  MDD_CHECK(x.size(2) % o.patch_size() == 0 && x.size(3) % o.patch_size() == 0,
           fmt::format("DiT::{}: x spatial size {}x{} is not divisible by patch_size {}", where, x.size(2), x.size(3),
                       o.patch_size()));
-  require(x.size(2) == o.input_size() && x.size(3) == o.input_size(),
+  MDD_CHECK(x.size(2) == o.input_size() && x.size(3) == o.input_size(),
           fmt::format("DiT::{}: x spatial size {}x{} differs from the model's input_size {} (fixed position table)",
                       where, x.size(2), x.size(3), o.input_size()));
   const int64_t n = x.size(0);
-  require(t.defined() && t.dim() == 1 && t.size(0) == n,
+  MDD_CHECK(t.defined() && t.dim() == 1 && t.size(0) == n,
           fmt::format("DiT::{}: t must be [N] = [{}], got shape {}", where, n, shape_of(t)));
-  require(t.scalar_type() != torch::kBool, fmt::format("DiT::{}: t must be numeric, got Bool", where));
-  require(y.defined() && y.dim() == 1 && y.size(0) == n,
+  MDD_CHECK(t.scalar_type() != torch::kBool, fmt::format("DiT::{}: t must be numeric, got Bool", where));
+  MDD_CHECK(y.defined() && y.dim() == 1 && y.size(0) == n,
           fmt::format("DiT::{}: y must be [N] = [{}], got shape {}", where, n, shape_of(y)));
-  require(y.scalar_type() == torch::kLong || y.scalar_type() == torch::kInt,
+  MDD_CHECK(y.scalar_type() == torch::kLong || y.scalar_type() == torch::kInt,
           fmt::format("DiT::{}: y must be int64 labels, got {}", where, c10::toString(y.scalar_type())));
   if (n > 0) {
     // Out-of-range labels would be a device-side assert on CUDA: check (one sync) and report.
     const int64_t max_label = y_embedder->embedding_table->weight.size(0) - 1;
     const bool bad = ((y < 0) | (y > max_label)).any().item<bool>();
-    require(!bad, fmt::format("DiT::{}: labels must lie in [0, {}] ({} classes{}), got min {} max {}", where, max_label,
+    MDD_CHECK(!bad, fmt::format("DiT::{}: labels must lie in [0, {}] ({} classes{}), got min {} max {}", where, max_label,
                               o.num_classes(), max_label == o.num_classes() ? " + null class" : ", no null class",
                               y.min().item<int64_t>(), y.max().item<int64_t>()));
   }
@@ -378,7 +428,7 @@ torch::Tensor DiTImpl::unpatchify(const torch::Tensor& x) const {
   const int64_t c = options_.out_channels(), p = options_.patch_size();
   const int64_t n = x.size(0);
   const int64_t h = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(x.size(1)))));
-  require(x.dim() == 3 && h * h == x.size(1) && x.size(2) == p * p * c,
+  MDD_CHECK(x.dim() == 3 && h * h == x.size(1) && x.size(2) == p * p * c,
           fmt::format("DiT::unpatchify: expected [N, h*h, {}], got {}", p * p * c, shape_of(x)));
   // reshape(N, h, w, p, p, c) -> einsum('nhwpqc->nchpwq') -> (N, c, h*p, w*p)
   return x.reshape({n, h, h, p, p, c}).permute({0, 5, 1, 3, 2, 4}).reshape({n, c, h * p, h * p});
@@ -406,9 +456,12 @@ torch::Tensor DiTImpl::forward_impl(const torch::Tensor& x_in, const torch::Tens
     taps->y_emb = y_emb;
     taps->c = c;
     taps->x_tokens_pos = x;
-    taps->blocks.resize(block_list_.size());
+    taps->blocks.resize(blocks->size());
   }
-  for (size_t i = 0; i < block_list_.size(); ++i) x = block_list_[i]->forward(x, c, taps ? &taps->blocks[i] : nullptr);
+  // The ModuleList is the one owner of the blocks (a second list of holders would go stale when
+  // clone() replaces the list's modules).
+  for (size_t i = 0; i < blocks->size(); ++i)
+    x = blocks->ptr<DiTBlockImpl>(i)->forward(x, c, taps ? &taps->blocks[i] : nullptr);
   x = final_layer->forward(x, c);
   auto out = unpatchify(x);
   if (taps) {
@@ -432,9 +485,9 @@ torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch:
 
 torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch::Tensor y, double cfg_scale,
                                         int64_t guided_channels) {
-  require(x.defined() && x.dim() == 4,
+  MDD_CHECK(x.defined() && x.dim() == 4,
           fmt::format("DiT::forward_with_cfg: x must be [2B, C, H, W], got shape {}", shape_of(x)));
-  require(x.size(0) % 2 == 0 && x.size(0) > 0,
+  MDD_CHECK(x.size(0) % 2 == 0 && x.size(0) > 0,
           fmt::format("DiT::forward_with_cfg: batch must be even and non-empty (conditional half + "
                       "unconditional half), got {}",
                       x.size(0)));
@@ -444,7 +497,7 @@ torch::Tensor DiTImpl::forward_with_cfg(torch::Tensor x, torch::Tensor t, torch:
                     : guided_channels == kReferenceGuidedChannels
                         ? cfg_guided_channels(CfgGuidance::kReference3Channels, options_.in_channels(), out_ch)
                         : guided_channels;
-  require(g >= 1 && g <= out_ch, fmt::format("DiT::forward_with_cfg: guided_channels {} must be -1 or in [1, {}]",
+  MDD_CHECK(g >= 1 && g <= out_ch, fmt::format("DiT::forward_with_cfg: guided_channels {} must be -1 or in [1, {}]",
                                              guided_channels, out_ch));
   const int64_t half = x.size(0) / 2;
   // The reference ignores x[half:] and runs cat([x[:half], x[:half]]) with the full t and y.

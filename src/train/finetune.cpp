@@ -64,10 +64,7 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
       ema_(nullptr),
       data_(std::move(data)),
       options_(std::move(options)),
-      diffusion_(DiffusionOptions()
-                     .num_timesteps(options_.diffusion_steps())
-                     .noise_schedule(options_.noise_schedule())
-                     .learn_sigma(model_ ? model_->options().learn_sigma() : true)),
+      diffusion_(DiffusionOptions(options_.diffusion()).learn_sigma(model_ ? model_->options().learn_sigma() : true)),
       real_(data_ ? data_->num_classes() : 1, std::max<int64_t>(options_.memory_size(), 1)),
       generated_(data_ ? data_->num_classes() : 1, std::max<int64_t>(options_.memory_size(), 1)) {
   if (!model_) throw Error("Finetuner: model is empty");
@@ -81,6 +78,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
     throw Error("Finetuner: label dropout requested but the model has no null-class row (class_dropout_prob = 0)");
   if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("Finetuner: ckpt_every and log_every must be >= 0");
   if (o.lr_warmup() < 0) throw Error("Finetuner: lr_warmup must be >= 0");
+  if (!o.diffusion().timestep_respacing().empty())
+    throw Error("Finetuner: diffusion().timestep_respacing must be \"\" (training draws from every step), got \"" +
+                o.diffusion().timestep_respacing() + "\"");
   precision_ = resolve_precision(o.precision(), o.device());
   if (precision_ == Precision::kFP16) loss_scale_ = 65536.0;
   if (data_->size() < o.batch_size())
@@ -104,12 +104,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   // Label dropout is drawn explicitly from the step generator, so the module itself never drops.
   model_->eval();
 
-  // EMA = an exact copy made before training (train_dit.py:176, update_ema(decay=0)).
-  ema_ = DiT(mo);
-  const int64_t gb = count_gamma_blocks(model_);
-  if (gb > 0) apply_difffit(ema_, DiffFitOptions().gamma_blocks(gb));
-  ema_->to(o.device());
-  load_state_dict(*ema_, state_dict(*model_), /*strict=*/true);
+  // EMA = an exact copy made before training (train_dit.py:176, deepcopy then update_ema(decay=0)):
+  // clone() keeps the DiffFit structure, device and dtype of the model.
+  ema_ = DiT(std::dynamic_pointer_cast<DiTImpl>(model_->clone()));
   for (auto& p : ema_->parameters()) p.set_requires_grad(false);
   ema_->eval();
 

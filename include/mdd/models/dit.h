@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <torch/arg.h>
+#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -74,23 +75,30 @@ MDD_API torch::Tensor sincos_pos_embed_2d(int64_t embed_dim, int64_t grid_size);
 // ------------------------------------------------------------------ submodules
 
 /// timm `PatchEmbed` as DiT uses it: Conv2d(k = s = p) -> tokens [N, T, D] in row-major patch order.
-class MDD_API PatchEmbedImpl : public torch::nn::Module {
+class MDD_API PatchEmbedImpl : public torch::nn::Cloneable<PatchEmbedImpl> {
  public:
   /// Conv from `in_channels` to `hidden_size` with kernel = stride = `patch_size`.
   PatchEmbedImpl(int64_t in_channels, int64_t hidden_size, int64_t patch_size);
+  /// (Re)creates `proj` with fresh parameters (torch's default init; `clone()` then copies values).
+  void reset() override;
   /// [N, C, H, W] -> [N, (H/p)*(W/p), D].
   torch::Tensor forward(const torch::Tensor& x);
   /// Key `x_embedder.proj`.
   torch::nn::Conv2d proj{nullptr};
+
+ private:
+  int64_t in_channels_, hidden_size_, patch_size_;
 };
 /// Module holder for `PatchEmbedImpl`.
 TORCH_MODULE(PatchEmbed);
 
 /// Sinusoidal timestep features followed by Linear -> SiLU -> Linear (`t_embedder`).
-class MDD_API TimestepEmbedderImpl : public torch::nn::Module {
+class MDD_API TimestepEmbedderImpl : public torch::nn::Cloneable<TimestepEmbedderImpl> {
  public:
   /// MLP 256 -> `hidden_size` -> `hidden_size` (`frequency_embedding_size` = 256 in DiT).
   explicit TimestepEmbedderImpl(int64_t hidden_size, int64_t frequency_embedding_size = 256);
+  /// (Re)creates `mlp` with fresh parameters.
+  void reset() override;
   /// [N] timesteps (any numeric dtype, original 0..999 scale) -> [N, D].
   torch::Tensor forward(const torch::Tensor& t);
   /// [N] -> [N, dim] = [cos(t f_k), sin(t f_k)] (cos half first), f_k = exp(-ln(max_period) k / half),
@@ -100,15 +108,20 @@ class MDD_API TimestepEmbedderImpl : public torch::nn::Module {
   torch::nn::Sequential mlp{nullptr};
   /// Width of the sinusoidal features (256).
   int64_t frequency_embedding_size;
+
+ private:
+  int64_t hidden_size_;
 };
 /// Module holder for `TimestepEmbedderImpl`.
 TORCH_MODULE(TimestepEmbedder);
 
 /// Class-label embedding table with an extra null-class row and train-mode label dropout (`y_embedder`).
-class MDD_API LabelEmbedderImpl : public torch::nn::Module {
+class MDD_API LabelEmbedderImpl : public torch::nn::Cloneable<LabelEmbedderImpl> {
  public:
   /// Table of `num_classes + (dropout_prob > 0)` rows of width `hidden_size`.
   LabelEmbedderImpl(int64_t num_classes, int64_t hidden_size, double dropout_prob);
+  /// (Re)creates `embedding_table` with fresh parameters.
+  void reset() override;
   /// Looks up `labels` [N] (int64). With `train` and dropout_prob > 0 each label is first replaced by
   /// the null class with probability dropout_prob (uniform draw from `generator`, or torch's default
   /// generator when none is given, like the reference's `torch.rand`).
@@ -122,15 +135,21 @@ class MDD_API LabelEmbedderImpl : public torch::nn::Module {
   int64_t num_classes;
   /// Label-dropout probability used in train mode.
   double dropout_prob;
+
+ private:
+  int64_t hidden_size_;
 };
 /// Module holder for `LabelEmbedderImpl`.
 TORCH_MODULE(LabelEmbedder);
 
 /// Multi-head self-attention (timm `Attention`, no qk-norm, no dropout) with optional DiffFit gammas.
-class MDD_API DiTAttentionImpl : public torch::nn::Module {
+class MDD_API DiTAttentionImpl : public torch::nn::Cloneable<DiTAttentionImpl> {
  public:
   /// qkv Linear(D, 3D) and proj Linear(D, D), both with bias.
   DiTAttentionImpl(int64_t dim, int64_t num_heads);
+  /// (Re)creates qkv and proj with fresh parameters, and the gammas (ones) if `enable_gammas` ran:
+  /// `clone()` keeps a DiffFit model's structure.
+  void reset() override;
   /// [B, N, D] -> [B, N, D]. With LibTorch >= 2 the fused `scaled_dot_product_attention` is used,
   /// otherwise softmax((q * hd^-0.5) k^T) v (the same formula).
   torch::Tensor forward(const torch::Tensor& x);
@@ -143,19 +162,28 @@ class MDD_API DiTAttentionImpl : public torch::nn::Module {
   torch::Tensor gamma1, gamma2;
   /// Head count and per-head width.
   int64_t num_heads, head_dim;
+
+ private:
+  void register_gammas();
+  bool gammas_ = false;
 };
 /// Module holder for `DiTAttentionImpl`.
 TORCH_MODULE(DiTAttention);
 
 /// timm `Mlp`: fc1 -> GELU(tanh approximation) -> fc2.
-class MDD_API DiTMlpImpl : public torch::nn::Module {
+class MDD_API DiTMlpImpl : public torch::nn::Cloneable<DiTMlpImpl> {
  public:
   /// fc1 Linear(dim, hidden), fc2 Linear(hidden, dim).
   DiTMlpImpl(int64_t dim, int64_t hidden);
+  /// (Re)creates fc1 and fc2 with fresh parameters.
+  void reset() override;
   /// [.., D] -> [.., D].
   torch::Tensor forward(const torch::Tensor& x);
   /// Keys `mlp.fc1`, `mlp.fc2`.
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+
+ private:
+  int64_t dim_, hidden_;
 };
 /// Module holder for `DiTMlpImpl`.
 TORCH_MODULE(DiTMlp);
@@ -173,17 +201,19 @@ struct MDD_API DiTBlockTaps {
 };
 
 /// adaLN-Zero transformer block (LayerNorm eps 1e-6 without affine) with optional DiffFit gammas.
-class MDD_API DiTBlockImpl : public torch::nn::Module {
+class MDD_API DiTBlockImpl : public torch::nn::Cloneable<DiTBlockImpl> {
  public:
   /// Block of width `hidden_size`, `num_heads` heads and MLP width int(hidden_size * mlp_ratio).
   DiTBlockImpl(int64_t hidden_size, int64_t num_heads, double mlp_ratio);
+  /// (Re)creates the submodules with fresh parameters, and the gammas (ones) if `enable_gammas` ran.
+  void reset() override;
   /// x [N, T, D], c [N, D] -> [N, T, D]; fills `taps` when not null.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c, DiTBlockTaps* taps = nullptr);
   /// Registers `gamma1`, `gamma2` [D] here and `attn.gamma1/gamma2` (all ones).
   /// Throws `mdd::Error` if this block already has gammas.
   void enable_gammas();
   /// True once `enable_gammas` ran.
-  bool has_gammas() const { return gamma1.defined(); }
+  bool has_gammas() const { return gammas_; }
   /// Keys `attn.*`, `mlp.*`.
   DiTAttention attn{nullptr};
   /// Key `mlp.*`.
@@ -192,21 +222,31 @@ class MDD_API DiTBlockImpl : public torch::nn::Module {
   torch::nn::Sequential adaLN_modulation{nullptr};
   /// DiffFit residual-branch scale factors; undefined until `enable_gammas`.
   torch::Tensor gamma1, gamma2;
+
+ private:
+  int64_t hidden_size_, num_heads_;
+  double mlp_ratio_;
+  bool gammas_ = false;
 };
 /// Module holder for `DiTBlockImpl`.
 TORCH_MODULE(DiTBlock);
 
 /// adaLN-modulated LayerNorm followed by Linear(D, p*p*out_channels).
-class MDD_API FinalLayerImpl : public torch::nn::Module {
+class MDD_API FinalLayerImpl : public torch::nn::Cloneable<FinalLayerImpl> {
  public:
   /// Projects width `hidden_size` tokens to p*p*out_channels values.
   FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels);
+  /// (Re)creates the submodules with fresh parameters.
+  void reset() override;
   /// x [N, T, D], c [N, D] -> [N, T, p*p*out_channels].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c);
   /// Key `final_layer.linear`.
   torch::nn::Linear linear{nullptr};
   /// Keys `final_layer.adaLN_modulation.0` (SiLU) and `.1` (Linear(D, 2D); shift first).
   torch::nn::Sequential adaLN_modulation{nullptr};
+
+ private:
+  int64_t hidden_size_, patch_size_, out_channels_;
 };
 /// Module holder for `FinalLayerImpl`.
 TORCH_MODULE(FinalLayer);
@@ -237,7 +277,7 @@ struct MDD_API DiTTaps {
 /// (original 0..999 scale), labels [N] int64 in [0, num_classes] (num_classes = null class).
 /// Output [N, out_channels, H, W]: channels [0, C) = epsilon, [C, 2C) = variance value v.
 /// Shape or label errors throw `mdd::Error`.
-class MDD_API DiTImpl : public torch::nn::Module {
+class MDD_API DiTImpl : public torch::nn::Cloneable<DiTImpl> {
  public:
   /// Guide only eps channels 0..2 (the reference `forward_with_cfg`; used for the paper's samples).
   static constexpr int64_t kReferenceGuidedChannels = 3;
@@ -247,6 +287,12 @@ class MDD_API DiTImpl : public torch::nn::Module {
   /// Builds the model and initialises it as the reference (`initialize_weights` with torch's
   /// default generator; call `initialize_weights(gen)` again for a seeded initialisation).
   explicit DiTImpl(DiTOptions options);
+
+  /// Rebuilds every submodule (keeping DiffFit gammas where `apply_difffit` added them) and runs
+  /// `initialize_weights()`. `clone()` (from `torch::nn::Cloneable`) calls it on the copy and then
+  /// copies every parameter and buffer: `model->clone()` is an independent deep copy with the same
+  /// structure, values, devices and dtypes (the EMA copy of `Finetuner` and `Pretrainer` is made so).
+  void reset() override;
 
   /// Noise prediction [N, out_channels, H, W]. In train mode labels are dropped to the null
   /// class with probability class_dropout_prob (see `set_label_dropout_generator`).
@@ -311,7 +357,6 @@ class MDD_API DiTImpl : public torch::nn::Module {
                     const char* where) const;
 
   DiTOptions options_;
-  std::vector<DiTBlock> block_list_;
   std::optional<torch::Generator> dropout_generator_;
 };
 /// Module holder for `DiTImpl`.

@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -72,9 +73,9 @@ struct MDD_API FinetuneOptions {
   TORCH_ARG(int64_t, memory_size) = 64;
   /// Label-dropout probability during training (DiT: 0.1; the null class is the model's).
   TORCH_ARG(double, class_dropout_prob) = 0.1;
-  /// Diffusion steps and schedule of the training process (create_diffusion("")).
-  TORCH_ARG(int64_t, diffusion_steps) = 1000;
-  TORCH_ARG(std::string, noise_schedule) = "linear";
+  /// The training process (create_diffusion(""): 1000 linear steps). Its respacing must stay ""
+  /// (training draws from every step) and `learn_sigma` is taken from the model.
+  TORCH_ARG(DiffusionOptions, diffusion) = DiffusionOptions();
   /// Seed of the data order and of every per-step draw.
   TORCH_ARG(uint64_t, seed) = 0;
   /// Write a checkpoint every this many steps (0 = only at the end) into `checkpoint_dir`.
@@ -89,6 +90,22 @@ struct MDD_API FinetuneOptions {
   TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
   /// Free-form JSON object stored in every checkpoint's sidecar (e.g. the resolved config).
   TORCH_ARG(std::string, config_json) = "{}";
+
+ public:
+  /// Alias of `diffusion().num_timesteps()` (kept so existing code compiles).
+  FinetuneOptions& diffusion_steps(int64_t steps) {
+    diffusion_.num_timesteps(steps);
+    return *this;
+  }
+  /// Alias of `diffusion().num_timesteps()`.
+  int64_t diffusion_steps() const noexcept { return diffusion_.num_timesteps(); }
+  /// Alias of `diffusion().noise_schedule()` (kept so existing code compiles).
+  FinetuneOptions& noise_schedule(std::string schedule) {
+    diffusion_.noise_schedule(std::move(schedule));
+    return *this;
+  }
+  /// Alias of `diffusion().noise_schedule()`.
+  const std::string& noise_schedule() const noexcept { return diffusion_.noise_schedule(); }
 };
 
 /// Losses of one step (host values).

@@ -17,3 +17,11 @@ class MDD_API Error : public std::runtime_error {
 };
 
 }  // namespace mdd
+
+/// `MDD_CHECK(cond, message)` throws `mdd::Error(message)` when `cond` is false. `message` (anything `mdd::Error` accepts,
+/// typically a `fmt::format(...)` call) is evaluated only on failure, so checks on hot paths
+/// (every forward call's shape checks) cost no string formatting when they pass.
+#define MDD_CHECK(cond, ...)                   \
+  do {                                         \
+    if (!(cond)) throw ::mdd::Error(__VA_ARGS__); \
+  } while (false)
