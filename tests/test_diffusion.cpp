@@ -45,6 +45,14 @@ TEST(DiffusionSchedule, GoldenBuffersAndTimestepMaps) {
                             kSchedRtol, kSchedAtol));
     EXPECT_TRUE(AllCloseRel(d.posterior_mean_coef1(), g.at(key + ".posterior_mean_coef1"), kSchedRtol, kSchedAtol));
     EXPECT_TRUE(AllCloseRel(d.posterior_mean_coef2(), g.at(key + ".posterior_mean_coef2"), kSchedRtol, kSchedAtol));
+    // The named accessors are rows of the one coefficient table; the other rows follow from them.
+    using C = GaussianDiffusion::Coef;
+    EXPECT_TRUE(torch::equal(d.coefficient(C::kBetas), d.betas()));
+    EXPECT_TRUE(torch::equal(d.coefficient(C::kPosteriorMeanCoef2), d.posterior_mean_coef2()));
+    EXPECT_TRUE(torch::allclose(d.coefficient(C::kSqrtOneMinusAlphasCumprod), torch::sqrt(1.0 - d.alphas_cumprod())));
+    EXPECT_TRUE(torch::allclose(d.coefficient(C::kLogBetas), torch::log(d.betas())));
+    EXPECT_EQ(d.coefficient(C::kFixedLarge)[0].item<double>(), d.posterior_variance()[1].item<double>());
+    EXPECT_THROW(d.coefficient(C::kCount), mdd::Error);
     if (resp.empty()) {
       EXPECT_TRUE(equal_i64(d.timestep_map(), torch::arange(1000, torch::kInt64)));  // identity (not stored)
     } else {
@@ -380,6 +388,22 @@ TEST(Sampler, ProgressCoversEveryStepOfEveryBatch) {
     EXPECT_EQ(events[i].step, static_cast<int64_t>(i + 1));
     EXPECT_EQ(events[i].total, 16);
   }
+}
+
+TEST(Sampler, OptionsNestTheDiffusionOptions) {
+  EXPECT_EQ(SamplerOptions().diffusion().timestep_respacing(), "50");
+  EXPECT_EQ(SamplerOptions().diffusion().num_timesteps(), 1000);
+  // The older flat names are aliases of the nested fields.
+  const auto o = SamplerOptions().timestep_respacing("8").diffusion_steps(500).noise_schedule("squaredcos_cap_v2").learn_sigma(false);
+  EXPECT_EQ(o.diffusion().timestep_respacing(), "8");
+  EXPECT_EQ(o.diffusion().num_timesteps(), 500);
+  EXPECT_EQ(o.diffusion().noise_schedule(), "squaredcos_cap_v2");
+  EXPECT_FALSE(o.diffusion().learn_sigma());
+  EXPECT_EQ(o.timestep_respacing(), "8");
+  EXPECT_EQ(o.diffusion_steps(), 500);
+  EXPECT_EQ(parse_sampling_method(sampling_method_name(SamplingMethod::kDDIM)), SamplingMethod::kDDIM);
+  EXPECT_EQ(parse_sampling_method("ddpm"), SamplingMethod::kDDPM);
+  EXPECT_THROW(parse_sampling_method("euler"), Error);
 }
 
 TEST(Sampler, BadInputThrows) {

@@ -18,17 +18,11 @@ namespace {
 
 using Vec = std::vector<double>;
 
-torch::Tensor to_tensor(const Vec& v) {
-  return torch::tensor(v, torch::TensorOptions().dtype(torch::kFloat64));
-}
-
 // The reference keeps every schedule quantity as a float64 numpy array; the element-wise formulas
-// below follow gaussian_diffusion.py:153-201 operation by operation so every bit matches.
-struct Schedule {
-  Vec betas, log_betas, alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-      sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_variance, posterior_log_variance_clipped,
-      posterior_mean_coef1, posterior_mean_coef2, fixed_large, fixed_large_log;
-};
+// below follow gaussian_diffusion.py:153-201 operation by operation so every bit matches. All of
+// them live in one table, a row per quantity (GaussianDiffusion::Coef), so adding one is one line
+// here and one enumerator.
+using Coef = GaussianDiffusion::Coef;
 
 Vec cumprod_of_alphas(const Vec& betas) {
   Vec out(betas.size());
@@ -41,7 +35,8 @@ Vec cumprod_of_alphas(const Vec& betas) {
   return out;
 }
 
-Schedule build_schedule(const Vec& betas) {
+// float64 [Coef::kCount, n].
+torch::Tensor build_schedule(const Vec& betas) {
   const size_t n = betas.size();
   for (size_t i = 0; i < n; ++i) {
     if (!(betas[i] > 0.0 && betas[i] <= 1.0)) {
@@ -53,48 +48,37 @@ Schedule build_schedule(const Vec& betas) {
     // schedule with a single step either.
     throw Error("diffusion schedule: at least 2 (respaced) timesteps are required");
   }
-  Schedule s;
-  s.betas = betas;
-  s.alphas_cumprod = cumprod_of_alphas(betas);
-  s.alphas_cumprod_prev.resize(n);
-  s.alphas_cumprod_prev[0] = 1.0;
-  for (size_t i = 1; i < n; ++i) s.alphas_cumprod_prev[i] = s.alphas_cumprod[i - 1];
-  s.log_betas.resize(n);
-  s.sqrt_alphas_cumprod.resize(n);
-  s.sqrt_one_minus_alphas_cumprod.resize(n);
-  s.sqrt_recip_alphas_cumprod.resize(n);
-  s.sqrt_recipm1_alphas_cumprod.resize(n);
-  s.posterior_variance.resize(n);
-  s.posterior_log_variance_clipped.resize(n);
-  s.posterior_mean_coef1.resize(n);
-  s.posterior_mean_coef2.resize(n);
-  s.fixed_large.resize(n);
-  s.fixed_large_log.resize(n);
+  auto table = torch::empty({int64_t(Coef::kCount), int64_t(n)}, torch::TensorOptions().dtype(torch::kFloat64));
+  auto* base = table.data_ptr<double>();
+  auto row = [&](Coef c) { return base + size_t(c) * n; };
+  const Vec ac_all = cumprod_of_alphas(betas);
   for (size_t i = 0; i < n; ++i) {
     const double b = betas[i];
-    const double ac = s.alphas_cumprod[i];
-    const double acp = s.alphas_cumprod_prev[i];
+    const double ac = ac_all[i];
+    const double acp = i == 0 ? 1.0 : ac_all[i - 1];
     const double alpha = 1.0 - b;
-    s.log_betas[i] = std::log(b);
-    s.sqrt_alphas_cumprod[i] = std::sqrt(ac);
-    s.sqrt_one_minus_alphas_cumprod[i] = std::sqrt(1.0 - ac);
-    s.sqrt_recip_alphas_cumprod[i] = std::sqrt(1.0 / ac);
-    s.sqrt_recipm1_alphas_cumprod[i] = std::sqrt(1.0 / ac - 1.0);
-    s.posterior_variance[i] = b * (1.0 - acp) / (1.0 - ac);
-    s.posterior_mean_coef1[i] = b * std::sqrt(acp) / (1.0 - ac);
-    s.posterior_mean_coef2[i] = (1.0 - acp) * std::sqrt(alpha) / (1.0 - ac);
+    row(Coef::kBetas)[i] = b;
+    row(Coef::kLogBetas)[i] = std::log(b);
+    row(Coef::kAlphasCumprod)[i] = ac;
+    row(Coef::kAlphasCumprodPrev)[i] = acp;
+    row(Coef::kSqrtAlphasCumprod)[i] = std::sqrt(ac);
+    row(Coef::kSqrtOneMinusAlphasCumprod)[i] = std::sqrt(1.0 - ac);
+    row(Coef::kSqrtRecipAlphasCumprod)[i] = std::sqrt(1.0 / ac);
+    row(Coef::kSqrtRecipm1AlphasCumprod)[i] = std::sqrt(1.0 / ac - 1.0);
+    row(Coef::kPosteriorVariance)[i] = b * (1.0 - acp) / (1.0 - ac);
+    row(Coef::kPosteriorMeanCoef1)[i] = b * std::sqrt(acp) / (1.0 - ac);
+    row(Coef::kPosteriorMeanCoef2)[i] = (1.0 - acp) * std::sqrt(alpha) / (1.0 - ac);
   }
-  // posterior_variance[0] == 0: the clipped log variance borrows element 1 (gaussian_diffusion.py:192).
+  const double* pv = row(Coef::kPosteriorVariance);
   for (size_t i = 0; i < n; ++i) {
-    s.posterior_log_variance_clipped[i] = std::log(i == 0 ? s.posterior_variance[1] : s.posterior_variance[i]);
+    // posterior_variance[0] == 0: the clipped log variance borrows element 1 (gaussian_diffusion.py:192).
+    row(Coef::kPosteriorLogVarianceClipped)[i] = std::log(i == 0 ? pv[1] : pv[i]);
+    // FIXED_LARGE: betas, with the first entry replaced by posterior_variance[1] "to get a better
+    // decoder log likelihood" (gaussian_diffusion.py:290-297).
+    row(Coef::kFixedLarge)[i] = (i == 0) ? pv[1] : betas[i];
+    row(Coef::kFixedLargeLog)[i] = std::log(row(Coef::kFixedLarge)[i]);
   }
-  // FIXED_LARGE: betas, with the first entry replaced by posterior_variance[1] "to get a better
-  // decoder log likelihood" (gaussian_diffusion.py:290-297).
-  for (size_t i = 0; i < n; ++i) {
-    s.fixed_large[i] = (i == 0) ? s.posterior_variance[1] : betas[i];
-    s.fixed_large_log[i] = std::log(s.fixed_large[i]);
-  }
-  return s;
+  return table;
 }
 
 std::vector<int64_t> flat_dims(int64_t ndim) {
@@ -154,40 +138,28 @@ GaussianDiffusion::GaussianDiffusion(DiffusionOptions options) : options_(std::m
       ++k;
     }
   }
-  const Schedule s = build_schedule(new_betas);
+  table_ = build_schedule(new_betas);
+  for (int c = 0; c < int(Coef::kCount); ++c) rows_[size_t(c)] = table_[c];
   timestep_map_ = torch::tensor(map, torch::TensorOptions().dtype(torch::kInt64));
-  betas_ = to_tensor(s.betas);
-  log_betas_ = to_tensor(s.log_betas);
-  alphas_cumprod_ = to_tensor(s.alphas_cumprod);
-  alphas_cumprod_prev_ = to_tensor(s.alphas_cumprod_prev);
-  sqrt_alphas_cumprod_ = to_tensor(s.sqrt_alphas_cumprod);
-  sqrt_one_minus_alphas_cumprod_ = to_tensor(s.sqrt_one_minus_alphas_cumprod);
-  sqrt_recip_alphas_cumprod_ = to_tensor(s.sqrt_recip_alphas_cumprod);
-  sqrt_recipm1_alphas_cumprod_ = to_tensor(s.sqrt_recipm1_alphas_cumprod);
-  posterior_variance_ = to_tensor(s.posterior_variance);
-  posterior_log_variance_clipped_ = to_tensor(s.posterior_log_variance_clipped);
-  posterior_mean_coef1_ = to_tensor(s.posterior_mean_coef1);
-  posterior_mean_coef2_ = to_tensor(s.posterior_mean_coef2);
-  if (options_.sigma_small()) {
-    fixed_variance_ = posterior_variance_;
-    fixed_log_variance_ = posterior_log_variance_clipped_;
-  } else {
-    fixed_variance_ = to_tensor(s.fixed_large);
-    fixed_log_variance_ = to_tensor(s.fixed_large_log);
-  }
+  fixed_variance_ = options_.sigma_small() ? Coef::kPosteriorVariance : Coef::kFixedLarge;
+  fixed_log_variance_ = options_.sigma_small() ? Coef::kPosteriorLogVarianceClipped : Coef::kFixedLargeLog;
 }
 
 int64_t GaussianDiffusion::num_timesteps() const { return timestep_map_.size(0); }
 torch::Tensor GaussianDiffusion::timestep_map() const { return timestep_map_.clone(); }
-torch::Tensor GaussianDiffusion::betas() const { return betas_.clone(); }
-torch::Tensor GaussianDiffusion::alphas_cumprod() const { return alphas_cumprod_.clone(); }
-torch::Tensor GaussianDiffusion::alphas_cumprod_prev() const { return alphas_cumprod_prev_.clone(); }
-torch::Tensor GaussianDiffusion::posterior_variance() const { return posterior_variance_.clone(); }
-torch::Tensor GaussianDiffusion::posterior_log_variance_clipped() const {
-  return posterior_log_variance_clipped_.clone();
+torch::Tensor GaussianDiffusion::coefficient(Coef c) const {
+  if (int(c) < 0 || int(c) >= int(Coef::kCount)) throw Error("GaussianDiffusion::coefficient: no such row");
+  return coef(c).clone();
 }
-torch::Tensor GaussianDiffusion::posterior_mean_coef1() const { return posterior_mean_coef1_.clone(); }
-torch::Tensor GaussianDiffusion::posterior_mean_coef2() const { return posterior_mean_coef2_.clone(); }
+torch::Tensor GaussianDiffusion::betas() const { return coef(Coef::kBetas).clone(); }
+torch::Tensor GaussianDiffusion::alphas_cumprod() const { return coef(Coef::kAlphasCumprod).clone(); }
+torch::Tensor GaussianDiffusion::alphas_cumprod_prev() const { return coef(Coef::kAlphasCumprodPrev).clone(); }
+torch::Tensor GaussianDiffusion::posterior_variance() const { return coef(Coef::kPosteriorVariance).clone(); }
+torch::Tensor GaussianDiffusion::posterior_log_variance_clipped() const {
+  return coef(Coef::kPosteriorLogVarianceClipped).clone();
+}
+torch::Tensor GaussianDiffusion::posterior_mean_coef1() const { return coef(Coef::kPosteriorMeanCoef1).clone(); }
+torch::Tensor GaussianDiffusion::posterior_mean_coef2() const { return coef(Coef::kPosteriorMeanCoef2).clone(); }
 
 torch::Tensor GaussianDiffusion::check_t(const torch::Tensor& t, const torch::Tensor& x, const char* where) const {
   const int64_t batch = x.size(0);
@@ -240,7 +212,7 @@ torch::Tensor GaussianDiffusion::call_model(const ModelFn& model, const torch::T
 torch::Tensor GaussianDiffusion::predict_xstart_from_eps(const torch::Tensor& x_t, const torch::Tensor& t,
                                                          const torch::Tensor& eps) const {
   const int64_t nd = x_t.dim();
-  return extract(sqrt_recip_alphas_cumprod_, t, nd) * x_t - extract(sqrt_recipm1_alphas_cumprod_, t, nd) * eps;
+  return extract(coef(Coef::kSqrtRecipAlphasCumprod), t, nd) * x_t - extract(coef(Coef::kSqrtRecipm1AlphasCumprod), t, nd) * eps;
 }
 
 MeanVariance GaussianDiffusion::mean_variance_from_output(const torch::Tensor& model_output, const torch::Tensor& x,
@@ -252,8 +224,8 @@ MeanVariance GaussianDiffusion::mean_variance_from_output(const torch::Tensor& m
   if (options_.learn_sigma()) {
     auto parts = torch::split(model_output, c, 1);
     eps = parts[0];
-    const auto min_log = extract(posterior_log_variance_clipped_, t, nd);
-    const auto max_log = extract(log_betas_, t, nd);
+    const auto min_log = extract(coef(Coef::kPosteriorLogVarianceClipped), t, nd);
+    const auto max_log = extract(coef(Coef::kLogBetas), t, nd);
     // v in [-1, 1] interpolates between the two log variances (not clamped, as the reference).
     const auto frac = (parts[1] + 1) / 2;
     mv.log_variance = frac * max_log + (1 - frac) * min_log;
@@ -261,12 +233,12 @@ MeanVariance GaussianDiffusion::mean_variance_from_output(const torch::Tensor& m
   } else {
     eps = model_output;
     // The reference broadcasts the gathered values to x's shape.
-    mv.variance = extract(fixed_variance_, t, nd).expand_as(x).contiguous();
-    mv.log_variance = extract(fixed_log_variance_, t, nd).expand_as(x).contiguous();
+    mv.variance = extract(coef(fixed_variance_), t, nd).expand_as(x).contiguous();
+    mv.log_variance = extract(coef(fixed_log_variance_), t, nd).expand_as(x).contiguous();
   }
   mv.pred_xstart = predict_xstart_from_eps(x, t, eps);
   if (clip_denoised) mv.pred_xstart = mv.pred_xstart.clamp(-1, 1);
-  mv.mean = extract(posterior_mean_coef1_, t, nd) * mv.pred_xstart + extract(posterior_mean_coef2_, t, nd) * x;
+  mv.mean = extract(coef(Coef::kPosteriorMeanCoef1), t, nd) * mv.pred_xstart + extract(coef(Coef::kPosteriorMeanCoef2), t, nd) * x;
   return mv;
 }
 
@@ -293,7 +265,7 @@ torch::Tensor GaussianDiffusion::q_sample(const torch::Tensor& x0, const torch::
   check_same_shape(x0, noise, "noise", "q_sample");
   const auto t = check_t(t_in, x0, "q_sample");
   const int64_t nd = x0.dim();
-  return extract(sqrt_alphas_cumprod_, t, nd) * x0 + extract(sqrt_one_minus_alphas_cumprod_, t, nd) * noise;
+  return extract(coef(Coef::kSqrtAlphasCumprod), t, nd) * x0 + extract(coef(Coef::kSqrtOneMinusAlphasCumprod), t, nd) * noise;
 }
 
 MeanVariance GaussianDiffusion::p_mean_variance(const ModelFn& model, const torch::Tensor& x, const torch::Tensor& t_in,
@@ -327,10 +299,10 @@ torch::Tensor GaussianDiffusion::ddim_sample(const ModelFn& model, const torch::
   const int64_t nd = x.dim();
   const auto out = mean_variance_from_output(call_model(model, x, t, "ddim_sample"), x, t, clip_denoised);
   // Re-derive eps from the (possibly clipped) x0 prediction, as the reference does.
-  const auto eps = (extract(sqrt_recip_alphas_cumprod_, t, nd) * x - out.pred_xstart) /
-                   extract(sqrt_recipm1_alphas_cumprod_, t, nd);
-  const auto alpha_bar = extract(alphas_cumprod_, t, nd);
-  const auto alpha_bar_prev = extract(alphas_cumprod_prev_, t, nd);
+  const auto eps = (extract(coef(Coef::kSqrtRecipAlphasCumprod), t, nd) * x - out.pred_xstart) /
+                   extract(coef(Coef::kSqrtRecipm1AlphasCumprod), t, nd);
+  const auto alpha_bar = extract(coef(Coef::kAlphasCumprod), t, nd);
+  const auto alpha_bar_prev = extract(coef(Coef::kAlphasCumprodPrev), t, nd);
   // float32 arithmetic on the gathered values, in the reference's order.
   const auto sigma =
       eta * torch::sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch::sqrt(1 - alpha_bar / alpha_bar_prev);
@@ -350,7 +322,7 @@ TrainingLosses GaussianDiffusion::training_losses(const ModelFn& model, const to
   const int64_t c = x0.size(1);
   const int64_t nd0 = x0.dim();
   const auto x_t =
-      extract(sqrt_alphas_cumprod_, t, nd0) * x0 + extract(sqrt_one_minus_alphas_cumprod_, t, nd0) * noise;
+      extract(coef(Coef::kSqrtAlphasCumprod), t, nd0) * x0 + extract(coef(Coef::kSqrtOneMinusAlphasCumprod), t, nd0) * noise;
   const auto model_output = call_model(model, x_t, t, "training_losses");
   TrainingLosses terms;
   torch::Tensor eps;
@@ -362,8 +334,8 @@ TrainingLosses GaussianDiffusion::training_losses(const ModelFn& model, const to
     const auto out = mean_variance_from_output(frozen_out, x_t, t, /*clip_denoised=*/false);
     const int64_t nd = x_t.dim();
     const auto true_mean =
-        extract(posterior_mean_coef1_, t, nd) * x0 + extract(posterior_mean_coef2_, t, nd) * x_t;
-    const auto true_log_variance_clipped = extract(posterior_log_variance_clipped_, t, nd).expand_as(x_t);
+        extract(coef(Coef::kPosteriorMeanCoef1), t, nd) * x0 + extract(coef(Coef::kPosteriorMeanCoef2), t, nd) * x_t;
+    const auto true_log_variance_clipped = extract(coef(Coef::kPosteriorLogVarianceClipped), t, nd).expand_as(x_t);
     const double ln2 = std::log(2.0);
     const auto kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out.mean, out.log_variance)) / ln2;
     const auto decoder_nll =

@@ -14,15 +14,18 @@
 #include "util/shape_str.h"
 
 namespace mdd {
-namespace {
 
-DiffusionOptions diffusion_options(const SamplerOptions& o) {
-  return DiffusionOptions()
-      .num_timesteps(o.diffusion_steps())
-      .timestep_respacing(o.timestep_respacing())
-      .learn_sigma(o.learn_sigma())
-      .noise_schedule(o.noise_schedule());
+const char* sampling_method_name(SamplingMethod m) {
+  return m == SamplingMethod::kDDIM ? "ddim" : "ddpm";
 }
+
+SamplingMethod parse_sampling_method(const std::string& name) {
+  for (SamplingMethod m : {SamplingMethod::kDDPM, SamplingMethod::kDDIM})
+    if (name == sampling_method_name(m)) return m;
+  throw Error("sampling method \"" + name + "\": expected one of ddpm, ddim");
+}
+
+namespace {
 
 const SamplerOptions& validated(const SamplerOptions& o) {
   if (o.batch_size() < 1) throw Error(fmt::format("SamplerOptions: batch_size must be >= 1, got {}", o.batch_size()));
@@ -49,7 +52,7 @@ uint64_t Sampler::image_seed(uint64_t seed, int64_t image_id) {
 }
 
 Sampler::Sampler(ConditionalModelFn model, SamplerOptions options)
-    : model_(std::move(model)), options_(validated(options)), diffusion_(diffusion_options(options_)) {
+    : model_(std::move(model)), options_(validated(options)), diffusion_(options_.diffusion()) {
   if (!model_) throw Error("Sampler: empty model function");
 }
 

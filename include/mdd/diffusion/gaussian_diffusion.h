@@ -4,6 +4,7 @@
 /// reference `SpacedDiffusion` built by DiT's `create_diffusion` (MinimaxDiffusion's copy adds the
 /// x0 prediction used as the minimax embedding).
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -58,8 +59,20 @@ using StepNoiseFn = std::function<torch::Tensor(int64_t k, const torch::Tensor& 
 /// Immutable after construction, so one instance can be shared by threads.
 class MDD_API GaussianDiffusion {
  public:
+  /// The schedule quantities of gaussian_diffusion.py:153-201 (plus FIXED_LARGE's variance and its
+  /// log), each a float64 row of one table over the (respaced) timesteps.
+  enum class Coef : int {
+    kBetas, kLogBetas, kAlphasCumprod, kAlphasCumprodPrev, kSqrtAlphasCumprod, kSqrtOneMinusAlphasCumprod,
+    kSqrtRecipAlphasCumprod, kSqrtRecipm1AlphasCumprod, kPosteriorVariance, kPosteriorLogVarianceClipped,
+    kPosteriorMeanCoef1, kPosteriorMeanCoef2, kFixedLarge, kFixedLargeLog,
+    kCount  ///< number of rows
+  };
+
   /// Builds the schedule; throws mdd::Error for a bad respacing string or schedule.
   explicit GaussianDiffusion(DiffusionOptions options = {});
+
+  /// A copy of row `c` of the schedule table (float64 [num_timesteps()]).
+  torch::Tensor coefficient(Coef c) const;
 
   /// The options it was built with.
   const DiffusionOptions& options() const { return options_; }
@@ -133,13 +146,13 @@ class MDD_API GaussianDiffusion {
   torch::Tensor predict_xstart_from_eps(const torch::Tensor& x_t, const torch::Tensor& t,
                                         const torch::Tensor& eps) const;
 
+  const torch::Tensor& coef(Coef c) const { return rows_[size_t(c)]; }
+
   DiffusionOptions options_;
   torch::Tensor timestep_map_;
-  // float64 buffers, [num_timesteps()]
-  torch::Tensor betas_, log_betas_, alphas_cumprod_, alphas_cumprod_prev_, sqrt_alphas_cumprod_,
-      sqrt_one_minus_alphas_cumprod_, sqrt_recip_alphas_cumprod_, sqrt_recipm1_alphas_cumprod_,
-      posterior_variance_, posterior_log_variance_clipped_, posterior_mean_coef1_, posterior_mean_coef2_,
-      fixed_variance_, fixed_log_variance_;
+  torch::Tensor table_;                               // float64 [Coef::kCount, num_timesteps()]
+  std::array<torch::Tensor, size_t(Coef::kCount)> rows_;  // row views of table_, one per Coef
+  Coef fixed_variance_, fixed_log_variance_;           // the rows FIXED_SMALL / FIXED_LARGE use
 };
 
 }  // namespace mdd

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/arg.h>
@@ -30,19 +31,20 @@ enum class SamplingMethod {
   kDDIM,  ///< ddim_sample loop with SamplerOptions::eta
 };
 
+/// "ddpm" / "ddim" (the config's `sample.method`).
+MDD_API const char* sampling_method_name(SamplingMethod m);
+/// Inverse of `sampling_method_name`; throws `mdd::Error` listing the valid names.
+MDD_API SamplingMethod parse_sampling_method(const std::string& name);
+
 /// Options of a `Sampler`; defaults follow MinimaxDiffusion's sample.py except batch_size (the
 /// reference hard-codes 1; batching only changes throughput, see the seeding scheme).
 struct MDD_API SamplerOptions {
   /// Images denoised together per model call (the CFG forward sees 2x this batch).
   TORCH_ARG(int64_t, batch_size) = 16;
-  /// Respacing of the sampling process ("50" = 50 respaced steps, "ddim25", "10,15,20", ...).
-  TORCH_ARG(std::string, timestep_respacing) = "50";
-  /// Steps of the process the model was trained with.
-  TORCH_ARG(int64_t, diffusion_steps) = 1000;
-  /// Whether the model outputs learned-range variance channels (DiT: true).
-  TORCH_ARG(bool, learn_sigma) = true;
-  /// Beta schedule of the trained process.
-  TORCH_ARG(std::string, noise_schedule) = "linear";
+  /// The process sampled: the model's training process (steps, schedule, learn_sigma: DiT
+  /// outputs learned-range variance channels) respaced to the sampling steps ("50" = 50 respaced
+  /// steps, "ddim25", "10,15,20", ...).
+  TORCH_ARG(DiffusionOptions, diffusion) = DiffusionOptions().timestep_respacing("50");
   /// Guidance scale s: eps = uncond + s * (cond - uncond). Exactly 1.0 skips the unconditional
   /// half (mathematically identical, half the cost).
   TORCH_ARG(double, cfg_scale) = 4.0;
@@ -65,6 +67,36 @@ struct MDD_API SamplerOptions {
   /// Precision of the model calls (autocast around each call; its output is cast back to
   /// float32 and the diffusion arithmetic stays float32). kAuto: bf16 where it is fast.
   TORCH_ARG(Precision, precision) = Precision::kFP32;
+
+ public:
+  /// Alias of `diffusion().timestep_respacing()` (kept so existing code compiles).
+  SamplerOptions& timestep_respacing(std::string respacing) {
+    diffusion_.timestep_respacing(std::move(respacing));
+    return *this;
+  }
+  /// Alias of `diffusion().timestep_respacing()`.
+  const std::string& timestep_respacing() const noexcept { return diffusion_.timestep_respacing(); }
+  /// Alias of `diffusion().num_timesteps()` (steps of the process the model was trained with).
+  SamplerOptions& diffusion_steps(int64_t steps) {
+    diffusion_.num_timesteps(steps);
+    return *this;
+  }
+  /// Alias of `diffusion().num_timesteps()`.
+  int64_t diffusion_steps() const noexcept { return diffusion_.num_timesteps(); }
+  /// Alias of `diffusion().learn_sigma()`.
+  SamplerOptions& learn_sigma(bool learn) {
+    diffusion_.learn_sigma(learn);
+    return *this;
+  }
+  /// Alias of `diffusion().learn_sigma()`.
+  bool learn_sigma() const noexcept { return diffusion_.learn_sigma(); }
+  /// Alias of `diffusion().noise_schedule()`.
+  SamplerOptions& noise_schedule(std::string schedule) {
+    diffusion_.noise_schedule(std::move(schedule));
+    return *this;
+  }
+  /// Alias of `diffusion().noise_schedule()`.
+  const std::string& noise_schedule() const noexcept { return diffusion_.noise_schedule(); }
 };
 
 /// Draws latents for given labels with any class-conditional model.
