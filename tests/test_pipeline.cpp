@@ -59,6 +59,10 @@ TEST(Config, TyposAndBadValuesNameTheKey) {
   EXPECT_NE(msg.find("finetune.steps"), std::string::npos) << msg;
   msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "sample": {"method": "euler"}})"); });
   EXPECT_NE(msg.find("sample.method"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("ddpm, ddim"), std::string::npos) << msg;  // the enum's own list of names
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "vae": {"precision": "fp8"}})"); });
+  EXPECT_NE(msg.find("vae.precision"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("fp32, bf16, fp16, auto"), std::string::npos) << msg;
   msg = error_of([] { parse_config(R"({"codec": {"kind": "identity"}, "evaluate": {"methods": ["random", "gan"]}})"); });
   EXPECT_NE(msg.find("evaluate.methods"), std::string::npos) << msg;
   EXPECT_FALSE(error_of([] { parse_config("{not json"); }).empty());

@@ -8,10 +8,14 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "mdd/diffusion/guidance.h"
+#include "mdd/diffusion/sampler.h"
 #include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
+#include "mdd/util/precision.h"
+#include "pipeline/config_json.h"
 #include "util/file_util.h"
-#include "util/json_preview.h"
+#include "util/json_read.h"
 
 namespace mdd {
 namespace {
@@ -23,79 +27,19 @@ struct Field {
   std::function<json()> get;
 };
 
-std::string type_name(const json& j) { return j.type_name(); }
-
+// A config key bound to the field it sets: reads go through the shared typed JSON readers.
 template <class T>
-Field field(T& ref);
-
-template <>
-Field field(std::string& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_string()) throw Error(fmt::format("{}: expected a string, got {}", where, type_name(j)));
-            ref = j.get<std::string>();
-          },
-          [&ref] { return json(ref); }};
-}
-template <>
-Field field(int64_t& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_number_integer()) throw Error(fmt::format("{}: expected an integer, got {}", where, detail::json_preview(j)));
-            ref = j.get<int64_t>();
-          },
-          [&ref] { return json(ref); }};
-}
-template <>
-Field field(uint64_t& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_number_integer() || (j.is_number_integer() && !j.is_number_unsigned() && j.get<int64_t>() < 0))
-              throw Error(fmt::format("{}: expected a non-negative integer, got {}", where, detail::json_preview(j)));
-            ref = j.get<uint64_t>();
-          },
-          [&ref] { return json(ref); }};
-}
-template <>
-Field field(double& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_number()) throw Error(fmt::format("{}: expected a number, got {}", where, detail::json_preview(j)));
-            ref = j.get<double>();
-          },
-          [&ref] { return json(ref); }};
-}
-template <>
-Field field(bool& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_boolean()) throw Error(fmt::format("{}: expected true or false, got {}", where, detail::json_preview(j)));
-            ref = j.get<bool>();
-          },
-          [&ref] { return json(ref); }};
-}
-template <>
-Field field(std::vector<std::string>& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, detail::json_preview(j)));
-            std::vector<std::string> v;
-            for (const auto& e : j) {
-              if (!e.is_string()) throw Error(fmt::format("{}: expected a list of strings, got {}", where, detail::json_preview(j)));
-              v.push_back(e.get<std::string>());
-            }
-            ref = v;
-          },
-          [&ref] { return json(ref); }};
+Field bind(T& ref, T (*read)(const json&, const std::string&)) {
+  return {[&ref, read](const json& j, const std::string& where) { ref = read(j, where); }, [&ref] { return json(ref); }};
 }
 
-template <>
-Field field(std::vector<int64_t>& ref) {
-  return {[&ref](const json& j, const std::string& where) {
-            if (!j.is_array()) throw Error(fmt::format("{}: expected a list of integers, got {}", where, detail::json_preview(j)));
-            std::vector<int64_t> v;
-            for (const auto& e : j) {
-              if (!e.is_number_integer()) throw Error(fmt::format("{}: expected a list of integers, got {}", where, detail::json_preview(j)));
-              v.push_back(e.get<int64_t>());
-            }
-            ref = v;
-          },
-          [&ref] { return json(ref); }};
-}
+Field field(std::string& ref) { return bind(ref, detail::json_string); }
+Field field(int64_t& ref) { return bind(ref, detail::json_int); }
+Field field(uint64_t& ref) { return bind(ref, detail::json_uint); }
+Field field(double& ref) { return bind(ref, detail::json_number); }
+Field field(bool& ref) { return bind(ref, detail::json_bool); }
+Field field(std::vector<std::string>& ref) { return bind(ref, detail::json_string_list); }
+Field field(std::vector<int64_t>& ref) { return bind(ref, detail::json_int_list); }
 
 // Every key of the config, in file order, bound to `c`.
 std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
@@ -267,7 +211,7 @@ void apply_override(DistillConfig& config, const std::string& assignment) {
   config = copy;
 }
 
-std::string config_to_json(const DistillConfig& config) {
+nlohmann::json detail::config_json(const DistillConfig& config) {
   DistillConfig c = config;
   json j = json::object();
   for (auto& kv : fields(c)) {
@@ -277,8 +221,10 @@ std::string config_to_json(const DistillConfig& config) {
     else
       j[kv.first.substr(0, dot)][kv.first.substr(dot + 1)] = kv.second.get();
   }
-  return j.dump(2);
+  return j;
 }
+
+std::string config_to_json(const DistillConfig& config) { return detail::config_json(config).dump(2); }
 
 void validate_config(const DistillConfig& c) {
   auto fail = [](const std::string& key, const std::string& msg) { throw Error("config: '" + key + "' " + msg); };
@@ -292,13 +238,22 @@ void validate_config(const DistillConfig& c) {
   };
   one_of("data.kind", c.data.kind, {"fashion-mnist", "imagefolder"});
   one_of("codec.kind", c.codec.kind, {"identity", "vae"});
-  one_of("sample.guidance", c.sample.guidance, {"reference", "all"});
-  one_of("sample.method", c.sample.method, {"ddpm", "ddim"});
+  // Choices that are library enums are checked by the enum's own parser (one list of names).
+  auto parses = [&](const std::string& key, const auto& parse) {
+    try {
+      parse();
+    } catch (const Error& e) {
+      fail(key, std::string("is invalid: ") + e.what());
+    }
+  };
+  parses("sample.guidance", [&] { parse_cfg_guidance(c.sample.guidance.c_str()); });
+  parses("sample.method", [&] { parse_sampling_method(c.sample.method); });
   one_of("sample.entry", c.sample.entry, {"", io::kEmaEntry, io::kModelEntry});
   one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
   for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
-                      {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision}})
-    one_of(k, *v, {"fp32", "bf16", "fp16", "auto"});
+                      {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision},
+                      {"vae.precision", &c.vae.precision}})
+    parses(k, [v = v] { parse_precision(*v); });
   for (const auto& m : c.evaluate.methods) one_of("evaluate.methods", m, {"random", "dit", "difffit", "minimax"});
   if (c.output_dir.empty()) fail("output_dir", "must not be empty");
   if (c.data.nclass <= 0) fail("data.nclass", "must be > 0");
@@ -309,7 +264,6 @@ void validate_config(const DistillConfig& c) {
     fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\", "
                           "or set vae.steps to train one");
   one_of("vae.reconstruction", c.vae.reconstruction, {"l1", "mse"});
-  one_of("vae.precision", c.vae.precision, {"fp32", "bf16", "fp16", "auto"});
   if (c.vae.steps < 0) fail("vae.steps", "must be >= 0");
   if (c.vae.ckpt_every < 0) fail("vae.ckpt_every", "must be >= 0");
   if (c.vae.lr_warmup < 0) fail("vae.lr_warmup", "must be >= 0");

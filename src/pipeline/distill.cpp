@@ -25,6 +25,8 @@
 #include "mdd/train/checkpoint.h"
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
+#include "pipeline/config_json.h"
+#include "pipeline/report.h"
 #include "pipeline/stage_cache.h"
 #include "util/file_util.h"
 
@@ -32,6 +34,9 @@ namespace fs = std::filesystem;
 
 namespace mdd {
 namespace {
+
+using detail::eval_from_json;
+using detail::eval_json;
 
 using json = nlohmann::json;
 using clock_type = std::chrono::steady_clock;
@@ -75,23 +80,6 @@ torch::Device device_of(const std::string& d) {
   }
 }
 
-json eval_json(const EvalResult& r) {
-  return {{"mean", r.mean}, {"std", r.std}, {"runs", r.best}, {"last", r.last},
-          {"last_mean", r.last_mean}, {"last_std", r.last_std}, {"seconds", r.seconds}};
-}
-
-EvalResult eval_from_json(const json& j) {
-  EvalResult r;
-  r.mean = j.at("mean").get<double>();
-  r.std = j.at("std").get<double>();
-  r.best = j.at("runs").get<std::vector<double>>();
-  r.last = j.at("last").get<std::vector<double>>();
-  r.last_mean = j.at("last_mean").get<double>();
-  r.last_std = j.at("last_std").get<double>();
-  r.seconds = j.at("seconds").get<double>();
-  return r;
-}
-
 ProgressFn staged(const PipelineCallbacks& cb, const std::string& stage) {
   if (!cb.progress) return {};
   auto p = cb.progress;
@@ -100,16 +88,6 @@ ProgressFn staged(const PipelineCallbacks& cb, const std::string& stage) {
     q.stage = stage;
     p(q);
   };
-}
-
-// Contact sheet of per-class rows; small images (Fashion-MNIST's 28 px) are enlarged by pixel
-// repetition so the sheet is legible.
-torch::Tensor class_sheet(std::vector<torch::Tensor> rows) {
-  const int64_t h = rows.front().size(1);
-  const int64_t zoom = h < 64 ? (96 + h - 1) / h : 1;
-  if (zoom > 1)
-    for (auto& r : rows) r = r.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2).contiguous();
-  return contact_sheet(rows, 2, 255);
 }
 
 }  // namespace
@@ -268,7 +246,7 @@ std::string run_train_vae(const DistillConfig& config, const PipelineData& data,
   const fs::path dir = fs::path(config.output_dir) / "vae";
   const std::string folder = (dir / "pretrained").string();
   const std::string weights = (fs::path(folder) / "diffusion_pytorch_model.safetensors").string();
-  const json vae_section = json::parse(config_to_json(config))["vae"];
+  const json vae_section = detail::config_json(config)["vae"];
   json sig = {{"vae", vae_section}, {"data", config.data.kind}, {"data_root", config.data.root},
               {"nclass", config.data.nclass}, {"phase", config.data.phase}, {"image_size", config.data.image_size}};
   if (detail::load_stage_output(weights, sig.dump(), cb.log) && fs::exists(fs::path(folder) / "config.json")) {
@@ -375,7 +353,7 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   const std::string out = (dir / "ema.safetensors").string();
   const auto& f = config.finetune;
   json sig = {{"model", model_json(config.model)}, {"init", init_weights}, {"init_stamp", file_content_stamp(init_weights)},
-              {"finetune", json::parse(config_to_json(config))["finetune"]}, {"minimax", minimax},
+              {"finetune", detail::config_json(config)["finetune"]}, {"minimax", minimax},
               {"finetune_ipc", config.data.finetune_ipc}};
   add_codec_identity(sig, config.codec);
   if (!minimax) {
@@ -431,7 +409,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
                          const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb) {
   const auto& s = config.sample;
   const int64_t nclass = int64_t(data.class_dirs.size());
-  const json resolved = json::parse(config_to_json(config));
+  const json resolved = detail::config_json(config);
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
   add_codec_identity(sig, config.codec);
@@ -455,7 +433,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   so.batch_size(s.batch_size).timestep_respacing(s.method == "ddim" && s.steps.rfind("ddim", 0) != 0 ? "ddim" + s.steps : s.steps)
       .learn_sigma(model->options().learn_sigma()).cfg_scale(s.cfg_scale).null_class(model->null_class())
       .guidance(parse_cfg_guidance(s.guidance.c_str())).precision(parse_precision(s.precision))
-      .method(s.method == "ddim" ? SamplingMethod::kDDIM : SamplingMethod::kDDPM).seed(s.seed)
+      .method(parse_sampling_method(s.method)).seed(s.seed)
       .latent_shape({config.model.in_channels, config.model.input_size, config.model.input_size}).device(dev);
   ConditionalModelFn fn = [model](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {
     torch::NoGradGuard ng;
@@ -500,7 +478,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   {
     std::vector<torch::Tensor> rows;
     for (int64_t c = 0; c < nclass; ++c) rows.push_back(images.index({labels == c}).slice(0, 0, 20));
-    write_png((fs::path(out_dir) / "grid.png").string(), class_sheet(rows));
+    write_png((fs::path(out_dir) / "grid.png").string(), detail::class_sheet(rows));
   }
   write_text_file_atomic((fs::path(out_dir) / "sample_config.json").string(),
              json({{"weights", weights}, {"sample", resolved["sample"]}, {"model", resolved["model"]}, {"codec", resolved["codec"]},
@@ -603,97 +581,29 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   const torch::Tensor random_idx = select_random(data.train.labels, ipc, config.evaluate.seed);
   sets["random"] = subset(data.train, random_idx);
 
-  // Contact sheet: per class, the generated images (minimax, else the first generated method)
-  // followed by as many random real ones, separated by one empty cell.
-  {
-    std::string shown = sets.count("minimax") ? "minimax" : (sets.count("difffit") ? "difffit" : (sets.count("dit") ? "dit" : ""));
-    std::vector<torch::Tensor> rows;
-    const int64_t k = std::min<int64_t>(ipc, 10);
-    for (int64_t c = 0; c < int64_t(data.class_dirs.size()); ++c) {
-      std::vector<torch::Tensor> cells;
-      if (!shown.empty()) {
-        auto g = sets[shown].images.index({sets[shown].labels == c}).slice(0, 0, k);
-        cells.push_back(g);
-        cells.push_back(torch::zeros_like(g.slice(0, 0, 1)));
-      }
-      cells.push_back(sets["random"].images.index({sets["random"].labels == c}).slice(0, 0, k));
-      rows.push_back(torch::cat(cells, 0));
-    }
-    torch::Tensor sheet = class_sheet(rows);
-    write_png((out / "contact_sheet.png").string(), sheet);
-    say(cb, fmt::format("contact sheet: {} (per class: {} {} | {} random real)", (out / "contact_sheet.png").string(), k,
-                        shown.empty() ? "-" : shown, k));
-  }
+  say(cb, detail::write_contact_sheet((out / "contact_sheet.png").string(), sets, int64_t(data.class_dirs.size()), ipc));
 
-  json results = json::object();
+  detail::RunSummary run;
   if (!options.skip_evaluate) {
     for (const auto& m : methods) {
       if (!sets.count(m)) continue;
       EvalResult r = timed("evaluate_" + m, [&] { return run_evaluate(config, sets[m], data.test, m, cb); });
-      results[m] = eval_json(r);
+      run.results[m] = eval_json(r);
     }
   }
-  json full = nullptr;
-  {
-    // The whole-set number: computed when asked for, otherwise reported if an earlier run cached it.
-    const std::string cached = (out / "eval" / "full.json").string();
-    if (!options.skip_evaluate && config.evaluate.full_set) {
-      EvalResult r = timed("evaluate_full", [&] { return run_evaluate(config, data.train, data.test, "full", cb); });
-      full = eval_json(r);
-      full["epochs"] = config.evaluate.full_set_epochs;
-    } else if (fs::exists(cached)) {
-      try {
-        json j = json::parse(read_text(cached));
-        full = j.at("result");
-        full["epochs"] = j.at("signature").at("epochs");
-        full["cached"] = true;
-      } catch (const std::exception&) {
-      }
-    }
+  // The whole-set number: computed when asked for, otherwise reported if an earlier run cached it.
+  if (!options.skip_evaluate && config.evaluate.full_set) {
+    EvalResult r = timed("evaluate_full", [&] { return run_evaluate(config, data.train, data.test, "full", cb); });
+    run.full = eval_json(r);
+    run.full["epochs"] = config.evaluate.full_set_epochs;
+  } else {
+    run.full = detail::cached_full_set((out / "eval" / "full.json").string());
   }
   timings["total"] = std::round(seconds_since(t_all) * 10) / 10;
-
-  json report = {{"name", config.name},
-                 {"ipc", ipc},
-                 {"protocol", config.evaluate.protocol},
-                 {"repeats", config.evaluate.repeats},
-                 {"device", config.device},
-                 {"results", results},
-                 {"timings_s", timings},
-                 {"samples_dir", (out / "samples").string()},
-                 {"config", json::parse(config_to_json(config))}};
-  if (!full.is_null()) report["full_set"] = full;
-  const std::string report_path = (out / "report.json").string();
-  write_text_file_atomic(report_path, report.dump(2) + "\n");
-
-  static const std::map<std::string, std::string> label = {
-      {"random", "Random real images"},
-      {"dit", "Pre-trained DiT, no fine-tuning"},
-      {"difffit", "DiffFit fine-tune, no minimax"},
-      {"minimax", "Minimax fine-tune (ours)"}};
-  std::string md = fmt::format("# {} — IPC {}\n\nProtocol `{}` ({} repeats, top-1 % on {} test images).\n\n"
-                               "| method | accuracy (mean ± std) | runs |\n|---|---|---|\n",
-                               config.name, ipc, config.evaluate.protocol, config.evaluate.repeats,
-                               data.test.images.defined() ? data.test.images.size(0) : 0);
-  for (const auto& m : methods) {
-    if (!results.contains(m)) continue;
-    std::string runs;
-    for (double v : results[m]["runs"]) runs += fmt::format("{}{:.2f}", runs.empty() ? "" : " / ", v);
-    md += fmt::format("| {} | {:.2f} ± {:.2f} | {} |\n", label.at(m), results[m]["mean"].get<double>(),
-                      results[m]["std"].get<double>(), runs);
-  }
-  if (!full.is_null())
-    md += fmt::format("| Whole training set ({} images, {} epoch(s){}) | {:.2f} ± {:.2f} | |\n", data.train.images.size(0),
-                      full["epochs"].dump(), full.contains("cached") ? ", cached" : "", full["mean"].get<double>(),
-                      full["std"].get<double>());
-  md += "\nStage timings (s): ";
-  bool first = true;
-  for (auto it = timings.begin(); it != timings.end(); ++it) {
-    md += fmt::format("{}{} {}", first ? "" : ", ", it.key(), it.value().dump());
-    first = false;
-  }
-  md += "\n\n![contact sheet](contact_sheet.png)\n";
-  write_text_file_atomic((out / "report.md").string(), md);
+  run.timings = timings;
+  run.train_images = data.train.images.defined() ? data.train.images.size(0) : 0;
+  run.test_images = data.test.images.defined() ? data.test.images.size(0) : 0;
+  const std::string report_path = detail::write_report(out, config, run);
   say(cb, "report: " + report_path);
   return report_path;
 }
