@@ -8,6 +8,7 @@
 #include "mdd/util/error.h"
 
 namespace mdd {
+namespace io {
 
 std::string LoadReport::to_string() const {
   std::ostringstream os;
@@ -55,4 +56,5 @@ LoadReport load_state_dict(torch::nn::Module& module, const io::TensorMap& weigh
   return report;
 }
 
+}  // namespace io
 }  // namespace mdd

@@ -11,6 +11,7 @@
 #include "mdd/io/safetensors.h"
 
 namespace mdd {
+namespace io {
 
 /// What `load_state_dict` found: keys the module has but the weights lack (`missing`), keys the
 /// weights have but the module lacks (`unexpected`) and keys present in both with different
@@ -27,10 +28,17 @@ struct MDD_API LoadReport {
 /// PyTorch). Values are cast to each destination's dtype and device. Shape mismatches are never
 /// copied. `strict = true` throws `mdd::Error` listing every problem (and copies nothing);
 /// `strict = false` copies what matches and returns the report.
-MDD_API LoadReport load_state_dict(torch::nn::Module& module, const io::TensorMap& weights,
+MDD_API LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& weights,
                                    bool strict = true);
 
 /// The parameters and buffers of `module` under their dotted names (detached, shared storage).
-MDD_API io::TensorMap state_dict(const torch::nn::Module& module);
+MDD_API TensorMap state_dict(const torch::nn::Module& module);
+
+}  // namespace io
+
+// The names the API contract gives them in namespace mdd (where they were first declared).
+using io::load_state_dict;
+using io::LoadReport;
+using io::state_dict;
 
 }  // namespace mdd
