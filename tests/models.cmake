@@ -1,4 +1,4 @@
-# Model tests (DiT/DiffFit; the VAE and evaluation-network tests join this binary).
+# DiT and DiffFit tests (the VAE tests are test_vae in vae.cmake, the evaluation networks test_eval_nets in eval.cmake).
 mdd_add_test(test_models
   SOURCES
     test_dit.cpp
