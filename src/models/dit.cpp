@@ -252,19 +252,20 @@ void DiTBlockImpl::reset() {
   mlp = register_module("mlp", DiTMlp(hidden_size_, static_cast<int64_t>(static_cast<double>(hidden_size_) * mlp_ratio_)));
   adaLN_modulation = register_module(
       "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size_, 6 * hidden_size_)));
-  if (gammas_) {
-    gammas_ = false;
-    enable_gammas();
-  }
+  if (gammas_) register_gammas();
+}
+
+void DiTBlockImpl::register_gammas() {
+  const auto opts = attn->proj->weight.options();
+  gamma1 = register_parameter("gamma1", torch::ones({hidden_size_}, opts));
+  gamma2 = register_parameter("gamma2", torch::ones({hidden_size_}, opts));
+  attn->enable_gammas();
 }
 
 void DiTBlockImpl::enable_gammas() {
   MDD_CHECK(!gammas_, "DiTBlock::enable_gammas: gammas already exist");
   gammas_ = true;
-  const auto opts = attn->proj->weight.options();
-  gamma1 = register_parameter("gamma1", torch::ones({hidden_size_}, opts));
-  gamma2 = register_parameter("gamma2", torch::ones({hidden_size_}, opts));
-  attn->enable_gammas();
+  register_gammas();
 }
 
 torch::Tensor DiTBlockImpl::forward(const torch::Tensor& x_in, const torch::Tensor& c, DiTBlockTaps* taps) {
@@ -324,6 +325,7 @@ DiTImpl::DiTImpl(DiTOptions options) : options_(std::move(options)) {
           fmt::format("DiT: class_dropout_prob {} is not in [0, 1]", o.class_dropout_prob()));
   MDD_CHECK(o.num_classes() > 0, fmt::format("DiT: num_classes {} must be positive", o.num_classes()));
   reset();
+  initialize_weights();
 }
 
 void DiTImpl::reset() {
@@ -346,7 +348,9 @@ void DiTImpl::reset() {
     blocks->push_back(b);
   }
   final_layer = register_module("final_layer", FinalLayer(o.hidden_size(), o.patch_size(), o.out_channels()));
-  initialize_weights();
+  // No initialize_weights() here: clone() calls reset() on the copy and then overwrites every value,
+  // so initialising here would be wasted work and extra global-RNG draws per EMA copy. The
+  // constructor initialises.
 }
 
 void DiTImpl::initialize_weights(std::optional<torch::Generator> gen) {

@@ -49,17 +49,6 @@ void say(const PipelineCallbacks& cb, const std::string& line) {
   if (cb.log) cb.log(line);
 }
 
-// A cached JSON file of an earlier run, "" when absent or unreadable (the cache is then rebuilt).
-std::string read_text(const std::string& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return "";
-  try {
-    return read_text_file(path);
-  } catch (const Error&) {
-    return "";
-  }
-}
-
 json model_json(const ModelConfig& m) {
   return {{"name", m.name},           {"input_size", m.input_size}, {"patch_size", m.patch_size},
           {"in_channels", m.in_channels}, {"hidden_size", m.hidden_size}, {"depth", m.depth},
@@ -506,7 +495,7 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
   json sig = {{"protocol", e.protocol}, {"repeats", e.repeats}, {"seed", e.seed}, {"epochs", eo.epochs()},
               {"image_size", e.image_size}, {"train", fp}, {"test", dataset_fingerprint(test)}};
   const std::string path = (fs::path(config.output_dir) / "eval" / (name + ".json")).string();
-  const std::string cached = read_text(path);
+  const std::string cached = read_cache_text(path);
   if (!cached.empty()) {
     try {
       json j = json::parse(cached);

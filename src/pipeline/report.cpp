@@ -62,10 +62,10 @@ std::string write_contact_sheet(const std::string& path, const std::map<std::str
 }
 
 json cached_full_set(const std::string& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return nullptr;
+  const std::string cached = read_cache_text(path);
+  if (cached.empty()) return nullptr;
   try {
-    json j = json::parse(read_text_file(path));
+    json j = json::parse(cached);
     json full = j.at("result");
     full["epochs"] = j.at("signature").at("epochs");
     full["cached"] = true;

@@ -78,6 +78,16 @@ std::string read_text_file(const std::string& path, uint64_t max_bytes) {
   return text;
 }
 
+std::string read_cache_text(const std::string& path, uint64_t max_bytes) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return "";
+  try {
+    return read_text_file(path, max_bytes);
+  } catch (const Error&) {
+    return "";
+  }
+}
+
 std::string file_content_stamp(const std::string& path) {
   uint64_t size = 0;
   int fd = -1;

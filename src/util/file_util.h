@@ -18,6 +18,10 @@ torch::Tensor read_file_bytes(const std::string& path, uint64_t max_bytes = UINT
 /// read_file_bytes and a 64 MiB default cap.
 std::string read_text_file(const std::string& path, uint64_t max_bytes = uint64_t(64) << 20);
 
+/// A cache file of an earlier run (signature, cached evaluation): its text, or "" when it is absent
+/// or cannot be read. Callers treat "" as "no cache" and rebuild, so a damaged cache never stops a run.
+std::string read_cache_text(const std::string& path, uint64_t max_bytes = uint64_t(64) << 20);
+
 /// Content identity of a file for cache keys: "<size>:<crc32 hex>" (zlib's CRC-32 over every byte,
 /// streamed), "missing" when it cannot be opened. Unlike size + mtime it survives a fresh clone or
 /// a copy, and it changes when the bytes do. Memoised per process by (device, inode, size, mtime,

@@ -224,6 +224,8 @@ class MDD_API DiTBlockImpl : public torch::nn::Cloneable<DiTBlockImpl> {
   torch::Tensor gamma1, gamma2;
 
  private:
+  // Creates gamma1/gamma2 (ones) and the attention's gammas; used by enable_gammas() and reset().
+  void register_gammas();
   int64_t hidden_size_, num_heads_;
   double mlp_ratio_;
   bool gammas_ = false;
@@ -288,9 +290,10 @@ class MDD_API DiTImpl : public torch::nn::Cloneable<DiTImpl> {
   /// default generator; call `initialize_weights(gen)` again for a seeded initialisation).
   explicit DiTImpl(DiTOptions options);
 
-  /// Rebuilds every submodule (keeping DiffFit gammas where `apply_difffit` added them) and runs
-  /// `initialize_weights()`. `clone()` (from `torch::nn::Cloneable`) calls it on the copy and then
-  /// copies every parameter and buffer: `model->clone()` is an independent deep copy with the same
+  /// Rebuilds every submodule (keeping DiffFit gammas where `apply_difffit` added them) with
+  /// LibTorch's default initialisation; the constructor then runs `initialize_weights()` (call it
+  /// yourself after a manual reset()). `clone()` (from `torch::nn::Cloneable`) calls reset() on the
+  /// copy and then copies every parameter and buffer: `model->clone()` is an independent deep copy with the same
   /// structure, values, devices and dtypes (the EMA copy of `Finetuner` and `Pretrainer` is made so).
   void reset() override;
 
