@@ -5,7 +5,7 @@
 #
 #   ./scripts/demo.sh                       # everything (re-running reuses finished stages)
 #   ./scripts/demo.sh --pretrain            # also re-train the generator from scratch: the VAE (1500 steps)
-#                                           # and the latent DiT (5000 steps), the vae and pretrain sections
+#                                           # and the latent DiT (12000 steps), the vae and pretrain sections
 #   ./scripts/demo.sh --set finetune.steps=1000   # any mdd_distill option is passed through
 #
 # Outputs: runs/fashion-mnist/{report.json, report.md, contact_sheet.png, samples/<class>/<k>.png}.
