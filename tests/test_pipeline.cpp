@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "mdd/data/class_lists.h"
+#include "mdd/eval/evaluator.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/pipeline/config.h"
@@ -67,6 +68,33 @@ TEST(Config, TyposAndBadValuesNameTheKey) {
   EXPECT_NE(msg.find("evaluate.methods"), std::string::npos) << msg;
   EXPECT_FALSE(error_of([] { parse_config("{not json"); }).empty());
   EXPECT_FALSE(error_of([] { load_config("/nonexistent/config.json"); }).empty());
+}
+
+// Every string choice of the config is an enum with one name table: name -> parse round-trips, and a
+// bad name is an error listing the table (checked through the config key that holds it).
+TEST(Config, StringChoicesAreEnumsWithNameParsePairs) {
+  for (DataKind k : {DataKind::kFashionMnist, DataKind::kImageFolder}) EXPECT_EQ(parse_data_kind(data_kind_name(k)), k);
+  for (CodecKind k : {CodecKind::kIdentity, CodecKind::kVae}) EXPECT_EQ(parse_codec_kind(codec_kind_name(k)), k);
+  for (DistillMethod m : {DistillMethod::kRandom, DistillMethod::kDit, DistillMethod::kDifffit, DistillMethod::kMinimax})
+    EXPECT_EQ(parse_distill_method(distill_method_name(m)), m);
+  for (EvalProtocol p : {EvalProtocol::kIdc, EvalProtocol::kDc}) EXPECT_EQ(parse_eval_protocol(eval_protocol_name(p)), p);
+  for (ReconstructionLoss r : {ReconstructionLoss::kL1, ReconstructionLoss::kMse})
+    EXPECT_EQ(parse_reconstruction_loss(reconstruction_loss_name(r)), r);
+  EXPECT_STREQ(data_kind_name(DataKind::kImageFolder), "imagefolder");
+  EXPECT_STREQ(eval_protocol_name(EvalProtocol::kDc), "dc");
+  const std::pair<const char*, const char*> cases[] = {
+      {R"({"data": {"kind": "cifar"}})", "fashion-mnist, imagefolder"},
+      {R"({"codec": {"kind": "vqgan"}})", "identity, vae"},
+      {R"({"codec": {"kind": "identity"}, "evaluate": {"protocol": "dm"}})", "idc, dc"},
+      {R"({"codec": {"kind": "identity"}, "evaluate": {"methods": ["herding"]}})", "random, dit, difffit, minimax"},
+      {R"({"codec": {"kind": "identity"}, "vae": {"reconstruction": "lpips"}})", "l1, mse"}};
+  for (const auto& [json_text, names] : cases) {
+    const std::string msg = error_of([&] { parse_config(json_text); });
+    EXPECT_NE(msg.find(names), std::string::npos) << json_text << " -> " << msg;
+  }
+  // The library options take the same names and give the same list.
+  EXPECT_NE(error_of([] { Evaluator(EvalOptions().protocol("dm")); }).find("idc, dc"), std::string::npos);
+  EXPECT_THROW(parse_reconstruction_loss("L1"), Error);  // names are exact
 }
 
 TEST(Config, VaeTrainingSection) {

@@ -12,17 +12,18 @@
 #include "mdd/util/error.h"
 #include "util/splitmix.h"
 #include "util/shape_str.h"
+#include "util/enum_names.h"
 
 namespace mdd {
 
-const char* sampling_method_name(SamplingMethod m) {
-  return m == SamplingMethod::kDDIM ? "ddim" : "ddpm";
-}
+namespace {
+constexpr detail::EnumNames<SamplingMethod, 2> kMethodNames{{{SamplingMethod::kDDPM, "ddpm"}, {SamplingMethod::kDDIM, "ddim"}}};
+}  // namespace
+
+const char* sampling_method_name(SamplingMethod m) { return detail::enum_name(kMethodNames, m); }
 
 SamplingMethod parse_sampling_method(const std::string& name) {
-  for (SamplingMethod m : {SamplingMethod::kDDPM, SamplingMethod::kDDIM})
-    if (name == sampling_method_name(m)) return m;
-  throw Error("sampling method \"" + name + "\": expected one of ddpm, ddim");
+  return detail::parse_enum(kMethodNames, "sampling method", name);
 }
 
 namespace {

@@ -11,6 +11,7 @@
 #include "mdd/eval/augment.h"
 #include "mdd/models/eval_nets.h"
 #include "mdd/util/error.h"
+#include "util/enum_names.h"
 
 namespace mdd {
 namespace {
@@ -76,11 +77,19 @@ int64_t ipc_epoch(int64_t ipc, int64_t num_classes) {
   return e;
 }
 
+namespace {
+constexpr detail::EnumNames<EvalProtocol, 2> kProtocolNames{{{EvalProtocol::kIdc, "idc"}, {EvalProtocol::kDc, "dc"}}};
+}  // namespace
+
+const char* eval_protocol_name(EvalProtocol p) { return detail::enum_name(kProtocolNames, p); }
+
+EvalProtocol parse_eval_protocol(const std::string& name) {
+  return detail::parse_enum(kProtocolNames, "evaluate: protocol", name);
+}
+
 Evaluator::Evaluator(EvalOptions options) : options_(std::move(options)) {
   const auto& o = options_;
-  if (o.protocol() != "idc" && o.protocol() != "dc") {
-    throw Error(fmt::format("evaluate: unknown protocol '{}' (expected idc or dc)", o.protocol()));
-  }
+  parse_eval_protocol(o.protocol());
   if (!o.augment().empty() && o.augment() != "none" && o.augment() != "idc") {
     throw Error(fmt::format("evaluate: unknown augment '{}' (expected none or idc)", o.augment()));
   }
@@ -106,7 +115,7 @@ ResolvedEval Evaluator::resolve(const LabeledImages& train, const LabeledImages&
   }
   ResolvedEval r;
   r.protocol = o.protocol();
-  const bool idc = r.protocol == "idc";
+  const bool idc = parse_eval_protocol(r.protocol) == EvalProtocol::kIdc;
   r.num_classes = std::max<int64_t>({static_cast<int64_t>(train.class_names.size()),
                                      train.labels.max().item<int64_t>() + 1, test.labels.max().item<int64_t>() + 1});
   r.net = !o.net().empty() ? o.net() : (idc ? "resnet_ap10" : "convnet3");
@@ -231,7 +240,7 @@ torch::nn::AnyModule Evaluator::train_once(const LabeledImages& train, const Lab
   double lr = r.lr;
   auto opt = make_opt(lr);
   const int64_t n = train_x.size(0);
-  const int64_t passes = r.protocol == "dc" ? r.epochs + 1 : r.epochs;
+  const int64_t passes = parse_eval_protocol(r.protocol) == EvalProtocol::kDc ? r.epochs + 1 : r.epochs;
   double best_acc = 0, last_acc = 0;
   torch::Tensor last_loss;
   for (int64_t ep = 1; ep <= passes; ++ep) {

@@ -10,14 +10,33 @@
 
 #include "mdd/diffusion/guidance.h"
 #include "mdd/diffusion/sampler.h"
+#include "mdd/eval/evaluator.h"
+#include "mdd/train/vae_trainer.h"
 #include "mdd/io/weight_entry.h"
 #include "mdd/util/error.h"
 #include "mdd/util/precision.h"
 #include "pipeline/config_json.h"
 #include "util/file_util.h"
+#include "util/enum_names.h"
 #include "util/json_read.h"
 
 namespace mdd {
+namespace {
+constexpr detail::EnumNames<DataKind, 2> kDataKinds{{{DataKind::kFashionMnist, "fashion-mnist"},
+                                                      {DataKind::kImageFolder, "imagefolder"}}};
+constexpr detail::EnumNames<CodecKind, 2> kCodecKinds{{{CodecKind::kIdentity, "identity"}, {CodecKind::kVae, "vae"}}};
+constexpr detail::EnumNames<DistillMethod, 4> kMethods{{{DistillMethod::kRandom, "random"},
+                                                         {DistillMethod::kDit, "dit"},
+                                                         {DistillMethod::kDifffit, "difffit"},
+                                                         {DistillMethod::kMinimax, "minimax"}}};
+}  // namespace
+
+const char* data_kind_name(DataKind k) { return detail::enum_name(kDataKinds, k); }
+DataKind parse_data_kind(const std::string& name) { return detail::parse_enum(kDataKinds, "data kind", name); }
+const char* codec_kind_name(CodecKind k) { return detail::enum_name(kCodecKinds, k); }
+CodecKind parse_codec_kind(const std::string& name) { return detail::parse_enum(kCodecKinds, "codec kind", name); }
+const char* distill_method_name(DistillMethod m) { return detail::enum_name(kMethods, m); }
+DistillMethod parse_distill_method(const std::string& name) { return detail::parse_enum(kMethods, "method", name); }
 namespace {
 
 using json = nlohmann::json;
@@ -236,8 +255,6 @@ void validate_config(const DistillConfig& c) {
     }
     fail(key, "is \"" + v + "\"; expected one of: " + list);
   };
-  one_of("data.kind", c.data.kind, {"fashion-mnist", "imagefolder"});
-  one_of("codec.kind", c.codec.kind, {"identity", "vae"});
   // Choices that are library enums are checked by the enum's own parser (one list of names).
   auto parses = [&](const std::string& key, const auto& parse) {
     try {
@@ -246,24 +263,26 @@ void validate_config(const DistillConfig& c) {
       fail(key, std::string("is invalid: ") + e.what());
     }
   };
+  parses("data.kind", [&] { parse_data_kind(c.data.kind); });
+  parses("codec.kind", [&] { parse_codec_kind(c.codec.kind); });
   parses("sample.guidance", [&] { parse_cfg_guidance(c.sample.guidance.c_str()); });
   parses("sample.method", [&] { parse_sampling_method(c.sample.method); });
   one_of("sample.entry", c.sample.entry, {"", io::kEmaEntry, io::kModelEntry});
-  one_of("evaluate.protocol", c.evaluate.protocol, {"idc", "dc"});
+  parses("evaluate.protocol", [&] { parse_eval_protocol(c.evaluate.protocol); });
   for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
                       {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision},
                       {"vae.precision", &c.vae.precision}})
     parses(k, [v = v] { parse_precision(*v); });
-  for (const auto& m : c.evaluate.methods) one_of("evaluate.methods", m, {"random", "dit", "difffit", "minimax"});
+  for (const auto& m : c.evaluate.methods) parses("evaluate.methods", [&] { parse_distill_method(m); });
   if (c.output_dir.empty()) fail("output_dir", "must not be empty");
   if (c.data.nclass <= 0) fail("data.nclass", "must be > 0");
   if (c.data.phase < 0) fail("data.phase", "must be >= 0");
   if (c.data.image_size <= 0) fail("data.image_size", "must be > 0");
-  if (c.data.kind == "imagefolder" && c.data.root.empty()) fail("data.root", "must name the training image folder");
-  if (c.codec.kind == "vae" && c.codec.encoder.empty() && c.codec.decoder.empty() && c.vae.steps == 0)
+  if (parse_data_kind(c.data.kind) == DataKind::kImageFolder && c.data.root.empty()) fail("data.root", "must name the training image folder");
+  if (parse_codec_kind(c.codec.kind) == CodecKind::kVae && c.codec.encoder.empty() && c.codec.decoder.empty() && c.vae.steps == 0)
     fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\", "
                           "or set vae.steps to train one");
-  one_of("vae.reconstruction", c.vae.reconstruction, {"l1", "mse"});
+  parses("vae.reconstruction", [&] { parse_reconstruction_loss(c.vae.reconstruction); });
   if (c.vae.steps < 0) fail("vae.steps", "must be >= 0");
   if (c.vae.ckpt_every < 0) fail("vae.ckpt_every", "must be >= 0");
   if (c.vae.lr_warmup < 0) fail("vae.lr_warmup", "must be >= 0");
@@ -278,7 +297,7 @@ void validate_config(const DistillConfig& c) {
     if (ch <= 0 || ch % c.vae.norm_num_groups != 0)
       fail("vae.block_out_channels", fmt::format("has {}: every entry must be > 0 and a multiple of vae.norm_num_groups ({})", ch,
                                                  c.vae.norm_num_groups));
-  if (c.codec.kind == "vae" && c.vae.steps > 0 && c.vae.latent_channels != c.model.in_channels)
+  if (parse_codec_kind(c.codec.kind) == CodecKind::kVae && c.vae.steps > 0 && c.vae.latent_channels != c.model.in_channels)
     fail("model.in_channels", fmt::format("is {} but the VAE trained by this run has vae.latent_channels = {}",
                                           c.model.in_channels, c.vae.latent_channels));
   if (c.codec.batch_size <= 0) fail("codec.batch_size", "must be > 0");

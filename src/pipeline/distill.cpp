@@ -94,7 +94,7 @@ std::string sanitize_class_dir(const std::string& name) {
 PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallbacks& cb) {
   PipelineData d;
   const auto& dc = config.data;
-  if (dc.kind == "fashion-mnist") {
+  if (parse_data_kind(dc.kind) == DataKind::kFashionMnist) {
     d.train = load_fashion_mnist(dc.root, "train");
     d.test = load_fashion_mnist(dc.root, "test");
     if (dc.nclass != 10) throw Error("config: 'data.nclass' must be 10 for Fashion-MNIST");
@@ -124,7 +124,7 @@ PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallb
     to.classes(train.classes()).spec("");
     ImageFolder test(dc.test_root, to);
     const int64_t size = config.evaluate.image_size > 0 ? config.evaluate.image_size
-                                                          : (config.evaluate.protocol == "idc" ? 224 : dc.image_size);
+                                                          : (parse_eval_protocol(config.evaluate.protocol) == EvalProtocol::kIdc ? 224 : dc.image_size);
     d.test = test.load(resize_center_crop_transform(size), dc.threads, staged(cb, "load_test_images"));
   }
   for (auto l : d.model_labels)
@@ -161,7 +161,7 @@ DiT load_model(const ModelConfig& config, const std::string& path, const std::st
 }
 
 std::shared_ptr<Codec> make_codec(const CodecConfig& c, const std::string& role, const std::string& device) {
-  if (c.kind == "identity") return std::make_shared<IdentityCodec>();
+  if (parse_codec_kind(c.kind) == CodecKind::kIdentity) return std::make_shared<IdentityCodec>();
   const std::string path = role == "decoder" && !c.decoder.empty() ? c.decoder : (c.encoder.empty() ? c.decoder : c.encoder);
   auto vae = AutoencoderKL::from_pretrained(path);
   return std::make_shared<VaeCodec>(vae, device_of(device));
@@ -174,7 +174,7 @@ namespace {
 // Part of every cache key downstream of the codec: retraining a VAE in place must not reuse latents,
 // a pre-trained DiT or samples made with the old one.
 std::string codec_identity(const CodecConfig& c) {
-  if (c.kind == "identity") return "identity";
+  if (parse_codec_kind(c.kind) == CodecKind::kIdentity) return "identity";
   auto stamp_of = [](const std::string& path) {
     std::error_code ec;
     if (!fs::is_directory(path, ec)) return path + "=" + file_content_stamp(path);
@@ -225,7 +225,7 @@ std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& conf
 namespace {
 
 bool trains_vae(const DistillConfig& config, bool force_pretrain) {
-  return config.codec.kind == "vae" && config.vae.steps > 0 &&
+  return parse_codec_kind(config.codec.kind) == CodecKind::kVae && config.vae.steps > 0 &&
          (force_pretrain || (config.codec.encoder.empty() && config.codec.decoder.empty()));
 }
 
@@ -516,7 +516,7 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
 
 std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks) {
   validate_config(config);
-  if (config.codec.kind != "vae") throw Error("train_vae: config 'codec.kind' must be \"vae\"");
+  if (parse_codec_kind(config.codec.kind) != CodecKind::kVae) throw Error("train_vae: config 'codec.kind' must be \"vae\"");
   return run_train_vae(config, data, callbacks);
 }
 
@@ -546,7 +546,9 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   // Built once; the pre-training and fine-tuning stages below share it.
   auto train_data = timed("latents", [&] { return make_training_data(config, data, cb); });
   const auto& methods = config.evaluate.methods;
-  auto wants = [&](const std::string& m) { return std::find(methods.begin(), methods.end(), m) != methods.end(); };
+  auto wants = [&](DistillMethod m) {
+    return std::any_of(methods.begin(), methods.end(), [&](const std::string& s) { return parse_distill_method(s) == m; });
+  };
 
   std::string base = config.model.checkpoint;
   if (base.empty() || options.force_pretrain || vae_trained) {
@@ -557,9 +559,10 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
     say(cb, "model: pre-trained weights " + base);
   }
   std::map<std::string, std::string> weights;
-  if (wants("dit")) weights["dit"] = base;
-  for (const std::string v : {"difffit", "minimax"})
-    if (wants(v)) weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb); });
+  if (wants(DistillMethod::kDit)) weights["dit"] = base;
+  for (const DistillMethod m : {DistillMethod::kDifffit, DistillMethod::kMinimax})
+    if (const std::string v = distill_method_name(m); wants(m))
+      weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb); });
 
   std::map<std::string, LabeledImages> sets;
   for (const auto& kv : weights) {

@@ -20,6 +20,7 @@
 #include "util/file_util.h"
 #include "util/splitmix.h"
 #include "util/json_preview.h"
+#include "util/enum_names.h"
 
 namespace mdd {
 namespace {
@@ -42,6 +43,17 @@ torch::Tensor images_to_unit_range(const torch::Tensor& images_u8) {
   return normalize(to_tensor(images_u8), {0.5}, {0.5});
 }
 
+namespace {
+constexpr detail::EnumNames<ReconstructionLoss, 2> kReconstructionNames{
+    {{ReconstructionLoss::kL1, "l1"}, {ReconstructionLoss::kMse, "mse"}}};
+}  // namespace
+
+const char* reconstruction_loss_name(ReconstructionLoss r) { return detail::enum_name(kReconstructionNames, r); }
+
+ReconstructionLoss parse_reconstruction_loss(const std::string& name) {
+  return detail::parse_enum(kReconstructionNames, "VaeTrainer: reconstruction", name);
+}
+
 VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOptions options)
     : vae_(std::move(vae)), data_(std::move(images)), options_(std::move(options)) {
   if (!vae_) throw Error("VaeTrainer: empty AutoencoderKL");
@@ -59,8 +71,7 @@ VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOption
   if (n < o.batch_size()) throw Error(fmt::format("VaeTrainer: batch_size {} exceeds the {} images", o.batch_size(), n));
   if (!(o.lr() > 0) || o.lr_warmup() < 0 || !(o.kl_weight() >= 0))
     throw Error("VaeTrainer: need lr > 0, lr_warmup >= 0 and kl_weight >= 0");
-  if (o.reconstruction() != "l1" && o.reconstruction() != "mse")
-    throw Error("VaeTrainer: reconstruction must be \"l1\" or \"mse\", got \"" + o.reconstruction() + "\"");
+  reconstruction_ = parse_reconstruction_loss(o.reconstruction());
   if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("VaeTrainer: ckpt_every and log_every must be >= 0");
   precision_ = resolve_precision(o.precision(), o.device());
   vae_->to(o.device());
@@ -98,7 +109,7 @@ VaeTrainStats VaeTrainer::step() {
     const torch::Tensor z = mean + torch::exp(0.5 * logvar) * noise.to(o.device());
     const torch::Tensor xr = vae_->decode(z).to(torch::kFloat32);
     const torch::Tensor d = xr - x;
-    recon_err = o.reconstruction() == "l1" ? d.abs().mean() : d.pow(2).mean();
+    recon_err = reconstruction_ == ReconstructionLoss::kL1 ? d.abs().mean() : d.pow(2).mean();
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean();
   }
   const torch::Tensor loss = recon_err + o.kl_weight() * kl;

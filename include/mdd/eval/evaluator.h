@@ -31,6 +31,14 @@
 
 namespace mdd {
 
+/// The two evaluation recipes: `kIdc` (the paper's: ResNet-AP-10 at 224 px, IDC augmentation) and
+/// `kDc` (the DC benchmark's ConvNet-3 at the data's size). `EvalOptions::protocol` holds its name.
+enum class EvalProtocol { kIdc, kDc };
+/// "idc" / "dc".
+MDD_API const char* eval_protocol_name(EvalProtocol p);
+/// Inverse of `eval_protocol_name`; throws `mdd::Error` listing the valid names.
+MDD_API EvalProtocol parse_eval_protocol(const std::string& name);
+
 /// Evaluation options. Fields after `seed` are additions to the contract: 0 / "" / empty /
 /// negative means "the protocol's value".
 struct MDD_API EvalOptions {

@@ -13,6 +13,26 @@
 
 namespace mdd {
 
+/// `data.kind`: the Debian Fashion-MNIST package or an image folder tree.
+enum class DataKind { kFashionMnist, kImageFolder };
+/// `codec.kind`: pixel-space diffusion or an AutoencoderKL.
+enum class CodecKind { kIdentity, kVae };
+/// An entry of `evaluate.methods`: a set the pipeline builds and evaluates.
+enum class DistillMethod { kRandom, kDit, kDifffit, kMinimax };
+
+/// "fashion-mnist" / "imagefolder".
+MDD_API const char* data_kind_name(DataKind k);
+/// Inverse of `data_kind_name`; throws `mdd::Error` listing the valid names.
+MDD_API DataKind parse_data_kind(const std::string& name);
+/// "identity" / "vae".
+MDD_API const char* codec_kind_name(CodecKind k);
+/// Inverse of `codec_kind_name`; throws `mdd::Error` listing the valid names.
+MDD_API CodecKind parse_codec_kind(const std::string& name);
+/// "random" / "dit" / "difffit" / "minimax".
+MDD_API const char* distill_method_name(DistillMethod m);
+/// Inverse of `distill_method_name`; throws `mdd::Error` listing the valid names.
+MDD_API DistillMethod parse_distill_method(const std::string& name);
+
 /// Where the images come from.
 struct MDD_API DataConfig {
   /// "fashion-mnist" (the Debian dataset package) or "imagefolder" (`root/<class>/<images>`).

@@ -28,6 +28,14 @@
 namespace mdd {
 
 /// Options of `VaeTrainer`.
+/// Reconstruction error of `VaeTrainer`: mean absolute (`kL1`, sharper for small grey images) or
+/// mean squared (`kMse`). `VaeTrainerOptions::reconstruction` holds its name.
+enum class ReconstructionLoss { kL1, kMse };
+/// "l1" / "mse".
+MDD_API const char* reconstruction_loss_name(ReconstructionLoss r);
+/// Inverse of `reconstruction_loss_name`; throws `mdd::Error` listing the valid names.
+MDD_API ReconstructionLoss parse_reconstruction_loss(const std::string& name);
+
 struct MDD_API VaeTrainerOptions {
   /// Optimiser steps in total.
   TORCH_ARG(int64_t, steps) = 4000;
@@ -94,6 +102,7 @@ class MDD_API VaeTrainer {
   LabeledImages data_;
   VaeTrainerOptions options_;
   Precision precision_;
+  ReconstructionLoss reconstruction_ = ReconstructionLoss::kL1;
   std::unique_ptr<AdamW> optimizer_;
   int64_t step_ = 0;
   mutable torch::Tensor order_;
