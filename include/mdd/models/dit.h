@@ -293,8 +293,9 @@ class MDD_API DiTImpl : public torch::nn::Cloneable<DiTImpl> {
   /// Rebuilds every submodule (keeping DiffFit gammas where `apply_difffit` added them) with
   /// LibTorch's default initialisation; the constructor then runs `initialize_weights()` (call it
   /// yourself after a manual reset()). `clone()` (from `torch::nn::Cloneable`) calls reset() on the
-  /// copy and then copies every parameter and buffer: `model->clone()` is an independent deep copy with the same
-  /// structure, values, devices and dtypes (the EMA copy of `Finetuner` and `Pretrainer` is made so).
+  /// copy and then copies every parameter and buffer: `model->clone()` is an independent deep copy
+  /// with the same structure, values, devices and dtypes (the EMA copy of `Finetuner` and
+  /// `Pretrainer` is made so).
   void reset() override;
 
   /// Noise prediction [N, out_channels, H, W]. In train mode labels are dropped to the null

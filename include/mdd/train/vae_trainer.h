@@ -27,7 +27,6 @@
 
 namespace mdd {
 
-/// Options of `VaeTrainer`.
 /// Reconstruction error of `VaeTrainer`: mean absolute (`kL1`, sharper for small grey images) or
 /// mean squared (`kMse`). `VaeTrainerOptions::reconstruction` holds its name.
 enum class ReconstructionLoss { kL1, kMse };
@@ -36,6 +35,7 @@ MDD_API const char* reconstruction_loss_name(ReconstructionLoss r);
 /// Inverse of `reconstruction_loss_name`; throws `mdd::Error` listing the valid names.
 MDD_API ReconstructionLoss parse_reconstruction_loss(const std::string& name);
 
+/// Options of `VaeTrainer`.
 struct MDD_API VaeTrainerOptions {
   /// Optimiser steps in total.
   TORCH_ARG(int64_t, steps) = 4000;
