@@ -9,9 +9,12 @@
 #include <torch/torch.h>
 
 #include "mdd/data/class_lists.h"
+#include "mdd/diffusion/sampler.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
+#include "mdd/models/dit.h"
+#include "mdd/train/finetune.h"
 #include "mdd/pipeline/config.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/train/checkpoint.h"
@@ -95,6 +98,48 @@ TEST(Config, StringChoicesAreEnumsWithNameParsePairs) {
   // The library options take the same names and give the same list.
   EXPECT_NE(error_of([] { Evaluator(EvalOptions().protocol("dm")); }).find("idc, dc"), std::string::npos);
   EXPECT_THROW(parse_reconstruction_loss("L1"), Error);  // names are exact
+}
+
+// A numeric rule is written once, in the component's `check_options`: the config names the key, the
+// component's constructor throws for the same value, and a collecting `OptionFail` sees every rule.
+TEST(Config, EachSectionIsJudgedByItsComponentsRules) {
+  const std::string base = R"({"codec": {"kind": "identity"}, )";
+  const std::pair<const char*, const char*> cases[] = {
+      {R"("model": {"class_dropout_prob": 1.0}})", "'model.class_dropout_prob' must lie in [0, 1)"},
+      {R"("model": {"name": "custom", "hidden_size": 96, "num_heads": 5}})", "'model.num_heads'"},
+      {R"("finetune": {"memory_size": 0}})", "'finetune.memory_size' must be > 0"},
+      {R"("finetune": {"lambda_d": -1}})", "'finetune.lambda_d'"},
+      {R"("pretrain": {"ema_decay": 1.5}})", "'pretrain.ema_decay' must lie in [0, 1]"},
+      {R"("vae": {"kl_weight": -0.5}})", "'vae.kl_weight'"},
+      {R"("vae": {"block_out_channels": [16, 30]}})", "'vae.block_out_channels'"},
+      {R"("sample": {"cfg_scale": -2}})", "'sample.cfg_scale'"},
+      {R"("evaluate": {"repeats": 0}})", "'evaluate.repeats' must be >= 1"}};
+  for (const auto& [section, expected] : cases) {
+    const std::string msg = error_of([&] { parse_config(base + section); });
+    EXPECT_NE(msg.find(expected), std::string::npos) << section << " -> " << msg;
+  }
+  // The library components reject the same values with the same rule text.
+  EXPECT_NE(error_of([] { DiT(DiTOptions(8, 2, 4, 32, 1, 2).class_dropout_prob(1.0)); }).find("must lie in [0, 1)"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { check_options(FinetuneOptions().memory_size(0), throw_option_error("Finetuner")); })
+                .find("Finetuner: memory_size must be > 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { Evaluator(EvalOptions().repeats(0)); }).find("repeats must be >= 1"), std::string::npos);
+  // A collecting OptionFail sees every broken rule, and the validators never divide by a zero size.
+  std::vector<std::string> broken;
+  const OptionFail collect = [&](const std::string& option, const std::string&) { broken.push_back(option); };
+  check_options(DiTOptions(7, 0, 4, 30, 1, 0).class_dropout_prob(-0.1), collect);
+  EXPECT_EQ(broken, (std::vector<std::string>{"patch_size", "num_heads", "hidden_size", "class_dropout_prob"}));
+  broken.clear();
+  check_options(SamplerOptions().batch_size(0).eta(-1).latent_shape({4, 8}), collect);
+  EXPECT_EQ(broken, (std::vector<std::string>{"batch_size", "eta", "latent_shape"}));
+  broken.clear();
+  check_options(DiTOptions(32, 2, 4, 96, 2, 4), collect);
+  check_options(FinetuneOptions(), collect);
+  check_options(VaeTrainerOptions(), collect);
+  check_options(AutoencoderKLOptions(), collect);
+  check_options(EvalOptions(), collect);
+  EXPECT_TRUE(broken.empty()) << "defaults break rules: " << broken.front();
 }
 
 TEST(Config, VaeTrainingSection) {

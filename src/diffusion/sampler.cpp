@@ -1,6 +1,7 @@
 #include "mdd/diffusion/sampler.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <chrono>
 #include <cmath>
@@ -29,24 +30,28 @@ SamplingMethod parse_sampling_method(const std::string& name) {
 namespace {
 
 const SamplerOptions& validated(const SamplerOptions& o) {
-  if (o.batch_size() < 1) throw Error(fmt::format("SamplerOptions: batch_size must be >= 1, got {}", o.batch_size()));
-  if (!std::isfinite(o.cfg_scale())) throw Error("SamplerOptions: cfg_scale must be finite");
-  if (!(o.eta() >= 0.0) || !std::isfinite(o.eta())) {
-    throw Error(fmt::format("SamplerOptions: eta must be finite and >= 0, got {}", o.eta()));
-  }
-  if (o.latent_shape().size() != 3) {
-    throw Error(fmt::format("SamplerOptions: latent_shape must be [C, H, W], got {} dims", o.latent_shape().size()));
-  }
-  for (auto v : o.latent_shape()) {
-    if (v < 1) throw Error("SamplerOptions: latent_shape entries must be >= 1");
-  }
-  if (o.cfg_scale() != 1.0 && o.null_class() < 0) {
-    throw Error(fmt::format("SamplerOptions: classifier-free guidance needs a null_class >= 0, got {}", o.null_class()));
-  }
+  check_options(o, throw_option_error("SamplerOptions"));
   return o;
 }
 
 }  // namespace
+
+void check_options(const SamplerOptions& o, const OptionFail& fail) {
+  if (o.batch_size() < 1) fail("batch_size", fmt::format("must be >= 1, got {}", o.batch_size()));
+  // Negative scales would push samples away from their class: almost surely a sign error.
+  if (!(o.cfg_scale() >= 0) || !std::isfinite(o.cfg_scale()))
+    fail("cfg_scale", fmt::format("must be finite and >= 0, got {}", o.cfg_scale()));
+  if (!(o.eta() >= 0.0) || !std::isfinite(o.eta())) fail("eta", fmt::format("must be finite and >= 0, got {}", o.eta()));
+  if (o.latent_shape().size() != 3) {
+    fail("latent_shape", fmt::format("must be [C, H, W], got {} dims", o.latent_shape().size()));
+  } else {
+    for (auto v : o.latent_shape())
+      if (v < 1) fail("latent_shape", fmt::format("entries must be >= 1, got {}", fmt::join(o.latent_shape(), ", ")));
+  }
+  if (o.cfg_scale() != 1.0 && o.null_class() < 0)
+    fail("null_class", fmt::format("must be >= 0 for classifier-free guidance (cfg_scale {}), got {}", o.cfg_scale(),
+                                   o.null_class()));
+}
 
 uint64_t Sampler::image_seed(uint64_t seed, int64_t image_id) {
   return splitmix64(seed ^ splitmix64(static_cast<uint64_t>(image_id)));

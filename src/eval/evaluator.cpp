@@ -87,23 +87,31 @@ EvalProtocol parse_eval_protocol(const std::string& name) {
   return detail::parse_enum(kProtocolNames, "evaluate: protocol", name);
 }
 
+void check_options(const EvalOptions& o, const OptionFail& fail) {
+  try {
+    parse_eval_protocol(o.protocol());
+  } catch (const Error& e) {
+    fail("protocol", std::string("is invalid: ") + e.what());
+  }
+  if (!o.augment().empty() && o.augment() != "none" && o.augment() != "idc")
+    fail("augment", fmt::format("is '{}'; expected none or idc", o.augment()));
+  if (!o.norm().empty() && o.norm() != "instance" && o.norm() != "batch" && o.norm() != "none")
+    fail("norm", fmt::format("is '{}'; expected instance, batch or none", o.norm()));
+  if (o.repeats() < 1) fail("repeats", fmt::format("must be >= 1, got {}", o.repeats()));
+  if (o.test_batch_size() < 1) fail("test_batch_size", fmt::format("must be >= 1, got {}", o.test_batch_size()));
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"epochs", o.epochs()}, {"batch_size", o.batch_size()},
+                         {"eval_every", o.eval_every()}, {"image_size", o.image_size()}, {"width", o.width()},
+                         {"ipc", o.ipc()}})
+    if (v < 0) fail(name, fmt::format("must be >= 0, got {}", v));
+  if (!(o.lr() >= 0) || !std::isfinite(o.lr())) fail("lr", fmt::format("must be finite and >= 0, got {}", o.lr()));
+  if (o.mean().size() != o.std().size())
+    fail("mean", fmt::format("has {} entries but std has {}", o.mean().size(), o.std().size()));
+  for (double s : o.std())
+    if (!(s > 0)) fail("std", fmt::format("entries must be > 0, got {}", s));
+}
+
 Evaluator::Evaluator(EvalOptions options) : options_(std::move(options)) {
-  const auto& o = options_;
-  parse_eval_protocol(o.protocol());
-  if (!o.augment().empty() && o.augment() != "none" && o.augment() != "idc") {
-    throw Error(fmt::format("evaluate: unknown augment '{}' (expected none or idc)", o.augment()));
-  }
-  if (!o.norm().empty() && o.norm() != "instance" && o.norm() != "batch" && o.norm() != "none") {
-    throw Error(fmt::format("evaluate: unknown norm '{}'", o.norm()));
-  }
-  if (o.repeats() < 1 || o.epochs() < 0 || o.batch_size() < 0 || o.eval_every() < 0 || o.test_batch_size() < 1 ||
-      o.image_size() < 0 || o.width() < 0 || o.ipc() < 0 || o.lr() < 0) {
-    throw Error("evaluate: repeats must be >= 1 and sizes/epochs/lr non-negative");
-  }
-  if (o.mean().size() != o.std().size()) throw Error("evaluate: mean and std must have the same length");
-  for (double s : o.std()) {
-    if (!(s > 0)) throw Error("evaluate: std entries must be > 0");
-  }
+  check_options(options_, throw_option_error("evaluate"));
 }
 
 ResolvedEval Evaluator::resolve(const LabeledImages& train, const LabeledImages& test) const {

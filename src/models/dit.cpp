@@ -306,24 +306,27 @@ torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tenso
 
 // ------------------------------------------------------------------ DiT
 
+void check_options(const DiTOptions& o, const OptionFail& fail) {
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"input_size", o.input_size()}, {"patch_size", o.patch_size()},
+                         {"in_channels", o.in_channels()}, {"hidden_size", o.hidden_size()},
+                         {"num_heads", o.num_heads()}, {"num_classes", o.num_classes()}})
+    if (v <= 0) fail(name, fmt::format("must be > 0, got {}", v));
+  if (o.depth() < 0) fail("depth", fmt::format("must be >= 0, got {}", o.depth()));
+  if (o.patch_size() > 0 && o.input_size() % o.patch_size() != 0)
+    fail("patch_size", fmt::format("{} must divide input_size {}", o.patch_size(), o.input_size()));
+  if (o.num_heads() > 0 && o.hidden_size() % o.num_heads() != 0)
+    fail("num_heads", fmt::format("{} must divide hidden_size {}", o.num_heads(), o.hidden_size()));
+  if (o.hidden_size() % 4 != 0)
+    fail("hidden_size", fmt::format("must be a multiple of 4 (2-D sin-cos position table), got {}", o.hidden_size()));
+  if (!(o.mlp_ratio() > 0) || static_cast<int64_t>(static_cast<double>(o.hidden_size()) * o.mlp_ratio()) <= 0)
+    fail("mlp_ratio", fmt::format("{} gives an empty MLP", o.mlp_ratio()));
+  // [0, 1): at 1 every training label would be the null class and the model could not learn classes.
+  if (!(o.class_dropout_prob() >= 0 && o.class_dropout_prob() < 1))
+    fail("class_dropout_prob", fmt::format("must lie in [0, 1), got {}", o.class_dropout_prob()));
+}
+
 DiTImpl::DiTImpl(DiTOptions options) : options_(std::move(options)) {
-  const auto& o = options_;
-  MDD_CHECK(o.input_size() > 0 && o.patch_size() > 0 && o.in_channels() > 0 && o.hidden_size() > 0 && o.depth() >= 0 &&
-              o.num_heads() > 0,
-          fmt::format("DiT: sizes must be positive (input_size {}, patch_size {}, in_channels {}, hidden_size {}, "
-                      "depth {}, num_heads {})",
-                      o.input_size(), o.patch_size(), o.in_channels(), o.hidden_size(), o.depth(), o.num_heads()));
-  MDD_CHECK(o.input_size() % o.patch_size() == 0,
-          fmt::format("DiT: input_size {} is not divisible by patch_size {}", o.input_size(), o.patch_size()));
-  MDD_CHECK(o.hidden_size() % o.num_heads() == 0,
-          fmt::format("DiT: hidden_size {} is not divisible by num_heads {}", o.hidden_size(), o.num_heads()));
-  MDD_CHECK(o.hidden_size() % 4 == 0,
-          fmt::format("DiT: hidden_size {} must be a multiple of 4 (2-D sin-cos position table)", o.hidden_size()));
-  MDD_CHECK(o.mlp_ratio() > 0 && static_cast<int64_t>(static_cast<double>(o.hidden_size()) * o.mlp_ratio()) > 0,
-          fmt::format("DiT: mlp_ratio {} gives an empty MLP", o.mlp_ratio()));
-  MDD_CHECK(o.class_dropout_prob() >= 0 && o.class_dropout_prob() <= 1,
-          fmt::format("DiT: class_dropout_prob {} is not in [0, 1]", o.class_dropout_prob()));
-  MDD_CHECK(o.num_classes() > 0, fmt::format("DiT: num_classes {} must be positive", o.num_classes()));
+  check_options(options_, throw_option_error("DiT"));
   reset();
   initialize_weights();
 }

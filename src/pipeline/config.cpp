@@ -16,6 +16,7 @@
 #include "mdd/util/error.h"
 #include "mdd/util/precision.h"
 #include "pipeline/config_json.h"
+#include "pipeline/config_options.h"
 #include "util/file_util.h"
 #include "util/enum_names.h"
 #include "util/json_read.h"
@@ -268,7 +269,6 @@ void validate_config(const DistillConfig& c) {
   parses("sample.guidance", [&] { parse_cfg_guidance(c.sample.guidance.c_str()); });
   parses("sample.method", [&] { parse_sampling_method(c.sample.method); });
   one_of("sample.entry", c.sample.entry, {"", io::kEmaEntry, io::kModelEntry});
-  parses("evaluate.protocol", [&] { parse_eval_protocol(c.evaluate.protocol); });
   for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
                       {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision},
                       {"vae.precision", &c.vae.precision}})
@@ -282,52 +282,34 @@ void validate_config(const DistillConfig& c) {
   if (parse_codec_kind(c.codec.kind) == CodecKind::kVae && c.codec.encoder.empty() && c.codec.decoder.empty() && c.vae.steps == 0)
     fail("codec.encoder", "must name a VAE (diffusers folder or weight file) when codec.kind is \"vae\", "
                           "or set vae.steps to train one");
-  parses("vae.reconstruction", [&] { parse_reconstruction_loss(c.vae.reconstruction); });
-  if (c.vae.steps < 0) fail("vae.steps", "must be >= 0");
-  if (c.vae.ckpt_every < 0) fail("vae.ckpt_every", "must be >= 0");
-  if (c.vae.lr_warmup < 0) fail("vae.lr_warmup", "must be >= 0");
-  if (c.vae.batch_size <= 0) fail("vae.batch_size", "must be > 0");
-  if (c.vae.latent_channels <= 0) fail("vae.latent_channels", "must be > 0");
-  if (c.vae.layers_per_block <= 0) fail("vae.layers_per_block", "must be > 0");
-  if (c.vae.norm_num_groups <= 0) fail("vae.norm_num_groups", "must be > 0");
-  if (!(c.vae.lr > 0)) fail("vae.lr", "must be > 0");
-  if (!(c.vae.kl_weight >= 0)) fail("vae.kl_weight", "must be >= 0");
-  if (c.vae.block_out_channels.empty()) fail("vae.block_out_channels", "must list at least one level");
-  for (const int64_t ch : c.vae.block_out_channels)
-    if (ch <= 0 || ch % c.vae.norm_num_groups != 0)
-      fail("vae.block_out_channels", fmt::format("has {}: every entry must be > 0 and a multiple of vae.norm_num_groups ({})", ch,
-                                                 c.vae.norm_num_groups));
+  // Each section is judged by the rules of the component it configures (one validator per options
+  // struct); `in` names the offending config key. Options a section takes from another section
+  // (the label dropout of the training runs is model.class_dropout_prob) are renamed to that key.
+  auto in = [&](const std::string& section) -> OptionFail {
+    return [&fail, section](const std::string& option, const std::string& rule) {
+      fail(option == "class_dropout_prob" ? "model." + option : section + "." + option, rule);
+    };
+  };
+  parses("model.name", [&] { detail::dit_options_of(c.model); });
+  check_options(detail::dit_options_of(c.model), in("model"));
+  check_options(detail::pretrain_options_of(c), in("pretrain"));
+  check_options(detail::finetune_options_of(c, /*minimax=*/true), in("finetune"));
+  check_options(detail::vae_trainer_options_of(c.vae), in("vae"));
+  // The image channels are known only once the data is read; 1 stands in (it cannot break a rule).
+  check_options(detail::vae_architecture_of(c.vae, 1, c.data.image_size), in("vae"));
+  check_options(detail::sampler_options_of(c, /*learn_sigma=*/true, c.model.num_classes), in("sample"));
+  check_options(detail::eval_options_of(c, /*full_set=*/false), in("evaluate"));
   if (parse_codec_kind(c.codec.kind) == CodecKind::kVae && c.vae.steps > 0 && c.vae.latent_channels != c.model.in_channels)
     fail("model.in_channels", fmt::format("is {} but the VAE trained by this run has vae.latent_channels = {}",
                                           c.model.in_channels, c.vae.latent_channels));
   if (c.codec.batch_size <= 0) fail("codec.batch_size", "must be > 0");
-  for (auto [k, v] : {std::pair<const char*, int64_t>{"model.input_size", c.model.input_size},
-                      {"model.patch_size", c.model.patch_size}, {"model.in_channels", c.model.in_channels},
-                      {"model.hidden_size", c.model.hidden_size}, {"model.depth", c.model.depth},
-                      {"model.num_heads", c.model.num_heads}, {"model.num_classes", c.model.num_classes},
-                      {"pretrain.batch_size", c.pretrain.batch_size}, {"finetune.batch_size", c.finetune.batch_size},
-                      {"finetune.memory_size", c.finetune.memory_size}, {"sample.ipc", c.sample.ipc},
-                      {"sample.batch_size", c.sample.batch_size}, {"evaluate.repeats", c.evaluate.repeats},
+  // Rules of the pipeline itself (no component owns these keys).
+  for (auto [k, v] : {std::pair<const char*, int64_t>{"sample.ipc", c.sample.ipc},
                       {"evaluate.full_set_epochs", c.evaluate.full_set_epochs}})
     if (v <= 0) fail(k, "must be > 0");
-  for (auto [k, v] : {std::pair<const char*, int64_t>{"pretrain.steps", c.pretrain.steps}, {"finetune.steps", c.finetune.steps},
-                      {"pretrain.ckpt_every", c.pretrain.ckpt_every}, {"finetune.ckpt_every", c.finetune.ckpt_every},
-                      {"finetune.gamma_blocks", c.finetune.gamma_blocks}, {"evaluate.epochs", c.evaluate.epochs},
-                      {"pretrain.lr_warmup", c.pretrain.lr_warmup},
-                      {"threads", c.threads}, {"data.threads", c.data.threads}, {"evaluate.image_size", c.evaluate.image_size}})
+  for (auto [k, v] : {std::pair<const char*, int64_t>{"threads", c.threads}, {"data.threads", c.data.threads}})
     if (v < 0) fail(k, "must be >= 0");
-  if (c.model.input_size % c.model.patch_size != 0) fail("model.patch_size", "must divide model.input_size");
-  if (c.model.hidden_size % c.model.num_heads != 0) fail("model.num_heads", "must divide model.hidden_size");
-  if (!(c.model.class_dropout_prob >= 0 && c.model.class_dropout_prob < 1)) fail("model.class_dropout_prob", "must lie in [0, 1)");
   if (c.model.num_classes < c.data.nclass) fail("model.num_classes", "is smaller than data.nclass");
-  for (auto [k, v] : {std::pair<const char*, double>{"pretrain.lr", c.pretrain.lr}, {"finetune.lr", c.finetune.lr}})
-    if (!(v > 0)) fail(k, "must be > 0");
-  for (auto [k, v] : {std::pair<const char*, double>{"pretrain.ema_decay", c.pretrain.ema_decay},
-                      {"finetune.ema_decay", c.finetune.ema_decay}})
-    if (!(v >= 0 && v <= 1)) fail(k, "must lie in [0, 1]");
-  if (!(c.finetune.lambda_r >= 0) || !(c.finetune.lambda_d >= 0)) fail("finetune.lambda_r/lambda_d", "must be >= 0");
-  if (!(c.finetune.weight_decay >= 0)) fail("finetune.weight_decay", "must be >= 0");
-  if (!(c.sample.cfg_scale >= 0)) fail("sample.cfg_scale", "must be >= 0");
   if (c.evaluate.methods.empty()) fail("evaluate.methods", "must list at least one method");
 }
 

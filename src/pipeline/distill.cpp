@@ -26,6 +26,7 @@
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "pipeline/config_json.h"
+#include "pipeline/config_options.h"
 #include "pipeline/report.h"
 #include "pipeline/stage_cache.h"
 #include "util/file_util.h"
@@ -135,11 +136,7 @@ PipelineData load_pipeline_data(const DistillConfig& config, const PipelineCallb
 }
 
 DiT make_model(const ModelConfig& m, uint64_t seed) {
-  DiTOptions o = m.name == "custom" ? DiTOptions(m.input_size, m.patch_size, m.in_channels, m.hidden_size, m.depth, m.num_heads)
-                                    : dit_options(m.name, m.input_size, m.num_classes);
-  o.num_classes(m.num_classes).class_dropout_prob(m.class_dropout_prob);
-  if (m.name == "custom") o.learn_sigma(true);
-  DiT model(o);
+  DiT model(detail::dit_options_of(m));
   auto gen = at::detail::createCPUGenerator(seed);
   model->initialize_weights(gen);
   return model;
@@ -260,18 +257,12 @@ std::string run_train_vae(const DistillConfig& config, const PipelineData& data,
       saved = gen.get_state();
       gen.set_current_seed(v.seed);
     }
-    vae = AutoencoderKL(AutoencoderKLOptions().in_channels(images.size(3)).out_channels(images.size(3))
-                            .latent_channels(v.latent_channels).block_out_channels(v.block_out_channels)
-                            .layers_per_block(v.layers_per_block).norm_num_groups(v.norm_num_groups)
-                            .sample_size(images.size(1)));
+    vae = AutoencoderKL(detail::vae_architecture_of(v, images.size(3), images.size(1)));
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(saved);
   }
-  VaeTrainerOptions o;
-  o.steps(v.steps).batch_size(v.batch_size).lr(v.lr).lr_warmup(v.lr_warmup).kl_weight(v.kl_weight)
-      .reconstruction(v.reconstruction).seed(v.seed).ckpt_every(v.ckpt_every)
-      .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
-      .precision(parse_precision(v.precision)).log_every(100);
+  VaeTrainerOptions o = detail::vae_trainer_options_of(v);
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device));
   VaeTrainer trainer(vae, data.train, o);
   if (trainer.resume(cb.log)) say(cb, fmt::format("vae: resumed at step {}", trainer.step_count()));
   say(cb, fmt::format("vae: training an AutoencoderKL {} (latent {}) for {} steps x {} images", json(v.block_out_channels).dump(),
@@ -316,11 +307,8 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   resume_sig.erase("use_ema");
   detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), force, cb.log);
   auto train_data = get_data();
-  FinetuneOptions o = pretrain_defaults();
-  o.steps(p.steps).batch_size(p.batch_size).lr(p.lr).ema_decay(p.ema_decay).seed(p.seed).ckpt_every(p.ckpt_every)
-      .ema_warmup(p.ema_warmup).lr_warmup(p.lr_warmup).precision(parse_precision(p.precision))
-      .checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device))
-      .class_dropout_prob(config.model.class_dropout_prob).log_every(100).config_json(config_to_json(config));
+  FinetuneOptions o = detail::pretrain_options_of(config);
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config));
   Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
   if (trainer.resume(cb.log)) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
   say(cb, fmt::format("pretrain: {} steps x {} images from scratch, {}", p.steps, p.batch_size,
@@ -362,12 +350,8 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   resume_sig["finetune"].erase("precision");  // a run may continue in another precision
   detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
   auto train_data = get_data();
-  FinetuneOptions o;
-  o.steps(f.steps).batch_size(f.batch_size).lr(f.lr).weight_decay(f.weight_decay).ema_decay(f.ema_decay)
-      .gamma_blocks(f.gamma_blocks).minimax(minimax).lambda_r(f.lambda_r).lambda_d(f.lambda_d).memory_size(f.memory_size)
-      .seed(f.seed).ckpt_every(f.ckpt_every).checkpoint_dir((dir / "checkpoints").string())
-      .class_dropout_prob(config.model.class_dropout_prob).device(device_of(config.device)).log_every(100)
-      .precision(parse_precision(f.precision)).config_json(config_to_json(config));
+  FinetuneOptions o = detail::finetune_options_of(config, minimax);
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config));
   Finetuner trainer(load_model(config.model, init_weights), train_data, o);
   if (trainer.resume(cb.log)) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
   say(cb, fmt::format("finetune-{}: {} steps x {} images, {}, DiffFit{}", variant, f.steps, f.batch_size,
@@ -418,12 +402,8 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   model->to(dev);
   model->eval();
   auto codec = make_codec(config.codec, "decoder", config.device);
-  SamplerOptions so;
-  so.batch_size(s.batch_size).timestep_respacing(s.method == "ddim" && s.steps.rfind("ddim", 0) != 0 ? "ddim" + s.steps : s.steps)
-      .learn_sigma(model->options().learn_sigma()).cfg_scale(s.cfg_scale).null_class(model->null_class())
-      .guidance(parse_cfg_guidance(s.guidance.c_str())).precision(parse_precision(s.precision))
-      .method(parse_sampling_method(s.method)).seed(s.seed)
-      .latent_shape({config.model.in_channels, config.model.input_size, config.model.input_size}).device(dev);
+  SamplerOptions so = detail::sampler_options_of(config, model->options().learn_sigma(), model->null_class());
+  so.device(dev);
   ConditionalModelFn fn = [model](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {
     torch::NoGradGuard ng;
     return model->forward(x, t, y);
@@ -487,10 +467,7 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
   if (!test.images.defined() || test.images.numel() == 0)
     throw Error("evaluate: no test set (set data.test_root for image folders)");
   const auto& e = config.evaluate;
-  EvalOptions eo;
-  eo.protocol(e.protocol).repeats(e.repeats).seed(e.seed).epochs(name == "full" ? e.full_set_epochs : e.epochs)
-      .device(config.device);
-  if (e.image_size > 0) eo.image_size(e.image_size);
+  const EvalOptions eo = detail::eval_options_of(config, name == "full");
   const std::string fp = dataset_fingerprint(train);
   json sig = {{"protocol", e.protocol}, {"repeats", e.repeats}, {"seed", e.seed}, {"epochs", eo.epochs()},
               {"image_size", e.image_size}, {"train", fp}, {"test", dataset_fingerprint(test)}};

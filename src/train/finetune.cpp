@@ -59,6 +59,27 @@ FinetuneOptions pretrain_defaults() {
   return o;
 }
 
+void check_options(const FinetuneOptions& o, const OptionFail& fail) {
+  if (o.steps() < 0) fail("steps", fmt::format("must be >= 0, got {}", o.steps()));
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"batch_size", o.batch_size()}, {"memory_size", o.memory_size()}})
+    if (v <= 0) fail(name, fmt::format("must be > 0, got {}", v));
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"ckpt_every", o.ckpt_every()}, {"log_every", o.log_every()},
+                         {"lr_warmup", o.lr_warmup()}, {"gamma_blocks", o.gamma_blocks()},
+                         {"keep_checkpoints", o.keep_checkpoints()}})
+    if (v < 0) fail(name, fmt::format("must be >= 0, got {}", v));
+  if (!(o.lr() > 0) || !std::isfinite(o.lr())) fail("lr", fmt::format("must be finite and > 0, got {}", o.lr()));
+  for (auto [name, v] : {std::pair<const char*, double>{"weight_decay", o.weight_decay()}, {"lambda_r", o.lambda_r()},
+                         {"lambda_d", o.lambda_d()}})
+    if (!(v >= 0) || !std::isfinite(v)) fail(name, fmt::format("must be finite and >= 0, got {}", v));
+  if (!(o.ema_decay() >= 0 && o.ema_decay() <= 1)) fail("ema_decay", fmt::format("must lie in [0, 1], got {}", o.ema_decay()));
+  // The same rule as the DiT's own label dropout ([0, 1)): fine-tuning needs the class labels.
+  if (!(o.class_dropout_prob() >= 0 && o.class_dropout_prob() < 1))
+    fail("class_dropout_prob", fmt::format("must lie in [0, 1), got {}", o.class_dropout_prob()));
+  if (!o.diffusion().timestep_respacing().empty())
+    fail("diffusion", "timestep_respacing must be \"\" (training draws from every step), got \"" +
+                          o.diffusion().timestep_respacing() + "\"");
+}
+
 Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, FinetuneOptions options)
     : model_(std::move(model)),
       ema_(nullptr),
@@ -71,16 +92,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   if (!data_) throw Error("Finetuner: no training data");
   const auto& mo = model_->options();
   const auto& o = options_;
-  if (o.steps() < 0 || o.batch_size() <= 0) throw Error("Finetuner: steps must be >= 0 and batch_size > 0");
-  if (o.memory_size() <= 0) throw Error("Finetuner: memory_size must be > 0");
-  if (!(o.class_dropout_prob() >= 0 && o.class_dropout_prob() < 1)) throw Error("Finetuner: class_dropout_prob must lie in [0, 1)");
+  check_options(o, throw_option_error("Finetuner"));
   if (o.class_dropout_prob() > 0 && mo.class_dropout_prob() <= 0)
     throw Error("Finetuner: label dropout requested but the model has no null-class row (class_dropout_prob = 0)");
-  if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("Finetuner: ckpt_every and log_every must be >= 0");
-  if (o.lr_warmup() < 0) throw Error("Finetuner: lr_warmup must be >= 0");
-  if (!o.diffusion().timestep_respacing().empty())
-    throw Error("Finetuner: diffusion().timestep_respacing must be \"\" (training draws from every step), got \"" +
-                o.diffusion().timestep_respacing() + "\"");
   precision_ = resolve_precision(o.precision(), o.device());
   if (precision_ == Precision::kFP16) loss_scale_ = 65536.0;
   if (data_->size() < o.batch_size())

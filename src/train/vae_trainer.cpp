@@ -54,6 +54,22 @@ ReconstructionLoss parse_reconstruction_loss(const std::string& name) {
   return detail::parse_enum(kReconstructionNames, "VaeTrainer: reconstruction", name);
 }
 
+void check_options(const VaeTrainerOptions& o, const OptionFail& fail) {
+  if (o.steps() < 0) fail("steps", fmt::format("must be >= 0, got {}", o.steps()));
+  if (o.batch_size() <= 0) fail("batch_size", fmt::format("must be > 0, got {}", o.batch_size()));
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"lr_warmup", o.lr_warmup()}, {"ckpt_every", o.ckpt_every()},
+                         {"log_every", o.log_every()}, {"keep_checkpoints", o.keep_checkpoints()}})
+    if (v < 0) fail(name, fmt::format("must be >= 0, got {}", v));
+  if (!(o.lr() > 0) || !std::isfinite(o.lr())) fail("lr", fmt::format("must be finite and > 0, got {}", o.lr()));
+  if (!(o.kl_weight() >= 0) || !std::isfinite(o.kl_weight()))
+    fail("kl_weight", fmt::format("must be finite and >= 0, got {}", o.kl_weight()));
+  try {
+    parse_reconstruction_loss(o.reconstruction());
+  } catch (const Error& e) {
+    fail("reconstruction", std::string("is invalid: ") + e.what());
+  }
+}
+
 VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOptions options)
     : vae_(std::move(vae)), data_(std::move(images)), options_(std::move(options)) {
   if (!vae_) throw Error("VaeTrainer: empty AutoencoderKL");
@@ -67,12 +83,9 @@ VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOption
                             vae_->options.in_channels(), vae_->options.out_channels()));
   if (h % f != 0 || w % f != 0)
     throw Error(fmt::format("VaeTrainer: image size {}x{} is not a multiple of the VAE's downsampling factor {}", h, w, f));
-  if (o.steps() < 0 || o.batch_size() <= 0) throw Error("VaeTrainer: steps must be >= 0 and batch_size > 0");
+  check_options(o, throw_option_error("VaeTrainer"));
   if (n < o.batch_size()) throw Error(fmt::format("VaeTrainer: batch_size {} exceeds the {} images", o.batch_size(), n));
-  if (!(o.lr() > 0) || o.lr_warmup() < 0 || !(o.kl_weight() >= 0))
-    throw Error("VaeTrainer: need lr > 0, lr_warmup >= 0 and kl_weight >= 0");
   reconstruction_ = parse_reconstruction_loss(o.reconstruction());
-  if (o.ckpt_every() < 0 || o.log_every() < 0) throw Error("VaeTrainer: ckpt_every and log_every must be >= 0");
   precision_ = resolve_precision(o.precision(), o.device());
   vae_->to(o.device());
   vae_->runtime.slice_size(0).tiling(false);

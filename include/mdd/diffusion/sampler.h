@@ -15,6 +15,7 @@
 #include "mdd/diffusion/gaussian_diffusion.h"
 #include "mdd/diffusion/guidance.h"
 #include "mdd/export.h"
+#include "mdd/util/option_check.h"
 #include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
@@ -98,6 +99,10 @@ struct MDD_API SamplerOptions {
   /// Alias of `diffusion().noise_schedule()`.
   const std::string& noise_schedule() const noexcept { return diffusion_.noise_schedule(); }
 };
+
+/// The rules `Sampler` applies to its options (batch_size >= 1, finite non-negative cfg_scale and eta,
+/// a [C, H, W] latent_shape, a null class for guidance); each broken one goes to `fail`.
+MDD_API void check_options(const SamplerOptions& o, const OptionFail& fail);
 
 /// Draws latents for given labels with any class-conditional model.
 ///

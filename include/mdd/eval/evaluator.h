@@ -27,6 +27,7 @@
 
 #include "mdd/data/labeled_images.h"
 #include "mdd/export.h"
+#include "mdd/util/option_check.h"
 #include "mdd/util/progress.h"
 
 namespace mdd {
@@ -62,6 +63,10 @@ struct MDD_API EvalOptions {
   TORCH_ARG(std::vector<double>, std) = {};
   TORCH_ARG(std::string, device) = "cpu";     ///< torch device string, e.g. "cuda:0"
 };
+
+/// The rules `Evaluator` (and `evaluate`) apply to the options (a known protocol, augment and norm,
+/// repeats >= 1, non-negative sizes, matching mean/std); each broken one goes to `fail`.
+MDD_API void check_options(const EvalOptions& o, const OptionFail& fail);
 
 /// Top-1 accuracies in percent. `best`/`last` per repeat; `mean`/`std` over `best`
 /// (population std, as the reference's np.std). Additions: `last_mean`/`last_std`, `seconds`.

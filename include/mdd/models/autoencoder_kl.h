@@ -21,6 +21,7 @@
 #include "mdd/export.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/models/codec.h"
+#include "mdd/util/option_check.h"
 
 namespace mdd {
 
@@ -44,6 +45,10 @@ struct MDD_API AutoencoderKLOptions {
   /// Training image size from config.json (informational; diffusers derives its tile size from it).
   TORCH_ARG(int64_t, sample_size) = 256;
 };
+
+/// The rules `AutoencoderKL` applies to its architecture (positive sizes, channel counts that are
+/// multiples of norm_num_groups); each broken one goes to `fail`.
+MDD_API void check_options(const AutoencoderKLOptions& o, const OptionFail& fail);
 
 /// How encode/decode spend memory and precision. None of these change the parameters, and
 /// slicing never changes results; tiling approximates the untiled result (see docs/vae.md).

@@ -25,6 +25,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "mdd/export.h"
+#include "mdd/util/option_check.h"
 
 namespace mdd {
 
@@ -63,6 +64,10 @@ struct MDD_API DiTOptions {
 /// mlp_ratio 4, class_dropout_prob 0.1, learn_sigma). `input_size` is the latent size (image / 8).
 /// Throws `mdd::Error` listing the valid names for an unknown name.
 MDD_API DiTOptions dit_options(const std::string& name, int64_t input_size = 32, int64_t num_classes = 1000);
+
+/// The rules `DiT`'s constructor applies to its options (positive sizes, patch_size | input_size,
+/// num_heads | hidden_size, class_dropout_prob in [0, 1)); each broken one goes to `fail`.
+MDD_API void check_options(const DiTOptions& o, const OptionFail& fail);
 
 /// The 12 names accepted by `dit_options`, in the reference's order (XL/2 ... S/8).
 MDD_API std::vector<std::string> dit_model_names();

@@ -30,6 +30,7 @@
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/models/dit.h"
 #include "mdd/train/adamw.h"
+#include "mdd/util/option_check.h"
 #include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
@@ -107,6 +108,11 @@ struct MDD_API FinetuneOptions {
   /// Alias of `diffusion().noise_schedule()`.
   const std::string& noise_schedule() const noexcept { return diffusion_.noise_schedule(); }
 };
+
+/// The rules `Finetuner` (and `Pretrainer`) apply to their options alone (sizes, rates, decays,
+/// label dropout in [0, 1), no respacing); each broken one goes to `fail`. Rules that need the model
+/// or the data (batch_size <= items, latent shape) are checked by the constructor.
+MDD_API void check_options(const FinetuneOptions& o, const OptionFail& fail);
 
 /// Losses of one step (host values).
 struct MDD_API TrainStats {

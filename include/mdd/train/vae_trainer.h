@@ -22,6 +22,7 @@
 #include "mdd/export.h"
 #include "mdd/models/autoencoder_kl.h"
 #include "mdd/train/adamw.h"
+#include "mdd/util/option_check.h"
 #include "mdd/util/precision.h"
 #include "mdd/util/progress.h"
 
@@ -63,6 +64,10 @@ struct MDD_API VaeTrainerOptions {
   /// Precision of encoder/decoder forward and backward (weights, optimizer and loss stay fp32).
   TORCH_ARG(Precision, precision) = Precision::kFP32;
 };
+
+/// The rules `VaeTrainer` applies to its options alone (sizes, rates, a known reconstruction loss);
+/// each broken one goes to `fail`.
+MDD_API void check_options(const VaeTrainerOptions& o, const OptionFail& fail);
 
 /// Losses of one step (host values).
 struct MDD_API VaeTrainStats {
