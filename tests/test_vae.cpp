@@ -398,6 +398,33 @@ TEST(Vae, TiledDecodeApproximatesUntiled) {
   EXPECT_LE(enc_err, 0.25 * enc_scale);
 }
 
+// `clone()` is a deep copy: same keys and values, same outputs, and training the copy leaves the
+// original untouched (what an EMA copy needs).
+TEST(Vae, CloneIsAnIndependentDeepCopy) {
+  torch::manual_seed(3);
+  AutoencoderKL vae(AutoencoderKLOptions().block_out_channels({8, 16}).norm_num_groups(4).layers_per_block(2)
+                        .in_channels(1).out_channels(1).latent_channels(2));
+  vae->eval();
+  AutoencoderKL copy(std::dynamic_pointer_cast<AutoencoderKLImpl>(vae->clone()));
+  ASSERT_TRUE(copy);
+  EXPECT_EQ(copy->options.block_out_channels(), vae->options.block_out_channels());
+  const auto a = vae->named_parameters(), b = copy->named_parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].key(), b[i].key());
+    EXPECT_TRUE(torch::equal(a[i].value(), b[i].value())) << a[i].key();
+    EXPECT_NE(a[i].value().data_ptr(), b[i].value().data_ptr()) << a[i].key();
+  }
+  const torch::Tensor x = torch::rand({2, 1, 8, 8}) * 2 - 1;
+  torch::NoGradGuard ng;
+  const torch::Tensor z = vae->encode(x).mean;
+  EXPECT_TRUE(torch::equal(copy->encode(x).mean, z));
+  EXPECT_TRUE(torch::equal(copy->decode(z), vae->decode(z)));
+  for (auto& p : copy->parameters()) p.add_(1.0);
+  EXPECT_TRUE(torch::equal(vae->encode(x).mean, z));  // the original did not move
+  EXPECT_FALSE(torch::equal(copy->encode(x).mean, z));
+}
+
 TEST(Vae, BadInputsThrow) {
   AutoencoderKL vae(AutoencoderKLOptions().block_out_channels({16, 32}).norm_num_groups(8).layers_per_block(1));
   EXPECT_THROW(vae->encode(torch::zeros({1, 4, 16, 16})), mdd::Error);   // channels

@@ -42,18 +42,23 @@ VaeTapFn prefixed(const VaeTapFn& tap, const std::string& prefix) {
 // diffusers Downsample2D(use_conv=True, padding=0): the SD VAE pads one zero column on the right
 // and one zero row at the bottom (asymmetric, inherited from the CompVis code), then a stride-2 3x3
 // conv with no padding. A symmetric pad-1 conv would shift the sampling grid by half a pixel.
-class Downsample2DImpl : public torch::nn::Module {
+class Downsample2DImpl : public torch::nn::Cloneable<Downsample2DImpl> {
  public:
-  explicit Downsample2DImpl(int64_t channels) { conv = register_module("conv", vae::conv(channels, channels, 3, 2, 0)); }
+  explicit Downsample2DImpl(int64_t channels) : channels_(channels) { reset(); }
+  void reset() override { conv = register_module("conv", vae::conv(channels_, channels_, 3, 2, 0)); }
   torch::Tensor forward(const torch::Tensor& x) { return conv(torch::constant_pad_nd(x, {0, 1, 0, 1}, 0)); }
   torch::nn::Conv2d conv{nullptr};
+
+ private:
+  int64_t channels_;
 };
 TORCH_MODULE(Downsample2D);
 
 // diffusers Upsample2D(use_conv=True): nearest x2 then a 3x3 conv (no transposed conv).
-class Upsample2DImpl : public torch::nn::Module {
+class Upsample2DImpl : public torch::nn::Cloneable<Upsample2DImpl> {
  public:
-  explicit Upsample2DImpl(int64_t channels) { conv = register_module("conv", vae::conv(channels, channels, 3, 1, 1)); }
+  explicit Upsample2DImpl(int64_t channels) : channels_(channels) { reset(); }
+  void reset() override { conv = register_module("conv", vae::conv(channels_, channels_, 3, 1, 1)); }
   torch::Tensor forward(const torch::Tensor& x) {
     namespace F = torch::nn::functional;
     torch::Tensor h = x;
@@ -67,18 +72,25 @@ class Upsample2DImpl : public torch::nn::Module {
     return conv(h);
   }
   torch::nn::Conv2d conv{nullptr};
+
+ private:
+  int64_t channels_;
 };
 TORCH_MODULE(Upsample2D);
 
 // diffusers DownEncoderBlock2D: `resnets` then (except at the last level) `downsamplers.0`.
-class DownEncoderBlock2DImpl : public torch::nn::Module {
+class DownEncoderBlock2DImpl : public torch::nn::Cloneable<DownEncoderBlock2DImpl> {
  public:
-  DownEncoderBlock2DImpl(int64_t in, int64_t out, int64_t layers, int64_t groups, bool add_downsample) {
+  DownEncoderBlock2DImpl(int64_t in, int64_t out, int64_t layers, int64_t groups, bool add_downsample)
+      : in_(in), out_(out), layers_(layers), groups_(groups), add_downsample_(add_downsample) {
+    reset();
+  }
+  void reset() override {
     resnets = register_module("resnets", torch::nn::ModuleList());
-    for (int64_t i = 0; i < layers; ++i) resnets->push_back(ResnetBlock2D(i == 0 ? in : out, out, groups));
-    if (add_downsample) {
+    for (int64_t i = 0; i < layers_; ++i) resnets->push_back(ResnetBlock2D(i == 0 ? in_ : out_, out_, groups_));
+    if (add_downsample_) {
       downsamplers = register_module("downsamplers", torch::nn::ModuleList());
-      downsamplers->push_back(Downsample2D(out));
+      downsamplers->push_back(Downsample2D(out_));
     }
   }
   torch::Tensor forward(torch::Tensor h) {
@@ -88,18 +100,26 @@ class DownEncoderBlock2DImpl : public torch::nn::Module {
     return h;
   }
   torch::nn::ModuleList resnets{nullptr}, downsamplers{nullptr};
+
+ private:
+  int64_t in_, out_, layers_, groups_;
+  bool add_downsample_;
 };
 TORCH_MODULE(DownEncoderBlock2D);
 
 // diffusers UpDecoderBlock2D: `resnets` (layers_per_block + 1) then (except last) `upsamplers.0`.
-class UpDecoderBlock2DImpl : public torch::nn::Module {
+class UpDecoderBlock2DImpl : public torch::nn::Cloneable<UpDecoderBlock2DImpl> {
  public:
-  UpDecoderBlock2DImpl(int64_t in, int64_t out, int64_t layers, int64_t groups, bool add_upsample) {
+  UpDecoderBlock2DImpl(int64_t in, int64_t out, int64_t layers, int64_t groups, bool add_upsample)
+      : in_(in), out_(out), layers_(layers), groups_(groups), add_upsample_(add_upsample) {
+    reset();
+  }
+  void reset() override {
     resnets = register_module("resnets", torch::nn::ModuleList());
-    for (int64_t i = 0; i < layers; ++i) resnets->push_back(ResnetBlock2D(i == 0 ? in : out, out, groups));
-    if (add_upsample) {
+    for (int64_t i = 0; i < layers_; ++i) resnets->push_back(ResnetBlock2D(i == 0 ? in_ : out_, out_, groups_));
+    if (add_upsample_) {
       upsamplers = register_module("upsamplers", torch::nn::ModuleList());
-      upsamplers->push_back(Upsample2D(out));
+      upsamplers->push_back(Upsample2D(out_));
     }
   }
   torch::Tensor forward(torch::Tensor h) {
@@ -109,6 +129,10 @@ class UpDecoderBlock2DImpl : public torch::nn::Module {
     return h;
   }
   torch::nn::ModuleList resnets{nullptr}, upsamplers{nullptr};
+
+ private:
+  int64_t in_, out_, layers_, groups_;
+  bool add_upsample_;
 };
 TORCH_MODULE(UpDecoderBlock2D);
 
@@ -116,14 +140,19 @@ TORCH_MODULE(UpDecoderBlock2D);
 
 // ------------------------------------------------------------------------------------- blocks
 
-ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t groups) {
-  norm1 = register_module("norm1", group_norm(groups, in_channels));
-  conv1 = register_module("conv1", conv(in_channels, out_channels, 3, 1, 1));
-  norm2 = register_module("norm2", group_norm(groups, out_channels));
-  conv2 = register_module("conv2", conv(out_channels, out_channels, 3, 1, 1));
+ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t groups)
+    : in_channels_(in_channels), out_channels_(out_channels), groups_(groups) {
+  reset();
+}
+
+void ResnetBlock2DImpl::reset() {
+  norm1 = register_module("norm1", group_norm(groups_, in_channels_));
+  conv1 = register_module("conv1", conv(in_channels_, out_channels_, 3, 1, 1));
+  norm2 = register_module("norm2", group_norm(groups_, out_channels_));
+  conv2 = register_module("conv2", conv(out_channels_, out_channels_, 3, 1, 1));
   // diffusers creates the 1x1 shortcut only when channels change; an identity otherwise.
-  if (in_channels != out_channels)
-    conv_shortcut = register_module("conv_shortcut", conv(in_channels, out_channels, 1));
+  if (in_channels_ != out_channels_)
+    conv_shortcut = register_module("conv_shortcut", conv(in_channels_, out_channels_, 1));
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x) {
@@ -133,8 +162,11 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x) {
   return shortcut + h;  // output_scale_factor = 1
 }
 
-AttentionImpl::AttentionImpl(int64_t channels, int64_t groups) {
-  group_norm = register_module("group_norm", vae::group_norm(groups, channels));
+AttentionImpl::AttentionImpl(int64_t channels, int64_t groups) : channels_(channels), groups_(groups) { reset(); }
+
+void AttentionImpl::reset() {
+  const int64_t channels = channels_;
+  group_norm = register_module("group_norm", vae::group_norm(groups_, channels));
   to_q = register_module("to_q", torch::nn::Linear(channels, channels));
   to_k = register_module("to_k", torch::nn::Linear(channels, channels));
   to_v = register_module("to_v", torch::nn::Linear(channels, channels));
@@ -168,12 +200,14 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   return o + x;  // residual; rescale_output_factor = 1
 }
 
-MidBlockImpl::MidBlockImpl(int64_t channels, int64_t groups) {
+MidBlockImpl::MidBlockImpl(int64_t channels, int64_t groups) : channels_(channels), groups_(groups) { reset(); }
+
+void MidBlockImpl::reset() {
   resnets = register_module("resnets", torch::nn::ModuleList());
   attentions = register_module("attentions", torch::nn::ModuleList());
-  resnets->push_back(ResnetBlock2D(channels, channels, groups));
-  attentions->push_back(Attention(channels, groups));
-  resnets->push_back(ResnetBlock2D(channels, channels, groups));
+  resnets->push_back(ResnetBlock2D(channels_, channels_, groups_));
+  attentions->push_back(Attention(channels_, groups_));
+  resnets->push_back(ResnetBlock2D(channels_, channels_, groups_));
 }
 
 torch::Tensor MidBlockImpl::forward(const torch::Tensor& x, const VaeTapFn& tap) {
@@ -184,7 +218,10 @@ torch::Tensor MidBlockImpl::forward(const torch::Tensor& x, const VaeTapFn& tap)
   return resnets[1]->as<ResnetBlock2DImpl>()->forward(h);
 }
 
-EncoderImpl::EncoderImpl(const AutoencoderKLOptions& o) {
+EncoderImpl::EncoderImpl(const AutoencoderKLOptions& options) : options_(options) { reset(); }
+
+void EncoderImpl::reset() {
+  const auto& o = options_;
   const auto& ch = o.block_out_channels();
   const int64_t g = o.norm_num_groups();
   conv_in = register_module("conv_in", conv(o.in_channels(), ch.front(), 3, 1, 1));
@@ -213,7 +250,10 @@ torch::Tensor EncoderImpl::forward(const torch::Tensor& x, const VaeTapFn& tap) 
   return h;
 }
 
-DecoderImpl::DecoderImpl(const AutoencoderKLOptions& o) {
+DecoderImpl::DecoderImpl(const AutoencoderKLOptions& options) : options_(options) { reset(); }
+
+void DecoderImpl::reset() {
+  const auto& o = options_;
   const auto& ch = o.block_out_channels();
   const int64_t g = o.norm_num_groups();
   conv_in = register_module("conv_in", conv(o.latent_channels(), ch.back(), 3, 1, 1));
@@ -249,6 +289,10 @@ AutoencoderKLImpl::AutoencoderKLImpl(AutoencoderKLOptions options_, VaeRuntimeOp
     : options(std::move(options_)), runtime(std::move(runtime_)) {
   vae::detail::validate_options(options);
   vae::detail::validate_runtime(runtime);
+  reset();
+}
+
+void AutoencoderKLImpl::reset() {
   encoder = register_module("encoder", vae::Encoder(options));
   decoder = register_module("decoder", vae::Decoder(options));
   const int64_t L = options.latent_channels();

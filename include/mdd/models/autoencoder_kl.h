@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/conv.h>
@@ -80,74 +81,99 @@ namespace vae {
 
 /// diffusers ResnetBlock2D without time embedding: shortcut(x) + conv2(SiLU(GN2(conv1(SiLU(GN1(x)))))).
 /// `conv_shortcut` (1x1) exists only when in_channels != out_channels.
-class MDD_API ResnetBlock2DImpl : public torch::nn::Module {
+class MDD_API ResnetBlock2DImpl : public torch::nn::Cloneable<ResnetBlock2DImpl> {
  public:
   /// `groups` GroupNorm groups (eps 1e-6).
   ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t groups);
+  /// (Re)creates the submodules (what `clone()` calls on the copy).
+  void reset() override;
   /// [N, in, H, W] -> [N, out, H, W].
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+
+ private:
+  int64_t in_channels_, out_channels_, groups_;
 };
 /// Module holder of ResnetBlock2DImpl.
 TORCH_MODULE(ResnetBlock2D);
 
 /// Single-head spatial self-attention with a GroupNorm and a residual (diffusers Attention as built
 /// for the VAE mid block: heads = 1, head dim = C, softmax in float32).
-class MDD_API AttentionImpl : public torch::nn::Module {
+class MDD_API AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
  public:
   /// `channels` C, `groups` GroupNorm groups (eps 1e-6).
   AttentionImpl(int64_t channels, int64_t groups);
+  /// (Re)creates the submodules.
+  void reset() override;
   /// [N, C, H, W] -> [N, C, H, W].
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::GroupNorm group_norm{nullptr};
   torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   /// Holds the output Linear at index 0 (key `to_out.0`); diffusers' index 1 is a parameterless Dropout.
   torch::nn::ModuleList to_out{nullptr};
+
+ private:
+  int64_t channels_, groups_;
 };
 /// Module holder of AttentionImpl.
 TORCH_MODULE(Attention);
 
 /// resnets.0 -> attentions.0 -> resnets.1 at constant channels (diffusers UNetMidBlock2D, no temb).
-class MDD_API MidBlockImpl : public torch::nn::Module {
+class MDD_API MidBlockImpl : public torch::nn::Cloneable<MidBlockImpl> {
  public:
   /// `channels` C, `groups` GroupNorm groups.
   MidBlockImpl(int64_t channels, int64_t groups);
+  /// (Re)creates the submodules.
+  void reset() override;
   /// `tap` (optional) receives "resnets.0" and "attentions.0" outputs.
   torch::Tensor forward(const torch::Tensor& x, const VaeTapFn& tap = {});
   torch::nn::ModuleList resnets{nullptr}, attentions{nullptr};
+
+ private:
+  int64_t channels_, groups_;
 };
 /// Module holder of MidBlockImpl.
 TORCH_MODULE(MidBlock);
 
 /// The VAE encoder: conv_in, down_blocks (resnets + asymmetric-pad stride-2 downsamplers),
 /// mid_block, conv_norm_out, SiLU, conv_out (-> 2 * latent_channels moments).
-class MDD_API EncoderImpl : public torch::nn::Module {
+class MDD_API EncoderImpl : public torch::nn::Cloneable<EncoderImpl> {
  public:
   /// Built from the architecture options.
   explicit EncoderImpl(const AutoencoderKLOptions& options);
+  /// (Re)creates the submodules.
+  void reset() override;
   /// Images [N, in_channels, H, W] -> moments [N, 2L, H/f, W/f] (before quant_conv).
   torch::Tensor forward(const torch::Tensor& x, const VaeTapFn& tap = {});
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList down_blocks{nullptr};
   MidBlock mid_block{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};
+
+ private:
+  AutoencoderKLOptions options_;
 };
 /// Module holder of EncoderImpl.
 TORCH_MODULE(Encoder);
 
 /// The VAE decoder: conv_in, mid_block, up_blocks (layers_per_block + 1 resnets, nearest x2 +
 /// conv upsamplers, reversed channels), conv_norm_out, SiLU, conv_out. No output clamp.
-class MDD_API DecoderImpl : public torch::nn::Module {
+class MDD_API DecoderImpl : public torch::nn::Cloneable<DecoderImpl> {
  public:
   /// Built from the architecture options.
   explicit DecoderImpl(const AutoencoderKLOptions& options);
+  /// (Re)creates the submodules.
+  void reset() override;
   /// Latents after post_quant_conv [N, L, h, w] -> images [N, out_channels, h*f, w*f].
   torch::Tensor forward(const torch::Tensor& z, const VaeTapFn& tap = {});
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   MidBlock mid_block{nullptr};
   torch::nn::ModuleList up_blocks{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};
+
+ private:
+  AutoencoderKLOptions options_;
 };
 /// Module holder of DecoderImpl.
 TORCH_MODULE(Decoder);
@@ -160,10 +186,14 @@ class AutoencoderKL;
 /// decoder(post_quant_conv(z)). Neither applies `scaling_factor` (the caller does, as DiT does).
 /// encode/decode run in the dtype and on the device of the parameters (inputs are moved there);
 /// their results are float32. Gradients follow the caller's grad mode.
-class MDD_API AutoencoderKLImpl : public torch::nn::Module {
+class MDD_API AutoencoderKLImpl : public torch::nn::Cloneable<AutoencoderKLImpl> {
  public:
   /// Builds the architecture with PyTorch-default initialisation (load weights afterwards).
   explicit AutoencoderKLImpl(AutoencoderKLOptions options = {}, VaeRuntimeOptions runtime = {});
+  /// (Re)creates the submodules from `options`. `clone()` (from `torch::nn::Cloneable`) calls it on
+  /// the copy and then copies every parameter and buffer, so `vae->clone()` is an independent deep
+  /// copy (options, runtime settings and tap included), e.g. for an EMA of a VAE being trained.
+  void reset() override;
 
   /// Posterior over unscaled latents for images in [-1, 1], [N, in_channels, H, W] with H and W
   /// multiples of `downsample_factor()`. Honours `runtime.slice_size` and `runtime.tiling`.
