@@ -349,7 +349,13 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   EXPECT_TRUE(difffit_reused) << "lambda_d cannot change the DiffFit-only run";
   // The superseded checkpoints were moved aside (reported), not deleted.
   bool moved = false;
-  for (const auto& l : lines) moved |= l.find("moved to") != std::string::npos && l.find("superseded") != std::string::npos;
+  for (const auto& l : lines) {
+    if (l.find("moved to") == std::string::npos || l.find("superseded") == std::string::npos) continue;
+    moved = true;
+    // ... and the report says which setting changed.
+    EXPECT_NE(l.find("finetune.lambda_d: "), std::string::npos) << l;
+    EXPECT_NE(l.find(" -> 0.5"), std::string::npos) << l;
+  }
   EXPECT_TRUE(moved);
   ASSERT_TRUE(fs::is_directory(c.output_dir + "/minimax/superseded"));
   int kept = 0;

@@ -310,8 +310,10 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   FinetuneOptions o = detail::pretrain_options_of(config);
   o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config));
   Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
-  if (trainer.resume(cb.log)) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
-  say(cb, fmt::format("pretrain: {} steps x {} images from scratch, {}", p.steps, p.batch_size,
+  const bool resumed = trainer.resume(cb.log);
+  if (resumed) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
+  say(cb, fmt::format("pretrain: {} steps x {} images {}, {}", p.steps, p.batch_size,
+                      resumed ? "(continuing the run above)" : "from scratch",
                       describe_precision(trainer.precision(), device_of(config.device))));
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
   io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),

@@ -3,9 +3,12 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <system_error>
+#include <vector>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
@@ -15,6 +18,45 @@ namespace fs = std::filesystem;
 
 namespace mdd::detail {
 namespace {
+
+// The settings that differ between two stage signatures, as "key: old -> new" (at most five, values
+// shortened), so a user whose checkpoints were set aside sees why, e.g. that a newer mdd added a key
+// ("codec_identity: (absent) -> ...") rather than that they changed a setting. "" if unparsable.
+std::string signature_changes(const std::string& recorded, const std::string& current) {
+  using nlohmann::json;
+  const json a = json::parse(recorded, nullptr, /*allow_exceptions=*/false);
+  const json b = json::parse(current, nullptr, /*allow_exceptions=*/false);
+  if (!a.is_object() || !b.is_object()) return "";
+  std::vector<std::string> changes;
+  auto show = [](const json* v) {
+    if (!v) return std::string("(absent)");
+    std::string t = v->dump();
+    return t.size() > 40 ? t.substr(0, 37) + "..." : t;
+  };
+  // Depth 2: signatures nest one config section (e.g. "finetune": {...}) below the top level.
+  std::function<void(const json&, const json&, const std::string&, int)> walk = [&](const json& x, const json& y,
+                                                                                   const std::string& prefix, int depth) {
+    std::vector<std::string> keys;
+    for (auto it = x.begin(); it != x.end(); ++it) keys.push_back(it.key());
+    for (auto it = y.begin(); it != y.end(); ++it)
+      if (!x.contains(it.key())) keys.push_back(it.key());
+    for (const auto& k : keys) {
+      const json* xv = x.contains(k) ? &x.at(k) : nullptr;
+      const json* yv = y.contains(k) ? &y.at(k) : nullptr;
+      if (xv && yv && *xv == *yv) continue;
+      if (xv && yv && xv->is_object() && yv->is_object() && depth < 2) {
+        walk(*xv, *yv, prefix + k + ".", depth + 1);
+      } else {
+        changes.push_back(prefix + k + ": " + show(xv) + " -> " + show(yv));
+      }
+    }
+  };
+  walk(a, b, "", 1);
+  std::string out;
+  for (size_t i = 0; i < changes.size() && i < 5; ++i) out += (i ? "; " : "") + changes[i];
+  if (changes.size() > 5) out += fmt::format("; and {} more", changes.size() - 5);
+  return out;
+}
 
 void say(const LogFn& log, const std::string& line) {
   if (log) log(line);
@@ -78,8 +120,12 @@ void prepare_stage_checkpoints(const std::string& dir, const std::string& resume
                               ec.message()));
     say(log, fmt::format("{}: checkpoints of {} moved to {} (delete that folder when it is no longer needed)",
                          root.filename().string(),
-                         force ? "the run being redone (--force)"
-                               : have_sig ? "a run with other settings" : "a run without a signature file",
+                         force      ? "the run being redone (--force)"
+                         : have_sig ? [&] {
+                             const std::string changes = signature_changes(recorded, resume_signature);
+                             return "a run with other settings" + (changes.empty() ? "" : " (" + changes + ")");
+                           }()
+                                    : std::string("a run without a signature file"),
                          target.string()));
   }
   write_text_file_atomic(sig_path.string(), resume_signature);
