@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev libopenblas0-pthread          # LibTorch 1.13 (CPU); OpenBLAS: reference BLAS is tens of times slower
+  libgloo-dev                                # Gloo's headers: multi-process support over LibTorch's c10d (src/dist)
   libfmt-dev nlohmann-json3-dev libstb-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
   dataset-fashion-mnist                      # the embedded CPU demo and evaluator checks

@@ -1,0 +1,278 @@
+#include "mdd/dist/process_group.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <exception>
+#include <optional>
+#include <utility>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include "mdd/util/error.h"
+
+#ifdef MDD_HAVE_C10D_GLOO
+// c10d's headers (and the Gloo headers they include) stay in this one translation unit: the public
+// header hides them, so users never need them and their ABI never reaches mdd's interface.
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+
+namespace mdd::dist {
+namespace {
+
+// Reads an integer environment variable in [lo, hi]; nullopt when unset or empty.
+std::optional<int64_t> env_int(const char* name, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return std::nullopt;
+  errno = 0;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0')
+    throw Error(fmt::format("dist: environment variable {}='{}' is not an integer", name, v));
+  if (x < lo || x > hi)
+    throw Error(fmt::format("dist: environment variable {}={} is outside [{}, {}]", name, x, lo, hi));
+  return x;
+}
+
+std::string env_str(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+void check_options(const DistOptions& o) {
+  if (o.world_size() < 1) throw Error(fmt::format("dist: world_size must be >= 1, got {}", o.world_size()));
+  if (o.rank() < 0 || o.rank() >= o.world_size())
+    throw Error(fmt::format("dist: rank {} is outside [0, world_size {})", o.rank(), o.world_size()));
+  if (o.local_rank() < 0) throw Error(fmt::format("dist: local_rank must be >= 0, got {}", o.local_rank()));
+  if (o.world_size() > 1) {
+    if (o.master_addr().empty()) throw Error("dist: master_addr is empty (set MASTER_ADDR)");
+    if (o.master_port() < 1 || o.master_port() > 65535)
+      throw Error(fmt::format("dist: master_port {} is not a TCP port", o.master_port()));
+    if (o.timeout().count() <= 0) throw Error("dist: timeout must be positive");
+  }
+}
+
+// FNV-1a: a hash that is the same in every process and build (std::hash need not be).
+int64_t stable_hash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return static_cast<int64_t>(h);
+}
+
+}  // namespace
+
+DistOptions DistOptions::from_env() {
+  DistOptions o;
+  const int64_t kMaxRanks = int64_t(1) << 24;
+  auto world = env_int("WORLD_SIZE", 1, kMaxRanks);
+  auto rank = env_int("RANK", 0, kMaxRanks - 1);
+  auto local = env_int("LOCAL_RANK", 0, kMaxRanks - 1);
+  if (!world && !rank) {  // not torchrun: maybe an srun task
+    world = env_int("SLURM_NTASKS", 1, kMaxRanks);
+    rank = env_int("SLURM_PROCID", 0, kMaxRanks - 1);
+    local = env_int("SLURM_LOCALID", 0, kMaxRanks - 1);
+  }
+  if (world.value_or(1) > 1 && !rank) throw Error("dist: WORLD_SIZE > 1 but RANK is not set");
+  o.world_size(world.value_or(1)).rank(rank.value_or(0)).local_rank(local.value_or(0));
+  if (const std::string addr = env_str("MASTER_ADDR"); !addr.empty()) o.master_addr(addr);
+  if (auto port = env_int("MASTER_PORT", 1, 65535)) o.master_port(*port);
+  if (auto t = env_int("MDD_DIST_TIMEOUT_S", 1, 7 * 24 * 3600)) o.timeout(std::chrono::seconds(*t));
+  check_options(o);
+  return o;
+}
+
+bool distributed_available() {
+#ifdef MDD_HAVE_C10D_GLOO
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+
+// What a multi-process group holds; absent (nullptr) for a single process.
+class GroupBackend {
+ public:
+#ifdef MDD_HAVE_C10D_GLOO
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+#endif
+  std::chrono::milliseconds timeout{0};
+  int64_t rank = 0, world_size = 1;
+
+  // Runs one collective; any failure (a peer gone, a timeout) becomes an mdd::Error naming it.
+  template <typename F>
+  void run(const char* op, F&& start) {
+    try {
+      auto work = start();
+      work->wait(timeout);
+    } catch (const std::exception& e) {
+      throw Error(fmt::format("dist: {} failed on rank {} of {} (a peer stopped or the {} s timeout passed): {}", op,
+                              rank, world_size, timeout.count() / 1000.0, first_line(e.what())));
+    }
+  }
+
+  static std::string first_line(const std::string& s) {
+    const auto nl = s.find('\n');
+    return nl == std::string::npos ? s : s.substr(0, nl);
+  }
+};
+
+}  // namespace detail
+
+ProcessGroup::ProcessGroup() = default;
+
+ProcessGroup::ProcessGroup(const DistOptions& options) {
+  check_options(options);
+  rank_ = options.rank();
+  world_size_ = options.world_size();
+  local_rank_ = options.local_rank();
+  if (world_size_ == 1) return;
+#ifdef MDD_HAVE_C10D_GLOO
+  auto b = std::make_shared<detail::GroupBackend>();
+  b->timeout = options.timeout();
+  b->rank = rank_;
+  b->world_size = world_size_;
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(options.master_port());
+    so.isServer = rank_ == 0;
+    so.numWorkers = static_cast<std::size_t>(world_size_);
+    so.timeout = options.timeout();
+    b->store = c10::make_intrusive<c10d::TCPStore>(options.master_addr(), so);
+    auto go = c10d::ProcessGroupGloo::Options::create();
+    go->timeout = options.timeout();
+    const std::string& ma = options.master_addr();
+    const bool loopback = ma == "localhost" || ma.rfind("127.", 0) == 0 || ma == "::1";
+    if (!options.interface_address().empty())
+      go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.interface_address()));
+    else if (loopback)
+      go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else
+      go->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    b->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(b->store, static_cast<int>(rank_),
+                                                           static_cast<int>(world_size_), go);
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("dist: rank {} of {} could not join the group at {}:{} within {} s (is every rank "
+                            "started, MASTER_ADDR/MASTER_PORT the same for all and the port free?): {}",
+                            rank_, world_size_, options.master_addr(), options.master_port(),
+                            options.timeout().count() / 1000.0, detail::GroupBackend::first_line(e.what())));
+  }
+  backend_ = std::move(b);
+#else
+  throw Error(fmt::format("dist: world_size {} needs distributed support, but this mdd was built without "
+                          "LibTorch's c10d/Gloo (see docs/distributed.md)",
+                          world_size_));
+#endif
+}
+
+namespace {
+
+// c10d's Gloo collectives take dense contiguous CPU tensors; others travel through a host copy.
+struct HostView {
+  torch::Tensor original, host;
+  explicit HostView(const torch::Tensor& t) : original(t) {
+    host = t.device().is_cpu() && t.is_contiguous() ? t : t.to(torch::kCPU).contiguous();
+  }
+  void write_back() {
+    if (!host.is_same(original)) original.copy_(host);
+  }
+};
+
+}  // namespace
+
+void ProcessGroup::all_reduce_sum(std::vector<torch::Tensor>& tensors) {
+  for (const auto& t : tensors)
+    if (!t.defined()) throw Error("dist: all_reduce of an undefined tensor");
+  if (!backend_ || tensors.empty()) return;
+#ifdef MDD_HAVE_C10D_GLOO
+  // One collective per dtype over a flat host buffer: Gloo reduces lists of same-typed, same-shaped
+  // tensors only, and one large message beats many small ones (gradients arrive as hundreds).
+  std::vector<bool> done(tensors.size(), false);
+  for (size_t first = 0; first < tensors.size(); ++first) {
+    if (done[first]) continue;
+    const auto dtype = tensors[first].scalar_type();
+    std::vector<size_t> group;
+    std::vector<torch::Tensor> flat;
+    for (size_t k = first; k < tensors.size(); ++k)
+      if (!done[k] && tensors[k].scalar_type() == dtype) {
+        group.push_back(k);
+        flat.push_back(tensors[k].detach().to(torch::kCPU).reshape({-1}));
+        done[k] = true;
+      }
+    std::vector<at::Tensor> buffer{group.size() == 1 ? flat[0].contiguous().clone() : torch::cat(flat)};
+    backend_->run("all_reduce", [&] { return backend_->gloo->allreduce(buffer); });
+    int64_t offset = 0;
+    for (size_t k : group) {
+      torch::Tensor& t = tensors[k];
+      const int64_t n = t.numel();
+      torch::NoGradGuard no_grad;
+      t.copy_(buffer[0].narrow(0, offset, n).view(t.sizes()));
+      offset += n;
+    }
+  }
+#endif
+}
+
+void ProcessGroup::all_reduce_mean(std::vector<torch::Tensor>& tensors) {
+  for (const auto& t : tensors)
+    if (t.defined() && !t.is_floating_point())
+      throw Error(fmt::format("dist: all_reduce_mean needs floating-point tensors, got {}", c10::toString(t.scalar_type())));
+  all_reduce_sum(tensors);
+  if (world_size_ > 1)
+    for (auto& t : tensors) t.div_(static_cast<double>(world_size_));
+}
+
+torch::Tensor ProcessGroup::all_gather(const torch::Tensor& tensor) {
+  if (!tensor.defined()) throw Error("dist: all_gather of an undefined tensor");
+  if (!backend_) return tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
+#ifdef MDD_HAVE_C10D_GLOO
+  HostView v(tensor.dim() == 0 ? tensor.reshape({1}) : tensor);
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int64_t r = 0; r < world_size_; ++r) out[0].push_back(torch::empty_like(v.host));
+  std::vector<at::Tensor> in{v.host};
+  backend_->run("all_gather", [&] { return backend_->gloo->allgather(out, in); });
+  return torch::cat(out[0], 0).to(tensor.device());
+#else
+  return tensor;
+#endif
+}
+
+void ProcessGroup::broadcast(torch::Tensor& tensor, int64_t root) {
+  if (root < 0 || root >= world_size_)
+    throw Error(fmt::format("dist: broadcast root {} is outside [0, {})", root, world_size_));
+  if (!backend_) return;
+#ifdef MDD_HAVE_C10D_GLOO
+  if (!tensor.defined()) throw Error("dist: broadcast of an undefined tensor");
+  HostView v(tensor);
+  std::vector<at::Tensor> host{v.host};
+  c10d::BroadcastOptions bo;
+  bo.rootRank = root;
+  backend_->run("broadcast", [&] { return backend_->gloo->broadcast(host, bo); });
+  v.write_back();
+#endif
+}
+
+void ProcessGroup::barrier() {
+  if (!backend_) return;
+#ifdef MDD_HAVE_C10D_GLOO
+  backend_->run("barrier", [&] { return backend_->gloo->barrier(); });
+#endif
+}
+
+void ProcessGroup::check_same(const std::string& what, const std::string& text) {
+  if (!backend_) return;
+  const torch::Tensor mine = torch::tensor({stable_hash(text), static_cast<int64_t>(text.size())}, torch::kInt64);
+  const torch::Tensor all = all_gather(mine).view({world_size_, 2});
+  for (int64_t r = 0; r < world_size_; ++r)
+    if (!torch::equal(all[r], all[0]))
+      throw Error(fmt::format("dist: {} differs between rank 0 and rank {} (every rank must use the same; this is rank {})",
+                              what, r, rank_));
+}
+
+}  // namespace mdd::dist

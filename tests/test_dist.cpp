@@ -1,0 +1,276 @@
+// The process-group layer: one process (identity collectives), the launcher environment, and real
+// groups of 2 and 3 processes over loopback Gloo (this test binary re-executed as the other ranks).
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "mdd/dist/process_group.h"
+#include "mdd/util/error.h"
+
+using namespace mdd;
+using mdd::dist::DistOptions;
+using mdd::dist::ProcessGroup;
+
+namespace {
+
+// A TCP port that was free a moment ago (the kernel's choice for port 0).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+    port = ntohs(a.sin_port);
+  ::close(fd);
+  return port;
+}
+
+// Sets (or with nullptr unsets) environment variables for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    for (const auto& [k, v] : vars) {
+      const char* old = std::getenv(k);
+      saved_.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
+      if (v)
+        ::setenv(k, v, 1);
+      else
+        ::unsetenv(k);
+    }
+  }
+  ~ScopedEnv() {
+    for (const auto& [k, v] : saved_) {
+      if (v)
+        ::setenv(k.c_str(), v->c_str(), 1);
+      else
+        ::unsetenv(k.c_str());
+    }
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+const std::initializer_list<std::pair<const char*, const char*>> kNoLauncher = {
+    {"RANK", nullptr},         {"WORLD_SIZE", nullptr},    {"LOCAL_RANK", nullptr},       {"MASTER_ADDR", nullptr},
+    {"MASTER_PORT", nullptr},  {"SLURM_NTASKS", nullptr},  {"SLURM_PROCID", nullptr},     {"SLURM_LOCALID", nullptr},
+    {"MDD_DIST_TIMEOUT_S", nullptr}};
+
+// What every rank of a group does; throws (gtest assertions do not cross processes) on a mismatch.
+void exercise_group(ProcessGroup& pg) {
+  const int64_t r = pg.rank(), w = pg.world_size();
+  auto require = [&](bool ok, const std::string& what) {
+    if (!ok) throw std::runtime_error("rank " + std::to_string(r) + ": " + what);
+  };
+  std::vector<torch::Tensor> ts{torch::full({4}, double(r + 1)), torch::arange(3, torch::kInt64) * (r + 1)};
+  pg.all_reduce_sum(ts);
+  const double sum = double(w * (w + 1) / 2);
+  require(torch::equal(ts[0], torch::full({4}, sum)), "all_reduce_sum float");
+  require(torch::equal(ts[1], torch::arange(3, torch::kInt64) * int64_t(sum)), "all_reduce_sum int64");
+  std::vector<torch::Tensor> m{torch::full({2, 2}, double(r), torch::kFloat64)};
+  pg.all_reduce_mean(m);
+  require(torch::allclose(m[0], torch::full({2, 2}, double(w - 1) / 2, torch::kFloat64)), "all_reduce_mean");
+  // Non-contiguous input: travels through a contiguous copy and lands back in the view.
+  torch::Tensor base = torch::zeros({3, 2});
+  torch::Tensor col = base.select(1, 1);
+  col.fill_(1.0);
+  std::vector<torch::Tensor> v{col};
+  pg.all_reduce_sum(v);
+  require(torch::equal(base.select(1, 1), torch::full({3}, double(w))) && torch::equal(base.select(1, 0), torch::zeros({3})),
+          "all_reduce of a strided view");
+  const torch::Tensor g = pg.all_gather(torch::full({2, 3}, r, torch::kInt64));
+  require(g.sizes() == torch::IntArrayRef({2 * w, 3}), "all_gather shape");
+  for (int64_t k = 0; k < w; ++k) require(torch::equal(g.slice(0, 2 * k, 2 * k + 2), torch::full({2, 3}, k, torch::kInt64)), "all_gather order");
+  torch::Tensor b = torch::full({5}, double(r));
+  pg.broadcast(b, w - 1);
+  require(torch::equal(b, torch::full({5}, double(w - 1))), "broadcast");
+  pg.barrier();
+  pg.check_same("the config", "same text");
+  bool threw = false;
+  try {
+    pg.check_same("the config", r == w - 1 ? "other text" : "same text");
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("the config differs between rank 0 and rank " + std::to_string(w - 1)) !=
+            std::string::npos;
+  }
+  require(threw, "check_same detects a differing rank");
+}
+
+// Spawns this binary as rank `rank` running the DistChild test named `test`.
+pid_t spawn_rank(const std::string& test, int rank, int world, int port) {
+  static std::vector<std::string> env;  // kept alive for posix_spawn
+  env = {"RANK=" + std::to_string(rank), "WORLD_SIZE=" + std::to_string(world), "LOCAL_RANK=" + std::to_string(rank),
+         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(port), "MDD_DIST_TIMEOUT_S=20",
+         "MDD_DIST_CHILD=1", "OMP_NUM_THREADS=1"};
+  const std::string filter = "--gtest_filter=DistChild." + test;
+  std::vector<char*> argv = {const_cast<char*>("/proc/self/exe"), const_cast<char*>(filter.c_str()), nullptr};
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t quiet;
+  posix_spawn_file_actions_init(&quiet);
+  posix_spawn_file_actions_addopen(&quiet, 1, "/dev/null", O_WRONLY, 0);
+  pid_t pid = 0;
+  const int rc = ::posix_spawn(&pid, "/proc/self/exe", &quiet, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&quiet);
+  return rc == 0 ? pid : -1;
+}
+
+// Waits for a child with a deadline (a hang must fail the test, not the CI's global timeout).
+int wait_child(pid_t pid, double seconds) {
+  const auto t0 = std::chrono::steady_clock::now();
+  int status = 0;
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > seconds) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+}  // namespace
+
+TEST(Dist, SingleProcessCollectivesAreTheIdentity) {
+  ScopedEnv clean(kNoLauncher);
+  ProcessGroup pg(DistOptions::from_env());
+  EXPECT_EQ(pg.rank(), 0);
+  EXPECT_EQ(pg.world_size(), 1);
+  EXPECT_TRUE(pg.is_main());
+  std::vector<torch::Tensor> ts{torch::arange(4.0)};
+  pg.all_reduce_sum(ts);
+  pg.all_reduce_mean(ts);
+  EXPECT_TRUE(torch::equal(ts[0], torch::arange(4.0)));
+  EXPECT_TRUE(torch::equal(pg.all_gather(torch::ones({2, 3})), torch::ones({2, 3})));
+  torch::Tensor b = torch::full({2}, 7.0);
+  pg.broadcast(b);
+  EXPECT_TRUE(torch::equal(b, torch::full({2}, 7.0)));
+  pg.barrier();
+  pg.check_same("config", "anything");
+  EXPECT_THROW(pg.broadcast(b, 1), Error);
+  std::vector<torch::Tensor> ints{torch::ones({2}, torch::kInt64)};
+  EXPECT_THROW(pg.all_reduce_mean(ints), Error);
+}
+
+TEST(Dist, OptionsFromTheLauncherEnvironment) {
+  {
+    ScopedEnv clean(kNoLauncher);
+    ScopedEnv env({{"RANK", "2"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "0"}, {"MASTER_ADDR", "node7"},
+                   {"MASTER_PORT", "1234"}, {"MDD_DIST_TIMEOUT_S", "9"}});
+    const DistOptions o = DistOptions::from_env();
+    EXPECT_EQ(o.rank(), 2);
+    EXPECT_EQ(o.world_size(), 4);
+    EXPECT_EQ(o.local_rank(), 0);
+    EXPECT_EQ(o.master_addr(), "node7");
+    EXPECT_EQ(o.master_port(), 1234);
+    EXPECT_EQ(o.timeout(), std::chrono::seconds(9));
+  }
+  {
+    ScopedEnv clean(kNoLauncher);
+    ScopedEnv env({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"}, {"MASTER_ADDR", "n1"}});
+    const DistOptions o = DistOptions::from_env();
+    EXPECT_EQ(o.rank(), 5);
+    EXPECT_EQ(o.world_size(), 8);
+    EXPECT_EQ(o.local_rank(), 1);
+  }
+  for (auto [k, v] : {std::pair<const char*, const char*>{"WORLD_SIZE", "two"}, {"WORLD_SIZE", "0"},
+                      {"MASTER_PORT", "70000"}, {"RANK", "-1"}, {"MDD_DIST_TIMEOUT_S", "1e3"}}) {
+    ScopedEnv clean(kNoLauncher);
+    ScopedEnv env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {k, v}});
+    try {
+      DistOptions::from_env();
+      ADD_FAILURE() << k << "=" << v << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(k), std::string::npos) << e.what();
+    }
+  }
+  {
+    ScopedEnv clean(kNoLauncher);
+    ScopedEnv env({{"WORLD_SIZE", "2"}});
+    EXPECT_THROW(DistOptions::from_env(), Error);  // which rank am I?
+  }
+  EXPECT_THROW(ProcessGroup(DistOptions().world_size(2).rank(2)), Error);
+  EXPECT_THROW(ProcessGroup(DistOptions().world_size(0)), Error);
+  EXPECT_THROW(ProcessGroup(DistOptions().world_size(2).rank(0).master_port(0)), Error);
+}
+
+// The other ranks of the multi-process tests (run only when spawned by them).
+TEST(DistChild, Collectives) {
+  if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of Dist.CollectivesAcrossTwoAndThreeProcesses";
+  ProcessGroup pg(DistOptions::from_env());
+  exercise_group(pg);
+}
+
+TEST(DistChild, JoinThenDie) {
+  if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of Dist.ADeadPeerIsAnErrorNotAHang";
+  ProcessGroup pg(DistOptions::from_env());
+  std::_Exit(3);
+}
+
+TEST(Dist, CollectivesAcrossTwoAndThreeProcesses) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  for (int world : {2, 3}) {
+    const int port = free_port();
+    ASSERT_GT(port, 0);
+    std::vector<pid_t> kids;
+    for (int r = 1; r < world; ++r) kids.push_back(spawn_rank("Collectives", r, world, port));
+    for (pid_t k : kids) ASSERT_GT(k, 0);
+    ProcessGroup pg(DistOptions().rank(0).world_size(world).master_port(port).timeout(std::chrono::seconds(20)));
+    EXPECT_EQ(pg.world_size(), world);
+    try {
+      exercise_group(pg);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+    }
+    for (pid_t k : kids) EXPECT_EQ(wait_child(k, 60), 0) << "a rank of the " << world << "-process group failed";
+  }
+}
+
+TEST(Dist, ADeadPeerIsAnErrorNotAHang) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const int port = free_port();
+  const pid_t kid = spawn_rank("JoinThenDie", 1, 2, port);
+  ASSERT_GT(kid, 0);
+  ProcessGroup pg(DistOptions().rank(0).world_size(2).master_port(port).timeout(std::chrono::seconds(15)));
+  EXPECT_EQ(wait_child(kid, 60), 3);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<torch::Tensor> ts{torch::ones({8})};
+  try {
+    pg.all_reduce_sum(ts);
+    ADD_FAILURE() << "an all_reduce with a dead peer returned";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("all_reduce failed on rank 0 of 2"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 16.0);
+}
+
+TEST(Dist, ARankThatNeverComesTimesOut) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    ProcessGroup pg(DistOptions().rank(0).world_size(2).master_port(free_port()).timeout(std::chrono::seconds(2)));
+    ADD_FAILURE() << "joined a group whose other rank never started";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("could not join"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 30.0);
+}
