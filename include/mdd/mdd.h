@@ -40,3 +40,4 @@
 #include "mdd/train/vae_trainer.h"
 #include "mdd/pipeline/config.h"
 #include "mdd/pipeline/distill.h"
+#include "mdd/dist/process_group.h"
