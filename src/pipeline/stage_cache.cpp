@@ -13,6 +13,7 @@
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
 #include "util/file_util.h"
+#include "util/json_preview.h"
 
 namespace fs = std::filesystem;
 
@@ -28,11 +29,7 @@ std::string signature_changes(const std::string& recorded, const std::string& cu
   const json b = json::parse(current, nullptr, /*allow_exceptions=*/false);
   if (!a.is_object() || !b.is_object()) return "";
   std::vector<std::string> changes;
-  auto show = [](const json* v) {
-    if (!v) return std::string("(absent)");
-    std::string t = v->dump();
-    return t.size() > 40 ? t.substr(0, 37) + "..." : t;
-  };
+  auto show = [](const json* v) { return v ? json_preview(*v, 40) : std::string("(absent)"); };
   // Depth 2: signatures nest one config section (e.g. "finetune": {...}) below the top level.
   std::function<void(const json&, const json&, const std::string&, int)> walk = [&](const json& x, const json& y,
                                                                                    const std::string& prefix, int depth) {
@@ -118,15 +115,15 @@ void prepare_stage_checkpoints(const std::string& dir, const std::string& resume
     if (ec)
       throw Error(fmt::format("cannot move the superseded checkpoints {} to {} ({})", ckpt.string(), target.string(),
                               ec.message()));
+    std::string whose = "a run without a signature file";
+    if (force) {
+      whose = "the run being redone (--force)";
+    } else if (have_sig) {
+      const std::string changes = signature_changes(recorded, resume_signature);
+      whose = "a run with other settings" + (changes.empty() ? "" : " (" + changes + ")");
+    }
     say(log, fmt::format("{}: checkpoints of {} moved to {} (delete that folder when it is no longer needed)",
-                         root.filename().string(),
-                         force      ? "the run being redone (--force)"
-                         : have_sig ? [&] {
-                             const std::string changes = signature_changes(recorded, resume_signature);
-                             return "a run with other settings" + (changes.empty() ? "" : " (" + changes + ")");
-                           }()
-                                    : std::string("a run without a signature file"),
-                         target.string()));
+                         root.filename().string(), whose, target.string()));
   }
   write_text_file_atomic(sig_path.string(), resume_signature);
 }
