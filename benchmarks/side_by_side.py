@@ -344,12 +344,16 @@ def main():
     ap.add_argument("--mdd-bench", help="bench_side_by_side binary (omit: PyTorch side only)")
     ap.add_argument("--workloads", default="demo", help="demo | xl2 | comma list of workload names")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the PyTorch side's precision")
+    ap.add_argument("--mdd-precision", choices=["fp32", "bf16"],
+                    help="mdd's precision (default: --precision); the issue's targets compare mdd bf16 with "
+                         "the reference's fp32 eager: --precision fp32 --mdd-precision bf16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json")
     a = ap.parse_args()
+    a.mdd_precision = a.mdd_precision or a.precision
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -367,11 +371,11 @@ def main():
     for r in range(a.rounds):
         for n in names:  # alternate: mdd, then PyTorch, per workload, every round
             if a.mdd_bench:
-                res[n]["mdd_s"].append(time_mdd(a.mdd_bench, n, a.min_time, a.precision))
+                res[n]["mdd_s"].append(time_mdd(a.mdd_bench, n, a.min_time, a.mdd_precision))
             res[n]["pytorch_s"].append(time_python(built[n], dev, a.min_time))
             print(f"round {r + 1}/{a.rounds} {n}: pytorch {res[n]['pytorch_s'][-1]:.4f} s"
                   + (f", mdd {res[n]['mdd_s'][-1]:.4f} s" if a.mdd_bench else ""), file=sys.stderr)
-    print(f"\n| workload | PyTorch {torch.__version__} eager ({a.precision}) s | mdd s | PyTorch / mdd |")
+    print(f"\n| workload | PyTorch {torch.__version__} eager ({a.precision}) s | mdd ({a.mdd_precision}) s | PyTorch / mdd |")
     print("|---|---|---|---|")
     for n in names:
         p = statistics.median(res[n]["pytorch_s"])
@@ -380,7 +384,7 @@ def main():
         print(f"| {n} | {p:.4f} | {m:.4f} | {p / m:.2f}x |" if m == m else f"| {n} | {p:.4f} | - | - |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"torch": torch.__version__, "device": str(dev), "precision": a.precision,
+            json.dump({"torch": torch.__version__, "device": str(dev), "precision": a.precision, "mdd_precision": a.mdd_precision,
                        "threads": torch.get_num_threads(), "rounds": a.rounds, "workloads": res}, f, indent=2)
 
 

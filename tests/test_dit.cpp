@@ -538,3 +538,78 @@ TEST(DiT, GoldenSmallUnderBf16AutocastWithinStatedTolerance) {
   // Outside the guard fp32 is back.
   EXPECT_EQ(torch::matmul(io.at("x").flatten(1), io.at("x").flatten(1).t()).scalar_type(), torch::kFloat32);
 }
+
+// The attention alone, with peaked scores (large inputs) so that a wrong scale or softmax axis in
+// the explicit bf16 training path shows: bf16-with-grad vs fp32, outputs and input gradients.
+TEST(DiT, AttentionBf16TrainingPathMatchesFp32) {
+  torch::manual_seed(5);
+  mdd::DiTAttention attn(64, 4);
+  auto g = at::detail::createCPUGenerator(6);
+  const auto x0 = torch::randn({3, 20, 64}, g) * 4;
+  const auto cot = torch::randn({3, 20, 64}, g);
+  auto run = [&](mdd::Precision p) {
+    auto x = x0.clone().requires_grad_(true);
+    torch::Tensor out;
+    {
+      mdd::AutocastGuard autocast(torch::kCPU, p);
+      out = attn->forward(x);
+    }
+    EXPECT_EQ(out.scalar_type(), p == mdd::Precision::kBF16 ? torch::kBFloat16 : torch::kFloat32);
+    out = out.to(torch::kFloat32);
+    (out * cot).sum().backward();
+    return std::make_pair(out.detach(), x.grad());
+  };
+  const auto [o16, gx16] = run(mdd::Precision::kBF16);
+  const auto [o32, gx32] = run(mdd::Precision::kFP32);
+  const double scale = o32.abs().max().item<double>();
+  EXPECT_LE(mdd_test::max_abs_diff(o16, o32), 0.02 * scale);
+  const double cos = (gx16 * gx32).sum().item<double>() / (gx16.norm().item<double>() * gx32.norm().item<double>());
+  EXPECT_GT(cos, 0.999) << "input-gradient cosine " << cos;
+}
+
+// A bf16 forward that autograd records takes the explicit attention path on the CPU (LibTorch's
+// bf16 flash-attention backward is slow there); it must give the golden output within the bf16
+// tolerance above, agree with the no-grad bf16 forward, and give fp32-like gradients.
+TEST(DiT, Bf16TrainingForwardMatchesGoldenAndFp32Gradients) {
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"), /*strict=*/true);
+  model->eval();  // no label dropout: the same forward as the golden one, but recorded
+  const auto io = golden("dit_small.io.safetensors");
+  const auto ref = io.at("out");
+  const double scale = ref.abs().max().item<double>();
+  auto grads = [&](mdd::Precision p) {
+    model->zero_grad();
+    torch::Tensor out;
+    {
+      mdd::AutocastGuard autocast(torch::kCPU, p);
+      out = model->forward(io.at("x"), io.at("t"), io.at("y"));
+    }
+    out = out.to(torch::kFloat32);
+    // A fixed random cotangent so every output element contributes.
+    auto g = at::detail::createCPUGenerator(3);
+    (out * torch::randn(out.sizes(), g)).sum().backward();
+    std::vector<torch::Tensor> gs;
+    for (const auto& prm : model->parameters())
+      if (prm.grad().defined()) gs.push_back(prm.grad().flatten().clone());
+    return std::make_pair(out.detach(), torch::cat(gs));
+  };
+  const auto [out16, g16] = grads(mdd::Precision::kBF16);
+  const auto [out32, g32] = grads(mdd::Precision::kFP32);
+  const double max_err = mdd_test::max_abs_diff(out16, ref);
+  EXPECT_LE(max_err, 0.03 * scale) << "max err " << max_err << " scale " << scale;
+  EXPECT_GT(max_err, 0.0) << "bf16 autocast changed nothing: did it run?";
+  EXPECT_TRUE(AllClose(out32, ref, atol_of("dit_small", "out")));
+  torch::Tensor out_nograd;
+  {
+    torch::NoGradGuard ng;
+    mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+    out_nograd = model->forward(io.at("x"), io.at("t"), io.at("y")).to(torch::kFloat32);
+  }
+  EXPECT_LE(mdd_test::max_abs_diff(out16, out_nograd), 0.03 * scale);
+  // Gradients: direction and size of the whole parameter gradient.
+  const double cos = (g16 * g32).sum().item<double>() / (g16.norm().item<double>() * g32.norm().item<double>());
+  const double rel = (g16.norm() / g32.norm()).item<double>();
+  EXPECT_GT(cos, 0.995) << "bf16 vs fp32 gradient cosine " << cos;
+  EXPECT_NEAR(rel, 1.0, 0.02);
+  RecordProperty("dit_small/bf16_grad_cosine", std::to_string(cos));
+}

@@ -216,7 +216,18 @@ torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
   if (gamma1.defined()) h = gamma1 * h;  // MinimaxDiffusion: scales qkv output incl. bias, before the head split
   auto parts = h.reshape({B, N, 3, num_heads, head_dim}).permute({2, 0, 3, 1, 4}).unbind(0);
   torch::Tensor out;
-  if constexpr (compat::kHasSdpa) {
+  // LibTorch's CPU flash-attention backward is slow in bf16 at DiT sequence lengths: forward +
+  // backward of [64, 4, 49, 24] took 63 ms against 14 ms for the explicit path below, 171 vs 23 ms
+  // at batch 200, 43 vs 39 ms for DiT-S/2's [8, 6, 256, 64] (PyTorch 2.11, 1 thread,
+  // docs/performance.md). Its forward is fast (2.5 vs 5.6 ms, 5.6 vs 24 ms), so only a bf16 CPU
+  // forward that autograd records takes the explicit path, with an fp32 softmax.
+  const bool cpu_bf16_grad = h.device().is_cpu() && h.scalar_type() == torch::kBFloat16 &&
+                             torch::GradMode::is_enabled() && h.requires_grad();
+  if (cpu_bf16_grad) {
+    auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
+    auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1, torch::kFloat32).to(parts[2].scalar_type());
+    out = torch::matmul(attn, parts[2]);
+  } else if constexpr (compat::kHasSdpa) {
     // Fused kernel (flash / memory-efficient on CUDA); default scale is head_dim^-0.5 as below.
     out = compat::sdpa(parts[0], parts[1], parts[2]);
   } else {
