@@ -2,6 +2,8 @@
 // which the script runs alternately with its PyTorch eager implementation and prints as ratios.
 //   demo_forward_b200  demo_train_b64  s2_forward_b8  s2_train_b8  demo_sample_100  dc_eval_100
 // (see the script's docstring). Weights and data are random: speed does not depend on them.
+// The host allocator is tuned as in the programs (mdd/util/host_allocator.h) unless
+// MDD_HOST_ALLOCATOR=default.
 #include <benchmark/benchmark.h>
 
 #include <string>
@@ -15,6 +17,7 @@
 #include "mdd/models/codec.h"
 #include "mdd/models/dit.h"
 #include "mdd/train/finetune.h"
+#include "mdd/util/host_allocator.h"
 #include "mdd/util/precision.h"
 
 namespace {
@@ -97,6 +100,9 @@ void dc_eval(benchmark::State& state) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // As the bundled programs run (MDD_HOST_ALLOCATOR=default measures glibc's defaults instead).
+  const auto alloc = mdd::tune_host_allocator();
+  benchmark::AddCustomContext("host_allocator", alloc.detail);
   using P = mdd::Precision;
   for (auto [name, p] : {std::pair<const char*, P>{"fp32", P::kFP32}, {"bf16", P::kBF16}}) {
     const std::string s(name);

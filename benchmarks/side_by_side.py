@@ -8,6 +8,11 @@ classifier-free guidance, the DC ConvNet-3 evaluation); it exists only to measur
 
     python3 benchmarks/side_by_side.py --mdd-bench build/benchmarks/bench_side_by_side --rounds 3
     python3 benchmarks/side_by_side.py --device cuda --workloads xl2 --json out.json   # PyTorch only
+    # the comparison: mdd in bf16 against the reference's fp32 eager
+    python3 benchmarks/side_by_side.py --mdd-bench build/benchmarks/bench_side_by_side --precision fp32 --mdd-precision bf16
+
+mdd runs with its host-allocator settings, as the bundled programs do (mdd/util/host_allocator.h);
+MDD_HOST_ALLOCATOR=default in the environment measures it with glibc's defaults instead.
 
 Workloads (same names in bench_side_by_side.cpp):
     demo_forward_b200   Fashion-MNIST demo DiT (28 px, patch 4, width 96, depth 4) forward, batch 200

@@ -6,6 +6,7 @@
 #include "mdd/util/error.h"
 #include "mdd/util/progress.h"
 #include "mdd/util/precision.h"
+#include "mdd/util/host_allocator.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/torch_checkpoint.h"
 #include "mdd/io/state_dict.h"

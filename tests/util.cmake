@@ -1,0 +1,2 @@
+# Process-level utilities (host allocator settings).
+mdd_add_test(test_util SOURCES test_util.cpp AREAS util)
