@@ -47,6 +47,15 @@ void xavier_uniform(torch::Tensor w2d, const std::optional<torch::Generator>& ge
   w2d.uniform_(-a, a, to_c10(gen));
 }
 
+// timm's non-fused attention, in its op order: (q * head_dim^-0.5) @ k^T, softmax, @ v. With
+// `fp32_softmax` the softmax runs in float32 and its result is cast back to v's dtype (bf16 path).
+torch::Tensor explicit_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 bool fp32_softmax) {
+  auto scores = torch::matmul(q * std::pow(static_cast<double>(q.size(-1)), -0.5), k.transpose(-2, -1));
+  auto attn = fp32_softmax ? scores.softmax(-1, torch::kFloat32).to(v.scalar_type()) : scores.softmax(-1);
+  return torch::matmul(attn, v);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ options
@@ -224,17 +233,12 @@ torch::Tensor DiTAttentionImpl::forward(const torch::Tensor& x) {
   const bool cpu_bf16_grad = h.device().is_cpu() && h.scalar_type() == torch::kBFloat16 &&
                              torch::GradMode::is_enabled() && h.requires_grad();
   if (cpu_bf16_grad) {
-    auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
-    auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1, torch::kFloat32).to(parts[2].scalar_type());
-    out = torch::matmul(attn, parts[2]);
+    out = explicit_attention(parts[0], parts[1], parts[2], /*fp32_softmax=*/true);
   } else if constexpr (compat::kHasSdpa) {
     // Fused kernel (flash / memory-efficient on CUDA); default scale is head_dim^-0.5 as below.
     out = compat::sdpa(parts[0], parts[1], parts[2]);
   } else {
-    // timm's non-fused path, in its op order: (q * scale) @ k^T, softmax, @ v.
-    auto q = parts[0] * std::pow(static_cast<double>(head_dim), -0.5);
-    auto attn = torch::matmul(q, parts[1].transpose(-2, -1)).softmax(-1);
-    out = torch::matmul(attn, parts[2]);
+    out = explicit_attention(parts[0], parts[1], parts[2], /*fp32_softmax=*/false);
   }
   out = proj->forward(out.transpose(1, 2).reshape({B, N, C}));
   if (gamma2.defined()) out = gamma2 * out;
