@@ -13,10 +13,10 @@
 #include <torch/torch.h>
 
 #include "common/cli_progress.h"
+#include "common/host_setup.h"
 #include "mdd/pipeline/config.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/util/error.h"
-#include "mdd/util/host_allocator.h"
 
 namespace mdd_examples {
 
@@ -36,8 +36,7 @@ struct PipelineCli {
   }
 
   mdd::DistillConfig load() {
-    // Before the first large tensor: keep freed memory in the process (docs/performance.md).
-    std::fprintf(stderr, "%s\n", mdd::tune_host_allocator().detail.c_str());
+    tune_host_allocator();
     mdd::DistillConfig c = mdd::load_config(config_path);
     for (const auto& o : overrides) mdd::apply_override(c, o);
     if (!output_dir.empty()) mdd::apply_override(c, "output_dir=\"" + output_dir + "\"");

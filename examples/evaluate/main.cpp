@@ -17,13 +17,13 @@
 #include <torch/torch.h>
 
 #include "common/cli_progress.h"
+#include "common/host_setup.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/data/image_folder.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/eval/selection.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/util/error.h"
-#include "mdd/util/host_allocator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Evaluate a training set (e.g. a distilled one) by training fresh classifiers on it"};
@@ -58,8 +58,7 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu | cuda:0 ...")->capture_default_str();
   app.add_option("--report", report, "write a JSON report here");
   CLI11_PARSE(app, argc, argv);
-  // Keep freed memory in the process (docs/performance.md: page faults cost a quarter of a small model's step).
-  std::fprintf(stderr, "%s\n", mdd::tune_host_allocator().detail.c_str());
+  mdd_examples::tune_host_allocator();
 
   try {
     torch::set_num_threads(static_cast<int>(threads));

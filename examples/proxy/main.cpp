@@ -17,11 +17,11 @@
 #include <torch/torch.h>
 
 #include "common/cli_progress.h"
+#include "common/host_setup.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/eval/proxy.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
-#include "mdd/util/host_allocator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Score generated Fashion-MNIST sets with the generator proxy"};
@@ -36,8 +36,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--report", report, "append one JSON line per scored file here");
   CLI11_PARSE(app, argc, argv);
-  // Keep freed memory in the process (docs/performance.md: page faults cost a quarter of a small model's step).
-  std::fprintf(stderr, "%s\n", mdd::tune_host_allocator().detail.c_str());
+  mdd_examples::tune_host_allocator();
   try {
     torch::set_num_threads(static_cast<int>(threads));
     const auto train = mdd::load_fashion_mnist(fmnist_dir, "train");

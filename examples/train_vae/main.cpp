@@ -15,12 +15,12 @@
 #include <torch/torch.h>
 
 #include "common/cli_progress.h"
+#include "common/host_setup.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/eval/proxy.h"
 #include "mdd/io/image.h"
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
-#include "mdd/util/host_allocator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Train a small AutoencoderKL on Fashion-MNIST"};
@@ -49,8 +49,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--proxy-classifier", proxy_path, "mdd_proxy classifier file: also report its accuracy on reconstructions");
   CLI11_PARSE(app, argc, argv);
-  // Keep freed memory in the process (docs/performance.md: page faults cost a quarter of a small model's step).
-  std::fprintf(stderr, "%s\n", mdd::tune_host_allocator().detail.c_str());
+  mdd_examples::tune_host_allocator();
   try {
     torch::set_num_threads(static_cast<int>(threads));
     namespace fs = std::filesystem;

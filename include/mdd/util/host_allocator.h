@@ -28,7 +28,8 @@ struct MDD_API HostAllocatorTuning {
 /// The price is a resident size that stays near the peak working set. Only glibc's malloc is
 /// tuned (elsewhere nothing happens and `detail` says so); setting the environment variable
 /// `MDD_HOST_ALLOCATOR=default` turns it off (e.g. with jemalloc or tcmalloc preloaded).
-/// Call it before the first large allocation; calling it again is harmless.
+/// Each value is capped at 1 GiB (mallopt takes an int). Call it before the first large
+/// allocation; calling it again is harmless.
 MDD_API HostAllocatorTuning tune_host_allocator(std::size_t mmap_threshold = std::size_t{256} << 20,
                                                 std::size_t keep_bytes = std::size_t{1} << 30);
 
