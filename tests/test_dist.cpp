@@ -1,15 +1,8 @@
 // The process-group layer: one process (identity collectives), the launcher environment, and real
 // groups of 2 and 3 processes over loopback Gloo (this test binary re-executed as the other ranks).
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,28 +12,16 @@
 
 #include "mdd/dist/process_group.h"
 #include "mdd/util/error.h"
+#include "dist_spawn.h"
 
 using namespace mdd;
 using mdd::dist::DistOptions;
 using mdd::dist::ProcessGroup;
+using mdd_test::free_port;
+using mdd_test::spawn_rank;
+using mdd_test::wait_child;
 
 namespace {
-
-// A TCP port that was free a moment ago (the kernel's choice for port 0).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  socklen_t len = sizeof(a);
-  int port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
-    port = ntohs(a.sin_port);
-  ::close(fd);
-  return port;
-}
 
 // Sets (or with nullptr unsets) environment variables for one scope.
 class ScopedEnv {
@@ -111,41 +92,6 @@ void exercise_group(ProcessGroup& pg) {
             std::string::npos;
   }
   require(threw, "check_same detects a differing rank");
-}
-
-// Spawns this binary as rank `rank` running the DistChild test named `test`.
-pid_t spawn_rank(const std::string& test, int rank, int world, int port) {
-  static std::vector<std::string> env;  // kept alive for posix_spawn
-  env = {"RANK=" + std::to_string(rank), "WORLD_SIZE=" + std::to_string(world), "LOCAL_RANK=" + std::to_string(rank),
-         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(port), "MDD_DIST_TIMEOUT_S=20",
-         "MDD_DIST_CHILD=1", "OMP_NUM_THREADS=1"};
-  const std::string filter = "--gtest_filter=DistChild." + test;
-  std::vector<char*> argv = {const_cast<char*>("/proc/self/exe"), const_cast<char*>(filter.c_str()), nullptr};
-  std::vector<char*> envp;
-  for (auto& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  posix_spawn_file_actions_t quiet;
-  posix_spawn_file_actions_init(&quiet);
-  posix_spawn_file_actions_addopen(&quiet, 1, "/dev/null", O_WRONLY, 0);
-  pid_t pid = 0;
-  const int rc = ::posix_spawn(&pid, "/proc/self/exe", &quiet, nullptr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&quiet);
-  return rc == 0 ? pid : -1;
-}
-
-// Waits for a child with a deadline (a hang must fail the test, not the CI's global timeout).
-int wait_child(pid_t pid, double seconds) {
-  const auto t0 = std::chrono::steady_clock::now();
-  int status = 0;
-  while (::waitpid(pid, &status, WNOHANG) == 0) {
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > seconds) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      return -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
 }  // namespace
@@ -232,7 +178,7 @@ TEST(Dist, CollectivesAcrossTwoAndThreeProcesses) {
     const int port = free_port();
     ASSERT_GT(port, 0);
     std::vector<pid_t> kids;
-    for (int r = 1; r < world; ++r) kids.push_back(spawn_rank("Collectives", r, world, port));
+    for (int r = 1; r < world; ++r) kids.push_back(spawn_rank("DistChild.Collectives", r, world, port));
     for (pid_t k : kids) ASSERT_GT(k, 0);
     ProcessGroup pg(DistOptions().rank(0).world_size(world).master_port(port).timeout(std::chrono::seconds(20)));
     EXPECT_EQ(pg.world_size(), world);
@@ -248,7 +194,7 @@ TEST(Dist, CollectivesAcrossTwoAndThreeProcesses) {
 TEST(Dist, ADeadPeerIsAnErrorNotAHang) {
   if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
   const int port = free_port();
-  const pid_t kid = spawn_rank("JoinThenDie", 1, 2, port);
+  const pid_t kid = spawn_rank("DistChild.JoinThenDie", 1, 2, port);
   ASSERT_GT(kid, 0);
   ProcessGroup pg(DistOptions().rank(0).world_size(2).master_port(port).timeout(std::chrono::seconds(15)));
   EXPECT_EQ(wait_child(kid, 60), 3);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <exception>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -118,6 +119,19 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   // Label dropout is drawn explicitly from the step generator, so the module itself never drops.
   model_->eval();
 
+  if (o.process_group().world_size() > 1) {
+    const int64_t w = o.process_group().world_size();
+    if (o.batch_size() % w != 0)
+      throw Error(fmt::format("Finetuner: batch_size {} is not a multiple of the {} processes (each computes an equal "
+                              "share of every global batch)", o.batch_size(), w));
+    check_same_on_all_ranks();
+    // Every rank starts from rank 0's weights (as DistributedDataParallel does), so a rank that
+    // initialised or loaded differently cannot drift apart silently.
+    torch::NoGradGuard ng;
+    for (auto& p : model_->named_parameters()) options_.process_group().broadcast(p.value(), 0);
+    for (auto& b : model_->named_buffers()) options_.process_group().broadcast(b.value(), 0);
+  }
+
   // EMA = an exact copy made before training (train_dit.py:176, deepcopy then update_ema(decay=0)):
   // clone() keeps the DiffFit structure, device and dtype of the model.
   ema_ = DiT(std::dynamic_pointer_cast<DiTImpl>(model_->clone()));
@@ -153,12 +167,27 @@ StepInputs Finetuner::inputs(int64_t step) const {
   return in;
 }
 
+std::pair<int64_t, int64_t> Finetuner::shard() const {
+  const auto& pg = options_.process_group();
+  const int64_t per = options_.batch_size() / pg.world_size();
+  return {pg.rank() * per, (pg.rank() + 1) * per};
+}
+
 StepLoss Finetuner::loss(const StepInputs& in) {
   const auto dev = options_.device();
-  const torch::Tensor x0 = in.batch.latents.to(dev);
-  const torch::Tensor t = in.t.to(dev);
-  const torch::Tensor noise = in.noise.to(dev);
-  const torch::Tensor y = in.model_labels.to(dev);
+  auto& pg = options_.process_group();
+  const int64_t world = pg.world_size();
+  const int64_t b = in.t.size(0);
+  if (world > 1 && b != options_.batch_size())
+    throw Error(fmt::format("Finetuner::loss: with {} processes the inputs must be a whole global batch of {}, got {}",
+                            world, options_.batch_size(), b));
+  // This rank's rows (all of them in a single process).
+  const auto [lo, hi] = world > 1 ? shard() : std::pair<int64_t, int64_t>{0, b};
+  auto rows = [lo = lo, hi = hi, &dev](const torch::Tensor& x) { return x.slice(0, lo, hi).to(dev); };
+  const torch::Tensor x0 = rows(in.batch.latents);
+  const torch::Tensor t = rows(in.t);
+  const torch::Tensor noise = rows(in.noise);
+  const torch::Tensor y = rows(in.model_labels);
   DiT m = model_;
   const Precision prec = precision_;
   ModelFn fn = [m, y, dev, prec](const torch::Tensor& x, const torch::Tensor& tt) mutable {
@@ -171,13 +200,22 @@ StepLoss Finetuner::loss(const StepInputs& in) {
   StepLoss out;
   out.diffusion = tl.loss.mean();
   out.pred_xstart = tl.pred_xstart;
+  if (world > 1 && options_.minimax()) {
+    // The whole batch's x̂0: the other ranks' rows as values, this rank's rows live, so that the
+    // minimax terms (which compare the items of a class across the batch) are the single-process
+    // ones and their gradient reaches this rank's rows.
+    const torch::Tensor all = pg.all_gather(tl.pred_xstart.detach().contiguous()).to(dev);
+    out.pred_xstart = torch::cat({all.slice(0, 0, lo), tl.pred_xstart, all.slice(0, hi, b)});
+  }
   if (options_.minimax()) {
-    MinimaxTerms terms = minimax_loss(tl.pred_xstart, in.batch.labels.to(dev), real_, generated_,
+    MinimaxTerms terms = minimax_loss(out.pred_xstart, in.batch.labels.to(dev), real_, generated_,
                                       MinimaxLossOptions().lambda_r(options_.lambda_r()).lambda_d(options_.lambda_d()).check_finite(false));
     out.representativeness = terms.representativeness;
     out.diversity = terms.diversity;
     out.minimax = terms.total;
-    out.loss = out.diffusion + terms.total;
+    // × world: the gradients are averaged over the ranks, and each rank's share of the minimax
+    // gradient flows only through its own rows.
+    out.loss = world > 1 ? out.diffusion + terms.total * double(world) : out.diffusion + terms.total;
   } else {
     out.representativeness = torch::zeros({}, out.diffusion.options());
     out.diversity = torch::zeros({}, out.diffusion.options());
@@ -187,13 +225,12 @@ StepLoss Finetuner::loss(const StepInputs& in) {
   return out;
 }
 
-void Finetuner::check_finite(const StepLoss& l) const {
-  const double v = l.loss.item<double>();
+void Finetuner::check_finite(double v, double diffusion, double minimax) const {
   if (std::isfinite(v)) return;
   throw Error(fmt::format(
       "training diverged: loss is {} at step {} (diffusion {}, minimax {}); {}. Nothing was written for this step; "
       "lower the learning rate or check the data.",
-      v, step_ + 1, l.diffusion.item<double>(), l.minimax.item<double>(),
+      v, step_ + 1, diffusion, minimax,
       last_checkpoint_.empty() ? std::string("no checkpoint was written yet")
                                : "the last good checkpoint is " + last_checkpoint_));
 }
@@ -206,12 +243,19 @@ TrainStats Finetuner::step() {
   optimizer_->set_lr(lr);
   optimizer_->zero_grad();
   StepLoss l = loss(in);
-  check_finite(l);
+  const bool parallel = options_.process_group().world_size() > 1;
+  // [diffusion, minimax] of the step as the whole batch sees them (diffusion averaged over ranks).
+  torch::Tensor stats = torch::stack({l.diffusion.detach(), l.minimax.detach()}).to(torch::kCPU, torch::kFloat64);
+  if (!parallel) {
+    const double d = stats[0].item<double>(), m = stats[1].item<double>();
+    check_finite(d + m, d, m);
+  }
   bool skipped = false;
   if (precision_ == Precision::kFP16) {
     // Dynamic loss scaling (torch.cuda.amp.GradScaler defaults: 2^16, x0.5 on overflow, x2 after
     // 2000 clean steps): fp16 gradients of small losses would underflow without it.
     (l.loss * loss_scale_).backward();
+    if (parallel) average_gradients(stats);
     bool finite = true;
     {
       // Unscale on the device and accumulate "all finite" there too: one host sync per step, not
@@ -239,6 +283,7 @@ TrainStats Finetuner::step() {
     }
   } else {
     l.loss.backward();
+    if (parallel) average_gradients(stats);
     optimizer_->step();
   }
   const double decay = options_.ema_warmup() ? std::min(options_.ema_decay(), (1.0 + double(step_)) / (10.0 + double(step_)))
@@ -246,6 +291,8 @@ TrainStats Finetuner::step() {
   update_ema(*ema_, *model_, decay);
   if (options_.minimax()) {
     // After the loss (train_dit.py:270-276): the batch is never compared with itself.
+    // With several processes `in` and `pred_xstart` are the whole batch: every rank's memories
+    // receive what a single process's would.
     const torch::Tensor labels = in.batch.labels.to(options_.device());
     real_.push(in.batch.latents.to(options_.device()), labels);
     generated_.push(l.pred_xstart.detach(), labels);
@@ -254,8 +301,8 @@ TrainStats Finetuner::step() {
   TrainStats s;
   s.step = step_;
   s.total = options_.steps();
-  s.loss = l.loss.item<double>();
-  s.diffusion = l.diffusion.item<double>();
+  s.diffusion = stats[0].item<double>();
+  s.loss = s.diffusion + stats[1].item<double>();
   s.representativeness = l.representativeness.item<double>();
   s.diversity = l.diversity.item<double>();
   s.lr = lr;
@@ -264,8 +311,78 @@ TrainStats Finetuner::step() {
   return s;
 }
 
+void Finetuner::average_gradients(torch::Tensor& stats) {
+  auto& pg = options_.process_group();
+  // Every rank must contribute the same list in the same order: a parameter without a gradient
+  // this step contributes zeros (on every rank alike, since all run the same graph).
+  std::vector<torch::Tensor> bucket;
+  int64_t bytes = 0;
+  auto flush = [&] {
+    if (!bucket.empty()) pg.all_reduce_mean(bucket);
+    bucket.clear();
+    bytes = 0;
+  };
+  for (auto& p : optimizer_->params()) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    const int64_t nb = p.grad().numel() * int64_t(p.grad().element_size());
+    if (options_.grad_bucket_bytes() > 0 && bytes > 0 && bytes + nb > options_.grad_bucket_bytes()) flush();
+    bucket.push_back(p.grad());
+    bytes += nb;
+  }
+  flush();
+  // The loss parts: the diffusion mean over ranks; the minimax terms are already the whole
+  // batch's on every rank, so their mean is unchanged.
+  std::vector<torch::Tensor> st{stats};
+  pg.all_reduce_mean(st);
+  // Checked after the collective so that every rank sees the same value and stops together (a
+  // rank that threw alone would leave the others waiting in the next collective).
+  const double d = stats[0].item<double>(), m = stats[1].item<double>();
+  check_finite(d + m, d, m);
+}
+
+void Finetuner::check_same_on_all_ranks() const {
+  const auto& mo = model_->options();
+  nlohmann::json j = {{"loop", loop_signature(options_)},
+                      {"steps", options_.steps()},
+                      {"precision", precision_name(precision_)},
+                      {"checkpoint_dir", options_.checkpoint_dir()},
+                      {"ckpt_every", options_.ckpt_every()},
+                      {"config", nlohmann::json::parse(options_.config_json())},
+                      {"model", {mo.input_size(), mo.patch_size(), mo.in_channels(), mo.hidden_size(), mo.depth(),
+                                 mo.num_heads(), mo.num_classes(), mo.learn_sigma()}},
+                      {"data", {{"size", data_->size()}, {"classes", data_->num_classes()},
+                                {"labels_sum", data_->labels().sum().item<int64_t>()}}}};
+  dist::ProcessGroup pg = options_.process_group();  // a handle: copies share the group
+  pg.check_same("training configuration (options, model shape, data)", j.dump());
+}
+
 std::string Finetuner::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("Finetuner::save_checkpoint: no checkpoint_dir set");
+  auto& pg = options_.process_group();
+  if (pg.world_size() > 1) {
+    // Rank 0 writes (every rank holds the same state); the others learn whether it succeeded, so
+    // a failed write stops every rank with the reason instead of a broken collective later.
+    std::string path, error;
+    if (pg.is_main()) {
+      try {
+        path = write_own_checkpoint();
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    torch::Tensor ok = torch::full({1}, error.empty() ? 1 : 0, torch::kInt64);
+    pg.broadcast(ok, 0);
+    if (!error.empty()) throw Error(error);
+    if (ok.item<int64_t>() == 0)
+      throw Error(fmt::format("Finetuner: rank 0 failed to write the checkpoint of step {} (see its log)", step_));
+    if (!pg.is_main()) path = options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_);
+    last_checkpoint_ = path;
+    return path;
+  }
+  return write_own_checkpoint();
+}
+
+std::string Finetuner::write_own_checkpoint() {
   io::TensorMap t = with_prefix(state_dict(*model_), std::string(io::kModelEntry) + ".");
   for (auto& kv : with_prefix(state_dict(*ema_), std::string(io::kEmaEntry) + ".")) t.emplace(kv);
   for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
@@ -282,6 +399,8 @@ std::string Finetuner::save_checkpoint() {
   meta["config"] = nlohmann::json::parse(options_.config_json());
   meta["seeds"] = {{"seed", std::to_string(options_.seed())},
                    {"rule", "step s draws from a CPU generator seeded splitmix(seed, s); epoch e order from (seed, e)"}};
+  // Informational: a checkpoint does not depend on the world size and resumes with any.
+  meta["world_size"] = options_.process_group().world_size();
   meta["model"] = {{"input_size", model_->options().input_size()},   {"patch_size", model_->options().patch_size()},
                    {"in_channels", model_->options().in_channels()}, {"hidden_size", model_->options().hidden_size()},
                    {"depth", model_->options().depth()},             {"num_heads", model_->options().num_heads()},
@@ -293,6 +412,25 @@ std::string Finetuner::save_checkpoint() {
 
 bool Finetuner::resume(const LogFn& log) {
   if (options_.checkpoint_dir().empty()) return false;
+  auto& pg = options_.process_group();
+  if (pg.world_size() == 1) return resume_own(log);
+  // Rank 0 goes first (it removes what killed runs left behind); the others read after it, and all
+  // must land on the same step.
+  bool found = false;
+  std::exception_ptr failed;
+  if (!pg.is_main()) pg.barrier();
+  try {
+    found = resume_own(pg.is_main() ? log : LogFn());
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  if (pg.is_main()) pg.barrier();
+  if (failed) std::rethrow_exception(failed);
+  pg.check_same("resumed checkpoint step", std::to_string(found ? step_ : -1));
+  return found;
+}
+
+bool Finetuner::resume_own(const LogFn& log) {
   auto ck = open_checkpoint_for_resume(options_.checkpoint_dir(), log);
   if (!ck) return false;
   nlohmann::json meta = nlohmann::json::parse(ck->meta_json);

@@ -15,6 +15,15 @@
 /// Randomness: every draw of step s (batch order excepted) comes from one CPU generator seeded
 /// with a hash of (seed, s), and the batch order of epoch e from (seed, e). A run resumed from a
 /// checkpoint therefore continues exactly as the uninterrupted run would (bit for bit on CPU).
+///
+/// Data parallel (`FinetuneOptions::process_group` of world size W > 1): every rank draws the
+/// inputs of the whole global batch exactly as one process would and computes the rows
+/// [r·B/W, (r+1)·B/W) of it; gradients are averaged across ranks; the minimax terms see the whole
+/// batch's x̂0 (all-gathered) and the memories receive the whole batch, so every rank holds the
+/// banks a single process would. The draws therefore do not depend on the rank or on W (the
+/// reference seeds each rank with global_seed·W + rank instead, so its result changes with W):
+/// a run gives the same result, up to float summation order, on any number of processes, and
+/// its checkpoints (written by rank 0 only) resume with the same or another world size.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,6 +35,7 @@
 
 #include "mdd/data/training_data.h"
 #include "mdd/diffusion/gaussian_diffusion.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/export.h"
 #include "mdd/minimax/memory_bank.h"
 #include "mdd/models/dit.h"
@@ -91,6 +101,14 @@ struct MDD_API FinetuneOptions {
   TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
   /// Free-form JSON object stored in every checkpoint's sidecar (e.g. the resolved config).
   TORCH_ARG(std::string, config_json) = "{}";
+  /// The processes that train together (data parallel; default: this process alone). Every rank
+  /// must construct its trainer with the same options, model and data: the constructor checks
+  /// the loop configuration, `config_json`, the model and the data size on all ranks and throws
+  /// on every rank when one differs. `batch_size` must be a multiple of the world size.
+  TORCH_ARG(dist::ProcessGroup, process_group) = dist::ProcessGroup();
+  /// Gradients are averaged in buckets of at most this many bytes (one collective each; 0 = one
+  /// bucket per dtype). Only used with more than one process.
+  TORCH_ARG(int64_t, grad_bucket_bytes) = int64_t(25) << 20;
 
  public:
   /// Alias of `diffusion().num_timesteps()` (kept so existing code compiles).
@@ -169,8 +187,16 @@ class MDD_API Finetuner {
 
   /// The inputs step `step` (0-based) draws; pure function of (seed, step, data).
   StepInputs inputs(int64_t step) const;
-  /// The loss for `in` with the current weights and memories (no update, no push).
+  /// The loss for `in` with the current weights and memories (no update, no push). With several
+  /// processes this is collective (every rank calls it with the same global `in`): the network
+  /// runs on this rank's rows only, `diffusion` is their mean, the minimax terms are those of the
+  /// whole batch, `pred_xstart` is the whole batch's with minimax on (this rank's rows carry the
+  /// graph; without minimax only this rank's rows) and
+  /// `loss` = diffusion + W · minimax, whose gradients averaged over the ranks are the
+  /// single-process gradients.
   StepLoss loss(const StepInputs& in);
+  /// The rows [first, last) of the global batch this rank computes.
+  std::pair<int64_t, int64_t> shard() const;
 
   /// Writes a checkpoint of the current state; returns it (requires `checkpoint_dir`).
   std::string save_checkpoint();
@@ -189,7 +215,11 @@ class MDD_API Finetuner {
   Precision precision() const { return precision_; }
 
  private:
-  void check_finite(const StepLoss& l) const;
+  void check_finite(double loss, double diffusion, double minimax) const;
+  void check_same_on_all_ranks() const;
+  void average_gradients(torch::Tensor& stats);
+  std::string write_own_checkpoint();
+  bool resume_own(const LogFn& log);
   DiT model_, ema_;
   std::shared_ptr<const TrainingData> data_;
   FinetuneOptions options_;
