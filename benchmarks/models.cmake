@@ -4,4 +4,4 @@ mdd_add_benchmark(bench_models
     bench_dit.cpp
   AREAS util io models)
 # GPU workloads of the paper's setting (scripts/gpu-check.sh); exits cleanly without CUDA.
-mdd_add_benchmark(bench_gpu SOURCES bench_gpu.cpp AREAS util io models diffusion)
+mdd_add_benchmark(bench_gpu SOURCES bench_gpu.cpp AREAS util io models diffusion dist)

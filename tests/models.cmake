@@ -4,4 +4,4 @@ mdd_add_test(test_models
     test_dit.cpp
   AREAS util io models)
 # CUDA paths vs the CPU path (each test skips without a CUDA device; scripts/gpu-check.sh runs them).
-mdd_add_test(test_cuda SOURCES test_cuda.cpp AREAS util io models diffusion)
+mdd_add_test(test_cuda SOURCES test_cuda.cpp AREAS util io models diffusion dist)

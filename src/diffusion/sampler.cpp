@@ -159,8 +159,14 @@ torch::Tensor Sampler::sample(const torch::Tensor& labels_in, const torch::Tenso
   const int64_t num_batches = (n + B - 1) / B;
   const auto cpu_f32 = torch::TensorOptions().dtype(torch::kFloat32);
   const auto start = std::chrono::steady_clock::now();
+  dist::ProcessGroup pg = options_.process_group();
+  const int64_t world = pg.world_size(), rank = pg.rank();
+  // This rank's batches: every world-th batch of the single-process sequence, so each batch has
+  // exactly the composition it has in one process (the model's numerics may depend on it).
+  const int64_t mine = num_batches > rank ? (num_batches - rank + world - 1) / world : 0;
   std::vector<torch::Tensor> outs;
-  for (int64_t b = 0; b < num_batches; ++b) {
+  for (int64_t j = 0; j < mine; ++j) {
+    const int64_t b = rank + j * world;
     const int64_t lo = b * B;
     const int64_t cnt = std::min(B, n - lo);
     // One generator per image: its noise never depends on which batch it lands in.
@@ -181,15 +187,36 @@ torch::Tensor Sampler::sample(const torch::Tensor& labels_in, const torch::Tenso
     if (progress) {
       on_step = [&](const Progress& p) {
         const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        progress(Progress{"sample", b * S + p.step, num_batches * S, el});
+        progress(Progress{"sample", j * S + p.step, mine * S, el});
       };
     }
     outs.push_back(run(labels.narrow(0, lo, cnt), x_T, step_noise, on_step));
   }
+  if (world > 1) return gather_batches(pg, outs, n);
   if (outs.empty()) {
     return torch::empty({0, ls[0], ls[1], ls[2]}, cpu_f32.device(options_.device()));
   }
   return torch::cat(outs);
+}
+
+torch::Tensor Sampler::gather_batches(dist::ProcessGroup& pg, const std::vector<torch::Tensor>& outs, int64_t n) const {
+  // Every rank contributes the same shape (all_gather's rule): its batches padded to
+  // ceil(batches / W) full batches; rank r's j-th slot is global batch r + j·W.
+  const auto& ls = options_.latent_shape();
+  const int64_t B = options_.batch_size(), world = pg.world_size();
+  const int64_t num_batches = (n + B - 1) / B;
+  const int64_t slots = (num_batches + world - 1) / world;
+  torch::Tensor local = torch::zeros({slots * B, ls[0], ls[1], ls[2]}, torch::kFloat32);
+  for (size_t j = 0; j < outs.size(); ++j) local.narrow(0, int64_t(j) * B, outs[j].size(0)).copy_(outs[j]);
+  const torch::Tensor all = pg.all_gather(local);  // [world * slots * B, ...]
+  std::vector<torch::Tensor> ordered;
+  ordered.reserve(size_t(num_batches));
+  for (int64_t b = 0; b < num_batches; ++b) {
+    const int64_t r = b % world, j = b / world;
+    ordered.push_back(all.narrow(0, (r * slots + j) * B, std::min(B, n - b * B)));
+  }
+  if (ordered.empty()) return torch::empty({0, ls[0], ls[1], ls[2]}, torch::TensorOptions(torch::kFloat32).device(options_.device()));
+  return torch::cat(ordered).to(options_.device());
 }
 
 }  // namespace mdd

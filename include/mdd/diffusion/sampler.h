@@ -14,6 +14,7 @@
 
 #include "mdd/diffusion/gaussian_diffusion.h"
 #include "mdd/diffusion/guidance.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/export.h"
 #include "mdd/util/option_check.h"
 #include "mdd/util/precision.h"
@@ -68,6 +69,12 @@ struct MDD_API SamplerOptions {
   /// Precision of the model calls (autocast around each call; its output is cast back to
   /// float32 and the diffusion arithmetic stays float32). kAuto: bf16 where it is fast.
   TORCH_ARG(Precision, precision) = Precision::kFP32;
+  /// The processes that sample together (default: this process alone). With W > 1, `sample`
+  /// is collective: rank r denoises batches r, r + W, r + 2W, ... of the single-process batch
+  /// sequence, and every rank returns the whole result, gathered in order. Since each batch is
+  /// the same batch a single process would run, the result is bit-identical to the single-process
+  /// one wherever the model's kernels are deterministic for a given batch.
+  TORCH_ARG(dist::ProcessGroup, process_group) = dist::ProcessGroup();
 
  public:
   /// Alias of `diffusion().timestep_respacing()` (kept so existing code compiles).
@@ -124,7 +131,8 @@ class MDD_API Sampler {
   Sampler(ConditionalModelFn model, SamplerOptions options = {});
 
   /// Latents [N, C, H, W] for labels [N] (int64), image ids 0..N-1. Progress: stage "sample",
-  /// one event per denoising step of each batch (total = batches x steps).
+  /// one event per denoising step of each batch this rank runs (total = its batches x steps).
+  /// Collective with a process group of several ranks (see SamplerOptions::process_group).
   torch::Tensor sample(const torch::Tensor& labels, const ProgressFn& progress = {}) const;
 
   /// As above with explicit per-image stream ids [N] (int64, e.g. class * ipc + k).
@@ -149,6 +157,7 @@ class MDD_API Sampler {
 
  private:
   torch::Tensor check_labels(const torch::Tensor& labels) const;
+  torch::Tensor gather_batches(dist::ProcessGroup& pg, const std::vector<torch::Tensor>& outs, int64_t n) const;
   torch::Tensor run(const torch::Tensor& labels, const torch::Tensor& x_T, const StepNoiseFn& step_noise,
                     const ProgressFn& on_step) const;
 
