@@ -1,5 +1,6 @@
-// Sharded sampling: 2 and 3 ranks over loopback Gloo return exactly the single-process latents
-// (each rank denoises whole batches of the single-process sequence; every rank gets all of them).
+// Sharded sampling and evaluation: 2 and 3 ranks over loopback Gloo return exactly the
+// single-process latents (each rank denoises whole batches of the single-process sequence; every
+// rank gets all of them) and the single-process evaluation repeats (each rank runs its share).
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 
 #include "mdd/diffusion/sampler.h"
 #include "mdd/dist/process_group.h"
+#include "mdd/eval/evaluator.h"
 #include "mdd/models/dit.h"
 #include "mdd/util/error.h"
 #include "dist_spawn.h"
@@ -46,7 +48,67 @@ torch::Tensor sample_with(ProcessGroup pg) {
   return s.sample(labels, torch::arange(kImages, torch::kInt64) * 7 + 1);
 }
 
+// 3 classes of 16x16 images with a bright square per class (learnable in a few epochs).
+LabeledImages toy_set(int64_t per_class, uint64_t seed) {
+  const int64_t n = 3 * per_class;
+  auto g = at::detail::createCPUGenerator(seed);
+  auto img = torch::rand({n, 16, 16, 1}, g) * 60;
+  auto labels = torch::arange(n, torch::kInt64).remainder(3);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = labels[i].item<int64_t>();
+    img[i].slice(0, 2 + 4 * c, 8 + 4 * c).slice(1, 2 + 4 * c, 8 + 4 * c) += 180;
+  }
+  return {img.clamp(0, 255).to(torch::kUInt8), labels, {"a", "b", "c"}};
+}
+
+// 3 repeats: with 2 ranks one runs two and the other one.
+EvalResult evaluate_with(const ProcessGroup& pg) {
+  torch::set_num_threads(1);
+  const auto opts = EvalOptions().protocol("dc").net("convnet2").width(8).epochs(3).repeats(3).seed(5).batch_size(8);
+  // Training labels shuffled: what the network learns, and so its test accuracy, depends on its seed.
+  LabeledImages train = toy_set(6, 1);
+  train.labels = train.labels.index_select(0, torch::randperm(train.labels.size(0), at::detail::createCPUGenerator(3)));
+  return Evaluator(opts).run(train, toy_set(20, 2), pg);
+}
+
 }  // namespace
+
+// The other ranks of the evaluation test.
+TEST(DistEvalChild, Run) {
+  if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of DistEval.ShardedRepeatsEqualOneProcess";
+  ProcessGroup pg(DistOptions::from_env());
+  const EvalResult sharded = evaluate_with(pg);
+  const EvalResult alone = evaluate_with(ProcessGroup());
+  if (sharded.best != alone.best || sharded.last != alone.last) std::_Exit(4);
+}
+
+TEST(DistEval, ShardedRepeatsEqualOneProcess) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const int threads = torch::get_num_threads();
+  const EvalResult one = evaluate_with(ProcessGroup());
+  ASSERT_EQ(one.best.size(), 3u);
+  // The repeats must differ (distinct seeds), or a rank that ran the wrong repeat would go unnoticed.
+  EXPECT_FALSE(one.best[0] == one.best[1] && one.best[1] == one.best[2])
+      << "repeats gave identical accuracies " << one.best[0];
+  for (int world : {2, 3}) {
+    const int port = mdd_test::free_port();
+    std::vector<pid_t> kids;
+    for (int r = 1; r < world; ++r) kids.push_back(mdd_test::spawn_rank("DistEvalChild.Run", r, world, port));
+    EvalResult sharded;
+    try {
+      ProcessGroup pg(DistOptions().rank(0).world_size(world).master_port(port).timeout(std::chrono::seconds(20)));
+      sharded = evaluate_with(pg);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+    }
+    for (pid_t k : kids) EXPECT_EQ(mdd_test::wait_child(k, 60), 0) << "a rank of the " << world << "-process run failed";
+    EXPECT_EQ(sharded.best, one.best) << world << " ranks";
+    EXPECT_EQ(sharded.last, one.last) << world << " ranks";
+    EXPECT_DOUBLE_EQ(sharded.mean, one.mean);
+    EXPECT_DOUBLE_EQ(sharded.std, one.std);
+  }
+  torch::set_num_threads(threads);
+}
 
 // The other ranks: each also samples alone and fails unless the two results are identical.
 TEST(DistSampleChild, Run) {

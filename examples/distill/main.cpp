@@ -21,11 +21,15 @@ int main(int argc, char** argv) {
   app.add_flag("--pretrain", run.force_pretrain, "pre-train the DiT from scratch even if model.checkpoint is set (and first train the VAE when vae.steps > 0)");
   app.add_flag("--no-eval", run.skip_evaluate, "stop after sampling (no evaluation table)");
   CLI11_PARSE(app, argc, argv);
+  if (int rc = 0; cli.launch(argc, argv, "mdd_distill", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
-    std::fprintf(stderr, "mdd_distill: %s -> %s (device %s, %d threads)\n", cli.config_path.c_str(), config.output_dir.c_str(),
-                 config.device.c_str(), torch::get_num_threads());
+    if (cli.is_main())
+      std::fprintf(stderr, "mdd_distill: %s -> %s (device %s, %d threads)\n", cli.config_path.c_str(), config.output_dir.c_str(),
+                   config.device.c_str(), torch::get_num_threads());
+    run.process_group = cli.group;
     const std::string report = mdd::run_distill(config, run, cli.callbacks());
+    if (!cli.is_main()) return 0;
     const std::string dir = std::filesystem::path(report).parent_path().string();
     std::ifstream md(dir + "/report.md");
     std::stringstream ss;
@@ -33,7 +37,7 @@ int main(int argc, char** argv) {
     std::cout << "\n" << ss.str() << "\n";
     std::cout << "outputs: " << dir << "/{report.json, report.md, contact_sheet.png, samples/<class>/<k>.png, config.json}\n";
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mdd_distill: error: %s\n", e.what());
+    std::fprintf(stderr, "mdd_distill%s: error: %s\n", cli.rank_tag().c_str(), e.what());
     return 1;
   }
   return 0;

@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -18,6 +20,8 @@
 
 #include "common/cli_progress.h"
 #include "common/host_setup.h"
+#include "common/launch.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/data/image_folder.h"
 #include "mdd/eval/evaluator.h"
@@ -57,14 +61,26 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--device", device, "cpu | cuda:0 ...")->capture_default_str();
   app.add_option("--report", report, "write a JSON report here");
+  int nproc = 1;
+  app.add_option("--nproc", nproc, "run N local processes that share the repeats (under torchrun/srun leave it at 1)")
+      ->check(CLI::Range(1, 1024));
   CLI11_PARSE(app, argc, argv);
-  mdd_examples::tune_host_allocator();
+  if (nproc > 1 && !mdd_examples::launched_as_rank()) return mdd_examples::launch_local_ranks(nproc, argc, argv, "mdd_evaluate");
 
   try {
+    // Rank r trains repeats r, r + W, ...; only rank 0 prints and writes the report.
+    mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
+    if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
+    if (group.world_size() > 1 && app.count("--threads") == 0) {
+      // Local ranks share the cores.
+      const char* lws = std::getenv("LOCAL_WORLD_SIZE");
+      threads = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()) / (lws ? std::max(1, std::atoi(lws)) : 1));
+    }
     torch::set_num_threads(static_cast<int>(threads));
     o.protocol(protocol).net(net).norm(norm).width(width).epochs(epochs).eval_every(eval_every).batch_size(batch)
         .repeats(repeats).seed(seed).device(device);
     mdd_examples::ProgressPrinter printer;
+    const mdd::ProgressFn progress = group.is_main() ? printer.callback() : mdd::ProgressFn();
     const auto t0 = std::chrono::steady_clock::now();
     mdd::LabeledImages train, test;
     nlohmann::json rep;
@@ -86,7 +102,7 @@ int main(int argc, char** argv) {
       std::vector<std::string> dirs;
       for (const auto& n : test.class_names) dirs.push_back(mdd::sanitize_class_dir(n));
       mdd::ImageFolder tr(train_dir, mdd::ImageFolderOptions().classes(dirs).channels(1));
-      train = tr.load({}, threads, printer.callback());
+      train = tr.load({}, threads, progress);
       train.class_names = test.class_names;
       if (train.images.size(1) != 28 || train.images.size(2) != 28)
         throw mdd::Error(train_dir + ": Fashion-MNIST images are 28x28; this folder holds " +
@@ -103,11 +119,11 @@ int main(int argc, char** argv) {
           fo.epochs(feature_epochs).repeats(1).eval_every(0);
           mdd::Evaluator fe(fo);
           double best = 0, last = 0;
-          auto fnet = fe.train_once(train, test, seed + 1000, &best, &last, printer.callback());
+          auto fnet = fe.train_once(train, test, seed + 1000, &best, &last, progress);
           const auto r = fe.resolve(train, test);
           features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
           rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
-          std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
+          if (group.is_main()) std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
         }
       }
     } else {
@@ -116,18 +132,20 @@ int main(int argc, char** argv) {
       mdd::ImageTransform tf = size > 0 ? mdd::resize_center_crop_transform(size) : mdd::ImageTransform{};
       mdd::ImageFolder tr(train_dir, mdd::ImageFolderOptions().ipc(ipc));
       mdd::ImageFolder te(test_dir, mdd::ImageFolderOptions().classes(tr.classes()));
-      train = tr.load(tf, threads, printer.callback());
-      test = te.load(tf, threads, printer.callback());
+      train = tr.load(tf, threads, progress);
+      test = te.load(tf, threads, progress);
       train.class_names = tr.classes();
     }
     auto run_one = [&](const mdd::LabeledImages& train, const std::string& select_name, nlohmann::json rep) {
       mdd::Evaluator ev(o);
       const auto r = ev.resolve(train, test);
-      std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
+      if (group.is_main())
+        std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
                    r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)train.images.size(0),
                    (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
-      const auto res = ev.run(train, test, printer.callback());
+      const auto res = ev.run(train, test, group, progress);
       const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!group.is_main()) return;
       std::printf("top-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
                   res.mean, res.std, res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
       if (!report.empty()) {
@@ -153,6 +171,7 @@ int main(int argc, char** argv) {
         rep["eval_seconds"] = res.seconds;
         rep["total_seconds"] = total;
         rep["threads"] = threads;
+        rep["processes"] = group.world_size();
         std::filesystem::path path(report);
         if (methods.size() > 1) path = path.parent_path() / (select_name + "_" + path.filename().string());
         std::ofstream f(path);
@@ -162,7 +181,7 @@ int main(int argc, char** argv) {
     };
     if (fashion && ipc > 0) {
       for (const auto& m : methods) {
-        std::fprintf(stderr, "== selection %s, %lld per class\n", m.c_str(), (long long)ipc);
+        if (group.is_main()) std::fprintf(stderr, "== selection %s, %lld per class\n", m.c_str(), (long long)ipc);
         run_one(mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)), m, rep);
       }
     } else {

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   app.add_option("--init", init, "pre-trained weights (default: model.checkpoint)");
   app.add_option("--variant", variant, "minimax | difffit")->capture_default_str()->check(CLI::IsMember({"minimax", "difffit"}));
   CLI11_PARSE(app, argc, argv);
+  if (int rc = 0; cli.launch(argc, argv, "mdd_finetune", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     if (init.empty()) init = config.model.checkpoint;
@@ -21,10 +22,11 @@ int main(int argc, char** argv) {
     const std::string cfg = cli.write_resolved(config, "finetune-" + variant);
     auto cb = cli.callbacks();
     mdd::PipelineData data = mdd::load_pipeline_data(config, cb);
-    const std::string out = mdd::run_finetune(config, data, init, variant, cb);
+    const std::string out = mdd::run_finetune(config, data, init, variant, cb, cli.group);
+    if (!cli.is_main()) return 0;
     std::printf("fine-tuned EMA weights: %s\nresolved config: %s\n", out.c_str(), cfg.c_str());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mdd_finetune: error: %s\n", e.what());
+    std::fprintf(stderr, "mdd_finetune%s: error: %s\n", cli.rank_tag().c_str(), e.what());
     return 1;
   }
   return 0;

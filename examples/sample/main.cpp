@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   app.add_option("--weights", weights, "DiT weights (default: <output_dir>/minimax/ema.safetensors)");
   app.add_option("--out", out, "output folder (default: <output_dir>/samples)");
   CLI11_PARSE(app, argc, argv);
+  if (int rc = 0; cli.launch(argc, argv, "mdd_sample", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     if (weights.empty()) weights = (std::filesystem::path(config.output_dir) / "minimax" / "ema.safetensors").string();
@@ -22,11 +23,12 @@ int main(int argc, char** argv) {
     const std::string cfg = cli.write_resolved(config, "sample");
     auto cb = cli.callbacks();
     mdd::PipelineData data = mdd::load_pipeline_data(config, cb);
-    mdd::LabeledImages set = mdd::run_sample(config, data, weights, out, "sample", cb);
+    mdd::LabeledImages set = mdd::run_sample(config, data, weights, out, "sample", cb, cli.group);
+    if (!cli.is_main()) return 0;
     std::printf("%lld images under %s (<class>/<k>.png, samples.safetensors)\nresolved config: %s\n",
                 (long long)set.images.size(0), out.c_str(), cfg.c_str());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mdd_sample: error: %s\n", e.what());
+    std::fprintf(stderr, "mdd_sample%s: error: %s\n", cli.rank_tag().c_str(), e.what());
     return 1;
   }
   return 0;

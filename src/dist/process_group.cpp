@@ -107,13 +107,14 @@ class GroupBackend {
 
   // Runs one collective; any failure (a peer gone, a timeout) becomes an mdd::Error naming it.
   template <typename F>
-  void run(const char* op, F&& start) {
+  void run(const char* op, F&& start, std::chrono::milliseconds limit = std::chrono::milliseconds(0)) {
+    if (limit.count() <= 0) limit = timeout;
     try {
       auto work = start();
-      work->wait(timeout);
+      work->wait(limit);
     } catch (const std::exception& e) {
       throw Error(fmt::format("dist: {} failed on rank {} of {} (a peer stopped or the {} s timeout passed): {}", op,
-                              rank, world_size, timeout.count() / 1000.0, first_line(e.what())));
+                              rank, world_size, limit.count() / 1000.0, first_line(e.what())));
     }
   }
 
@@ -262,6 +263,16 @@ void ProcessGroup::barrier() {
   if (!backend_) return;
 #ifdef MDD_HAVE_C10D_GLOO
   backend_->run("barrier", [&] { return backend_->gloo->barrier(); });
+#endif
+}
+
+void ProcessGroup::barrier(std::chrono::milliseconds timeout) {
+  if (timeout.count() <= 0) throw Error("dist: barrier timeout must be positive");
+  if (!backend_) return;
+#ifdef MDD_HAVE_C10D_GLOO
+  c10d::BarrierOptions bo;
+  bo.timeout = timeout;
+  backend_->run("barrier", [&] { return backend_->gloo->barrier(bo); }, timeout);
 #endif
 }
 

@@ -325,6 +325,48 @@ EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test,
   return res;
 }
 
+EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const dist::ProcessGroup& group_in,
+                          const ProgressFn& progress) const {
+  dist::ProcessGroup group = group_in;  // a handle: copies share the group
+  if (group.world_size() == 1) return run(train, test, progress);
+  resolve(train, test);  // validate before any work (every rank sees the same data and fails alike)
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t reps = options_.repeats(), world = group.world_size();
+  // [best, last] of every repeat; the rows a rank did not run stay 0, so the sum over ranks is
+  // the whole table.
+  torch::Tensor table = torch::zeros({reps, 2}, torch::kFloat64);
+  for (int64_t rep = group.rank(); rep < reps; rep += world) {
+    double best = 0, last = 0;
+    ProgressFn p;
+    if (progress) {
+      p = [&, rep](const Progress& e) {
+        Progress q = e;
+        q.stage = fmt::format("evaluate {}/{}", rep + 1, reps);
+        progress(q);
+      };
+    }
+    train_once(train, test, options_.seed() + static_cast<uint64_t>(rep), &best, &last, p);
+    table[rep][0] = best;
+    table[rep][1] = last;
+  }
+  // A repeat can take far longer than the group's default timeout, and ranks finish at different
+  // times: wait without a limit that a slow repeat could hit (a rank that exits still ends it).
+  group.barrier(std::chrono::hours(72));
+  std::vector<torch::Tensor> t{table};
+  group.all_reduce_sum(t);
+  EvalResult res;
+  for (int64_t rep = 0; rep < reps; ++rep) {
+    res.best.push_back(table[rep][0].item<double>());
+    res.last.push_back(table[rep][1].item<double>());
+  }
+  res.mean = mean_of(res.best);
+  res.std = population_std(res.best, res.mean);
+  res.last_mean = mean_of(res.last);
+  res.last_std = population_std(res.last, res.last_mean);
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
 EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options,
                     const ProgressFn& progress) {
   return Evaluator(options).run(train, test, progress);

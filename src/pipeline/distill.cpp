@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -15,6 +17,7 @@
 #include "mdd/data/image_folder.h"
 #include "mdd/data/latent_cache.h"
 #include "mdd/diffusion/sampler.h"
+#include "mdd/eval/evaluator.h"
 #include "mdd/eval/selection.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
@@ -68,6 +71,34 @@ torch::Device device_of(const std::string& d) {
   } catch (const std::exception& e) {
     throw Error("config: 'device' is \"" + d + "\", not a torch device (" + e.what() + ")");
   }
+}
+
+// How long the other ranks wait while rank 0 does a job alone (encoding a dataset, training the
+// codec): such jobs can take hours, and a rank 0 that exits ends the wait at once anyway.
+constexpr std::chrono::hours kSoloWait{72};
+
+// Runs `work` on rank 0 only; the others wait for it and then learn whether it succeeded, so a
+// failure stops every rank with an error instead of leaving them in the next collective.
+template <typename F>
+void on_main(const dist::ProcessGroup& group_in, const std::string& what, F&& work) {
+  dist::ProcessGroup group = group_in;  // a handle: copies share the group
+  if (group.world_size() == 1) {
+    work();
+    return;
+  }
+  std::exception_ptr failed;
+  if (group.is_main()) {
+    try {
+      work();
+    } catch (...) {
+      failed = std::current_exception();
+    }
+  }
+  group.barrier(kSoloWait);
+  torch::Tensor ok = torch::full({1}, failed ? 0 : 1, torch::kInt64);
+  group.broadcast(ok, 0);
+  if (failed) std::rethrow_exception(failed);
+  if (ok.item<int64_t>() == 0) throw Error(what + " failed on rank 0 (see its log)");
 }
 
 ProgressFn staged(const PipelineCallbacks& cb, const std::string& stage) {
@@ -199,15 +230,20 @@ void add_codec_identity(nlohmann::json& sig, const CodecConfig& c) {
 }  // namespace
 
 std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
-                                                       const PipelineCallbacks& cb) {
+                                                       const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
   auto codec = make_codec(config.codec, "encoder", config.device);
   const std::string path = (fs::path(config.output_dir) / "cache" / "latents.safetensors").string();
-  fs::create_directories(fs::path(path).parent_path());
   LatentCacheOptions lo;
   lo.batch_size(config.codec.batch_size).device(device_of(config.device)).flip(true)
       .codec_tag(codec_identity(config.codec));
   const auto t0 = clock_type::now();
-  LatentCache cache = LatentCache::build(path, *codec, data.train, lo, staged(cb, "encode_latents"));
+  // Rank 0 encodes (or finds) the cache file; the others then read it.
+  std::optional<LatentCache> built;
+  on_main(group, "encoding the training latents", [&] {
+    fs::create_directories(fs::path(path).parent_path());
+    built = LatentCache::build(path, *codec, data.train, lo, staged(cb, "encode_latents"));
+  });
+  LatentCache cache = built ? *built : LatentCache::build(path, *codec, data.train, lo, staged(cb, "encode_latents"));
   say(cb, fmt::format("latents: {} {} ({:.1f} s)", cache.loaded_from_disk() ? "reused" : "encoded", path, seconds_since(t0)));
   const auto& shape = cache.mean().sizes();
   const auto& m = config.model;
@@ -226,7 +262,18 @@ bool trains_vae(const DistillConfig& config, bool force_pretrain) {
          (force_pretrain || (config.codec.encoder.empty() && config.codec.decoder.empty()));
 }
 
-std::string run_train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb) {
+std::string run_train_vae_here(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb);
+
+// The codec is trained by rank 0 alone (VaeTrainer is single-process); the others wait for it.
+std::string run_train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb,
+                          const dist::ProcessGroup& group) {
+  std::string folder;
+  on_main(group, "training the codec", [&] { folder = run_train_vae_here(config, data, cb); });
+  if (folder.empty()) folder = (fs::path(config.output_dir) / "vae" / "pretrained").string();
+  return folder;
+}
+
+std::string run_train_vae_here(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb) {
   const auto& v = config.vae;
   if (v.steps <= 0) throw Error("run_train_vae: config 'vae.steps' must be > 0");
   const fs::path dir = fs::path(config.output_dir) / "vae";
@@ -287,7 +334,8 @@ using TrainingDataFn = std::function<std::shared_ptr<LatentTrainingData>()>;
 // The stage bodies take the training data lazily: a reused stage never loads it, and run_distill
 // hands every stage the one instance it built.
 std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get_data, bool force,
-                          const PipelineCallbacks& cb) {  const fs::path dir = fs::path(config.output_dir) / "pretrain";
+                          const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
+  const fs::path dir = fs::path(config.output_dir) / "pretrain";
   const auto& p = config.pretrain;
   const std::string out = (dir / (p.use_ema ? "ema.safetensors" : "model.safetensors")).string();
   json sig = {{"model", model_json(config.model)}, {"steps", p.steps}, {"batch_size", p.batch_size}, {"lr", p.lr},
@@ -305,10 +353,12 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
   json resume_sig = sig;
   resume_sig.erase("steps");
   resume_sig.erase("use_ema");
-  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), force, cb.log);
+  on_main(group, "pretrain: preparing the checkpoint folder",
+          [&] { detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), force, cb.log); });
   auto train_data = get_data();
   FinetuneOptions o = detail::pretrain_options_of(config);
-  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config));
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config))
+      .process_group(group);
   Pretrainer trainer(make_model(config.model, p.seed), train_data, o);
   const bool resumed = trainer.resume(cb.log);
   if (resumed) say(cb, fmt::format("pretrain: resumed at step {}", trainer.step_count()));
@@ -316,15 +366,17 @@ std::string pretrain_with(const DistillConfig& config, const TrainingDataFn& get
                       resumed ? "(continuing the run above)" : "from scratch",
                       describe_precision(trainer.precision(), device_of(config.device))));
   trainer.train(staged(cb, "pretrain"), cb.train_log, "pretrain");
-  io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),
-                       {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
-                        {"steps", std::to_string(trainer.step_count())}, {"weights", p.use_ema ? io::kEmaEntry : io::kModelEntry}});
+  on_main(group, "pretrain: writing " + out, [&] {
+    io::save_safetensors(out, state_dict(p.use_ema ? *trainer.ema() : *trainer.model()),
+                         {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
+                          {"steps", std::to_string(trainer.step_count())}, {"weights", p.use_ema ? io::kEmaEntry : io::kModelEntry}});
+  });
   say(cb, "pretrain: wrote " + out);
   return out;
 }
 
 std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get_data, const std::string& init_weights,
-                          const std::string& variant, const PipelineCallbacks& cb) {
+                          const std::string& variant, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
   if (variant != "difffit" && variant != "minimax")
     throw Error("run_finetune: variant must be \"difffit\" or \"minimax\", got \"" + variant + "\"");
   const bool minimax = variant == "minimax";
@@ -350,10 +402,12 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
   resume_sig["finetune"].erase("steps");
   resume_sig["finetune"].erase("ckpt_every");
   resume_sig["finetune"].erase("precision");  // a run may continue in another precision
-  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
+  on_main(group, "finetune-" + variant + ": preparing the checkpoint folder",
+          [&] { detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log); });
   auto train_data = get_data();
   FinetuneOptions o = detail::finetune_options_of(config, minimax);
-  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config));
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).config_json(config_to_json(config))
+      .process_group(group);
   Finetuner trainer(load_model(config.model, init_weights), train_data, o);
   if (trainer.resume(cb.log)) say(cb, fmt::format("finetune-{}: resumed from step {}", variant, trainer.step_count()));
   say(cb, fmt::format("finetune-{}: {} steps x {} images, {}, DiffFit{}", variant, f.steps, f.batch_size,
@@ -362,26 +416,31 @@ std::string finetune_with(const DistillConfig& config, const TrainingDataFn& get
                                             f.memory_size)
                               : ""));
   trainer.train(staged(cb, "finetune-" + variant), cb.train_log, "finetune-" + variant);
-  io::save_safetensors(out, state_dict(*trainer.ema()),
-                       {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
-                        {"steps", std::to_string(trainer.step_count())}});
+  on_main(group, "finetune-" + variant + ": writing " + out, [&] {
+    io::save_safetensors(out, state_dict(*trainer.ema()),
+                         {{"format", "mdd-dit"}, {"signature", sig.dump()}, {"model", model_json(config.model).dump()},
+                          {"steps", std::to_string(trainer.step_count())}});
+  });
   say(cb, fmt::format("finetune-{}: wrote {}", variant, out));
   return out;
 }
 
 }  // namespace
 
-std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb) {
-  return pretrain_with(config, [&] { return make_training_data(config, data, cb); }, force, cb);
+std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force, const PipelineCallbacks& cb,
+                         const dist::ProcessGroup& group) {
+  return pretrain_with(config, [&] { return make_training_data(config, data, cb, group); }, force, cb, group);
 }
 
 std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
-                         const std::string& variant, const PipelineCallbacks& cb) {
-  return finetune_with(config, [&] { return make_training_data(config, data, cb); }, init_weights, variant, cb);
+                         const std::string& variant, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
+  return finetune_with(config, [&] { return make_training_data(config, data, cb, group); }, init_weights, variant, cb,
+                       group);
 }
 
 LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
-                         const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb) {
+                         const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb,
+                         const dist::ProcessGroup& group) {
   const auto& s = config.sample;
   const int64_t nclass = int64_t(data.class_dirs.size());
   const json resolved = detail::config_json(config);
@@ -405,7 +464,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   model->eval();
   auto codec = make_codec(config.codec, "decoder", config.device);
   SamplerOptions so = detail::sampler_options_of(config, model->options().learn_sigma(), model->null_class());
-  so.device(dev);
+  so.device(dev).process_group(group);  // several ranks: each denoises its share, all get every latent
   ConditionalModelFn fn = [model](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {
     torch::NoGradGuard ng;
     return model->forward(x, t, y);
@@ -436,6 +495,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   }
   torch::Tensor images = torch::cat(imgs, 0);
   torch::Tensor labels = torch::tensor(local, torch::kInt64);
+  on_main(group, stage + ": writing " + out_dir, [&] {
   for (int64_t i = 0; i < images.size(0); ++i) {
     const int64_t c = local[i], k = ids[i] - c * s.ipc;
     const fs::path p = fs::path(out_dir) / data.class_dirs[c] / fmt::format("{}.png", k);
@@ -456,6 +516,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
                    {"seeds", {{"seed", s.seed}, {"rule", "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
                    {"seconds", seconds_since(t0)}})
                  .dump(2) + "\n");
+  });
   say(cb, fmt::format("{}: wrote {} PNGs under {} ({:.1f} s)", stage, images.size(0), out_dir, seconds_since(t0)));
   LabeledImages out;
   out.images = images;
@@ -465,7 +526,7 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
 }
 
 EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
-                        const std::string& name, const PipelineCallbacks& cb) {
+                        const std::string& name, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
   if (!test.images.defined() || test.images.numel() == 0)
     throw Error("evaluate: no test set (set data.test_root for image folders)");
   const auto& e = config.evaluate;
@@ -487,16 +548,18 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
     }
   }
   say(cb, fmt::format("evaluate-{}: {} images, protocol {}, {} repeats", name, train.images.size(0), e.protocol, e.repeats));
-  EvalResult r = evaluate(train, test, eo, staged(cb, "evaluate-" + name));
-  write_text_file_atomic(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n");
+  EvalResult r = Evaluator(eo).run(train, test, group, staged(cb, "evaluate-" + name));  // repeats shared by the ranks
+  on_main(group, "evaluate-" + name + ": writing " + path,
+          [&] { write_text_file_atomic(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n"); });
   say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", name, r.mean, r.std, r.seconds));
   return r;
 }
 
-std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks) {
+std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks,
+                      const dist::ProcessGroup& group) {
   validate_config(config);
   if (parse_codec_kind(config.codec.kind) != CodecKind::kVae) throw Error("train_vae: config 'codec.kind' must be \"vae\"");
-  return run_train_vae(config, data, callbacks);
+  return run_train_vae(config, data, callbacks, group);
 }
 
 std::string run_distill(const DistillConfig& config_in, const DistillRunOptions& options, const PipelineCallbacks& cb) {
@@ -504,8 +567,13 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   DistillConfig config = config_in;
   const auto t_all = clock_type::now();
   const fs::path out(config.output_dir);
-  fs::create_directories(out);
-  write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n");
+  dist::ProcessGroup group = options.process_group;
+  // Every rank must run the same pipeline (the trainers check their own settings again).
+  group.check_same("resolved config", config_to_json(config));
+  on_main(group, "writing " + (out / "config.json").string(), [&] {
+    fs::create_directories(out);
+    write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n");
+  });
   json timings = json::object();
   auto timed = [&](const std::string& key, auto&& fn) {
     const auto t0 = clock_type::now();
@@ -517,13 +585,14 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   // A codec trained by this run replaces the named one, and the DiT must then learn its latents.
   const bool vae_trained = trains_vae(config, options.force_pretrain);
   if (vae_trained) {
-    const std::string folder = timed("train_vae", [&] { return run_train_vae(config, data, cb); });
+    const std::string folder = timed("train_vae", [&] { return run_train_vae(config, data, cb, group); });
     config.codec.encoder = folder;
     config.codec.decoder = "";
-    write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n");
+    on_main(group, "writing " + (out / "config.json").string(),
+            [&] { write_text_file_atomic((out / "config.json").string(), config_to_json(config) + "\n"); });
   }
   // Built once; the pre-training and fine-tuning stages below share it.
-  auto train_data = timed("latents", [&] { return make_training_data(config, data, cb); });
+  auto train_data = timed("latents", [&] { return make_training_data(config, data, cb, group); });
   const auto& methods = config.evaluate.methods;
   auto wants = [&](DistillMethod m) {
     return std::any_of(methods.begin(), methods.end(), [&](const std::string& s) { return parse_distill_method(s) == m; });
@@ -533,7 +602,7 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   if (base.empty() || options.force_pretrain || vae_trained) {
     if (!base.empty() && !options.force_pretrain)
       say(cb, "model: not using " + base + ": it was trained on another codec's latents; pre-training on the new VAE's");
-    base = timed("pretrain", [&] { return pretrain_with(config, [&] { return train_data; }, options.force_pretrain, cb); });
+    base = timed("pretrain", [&] { return pretrain_with(config, [&] { return train_data; }, options.force_pretrain, cb, group); });
   } else {
     say(cb, "model: pre-trained weights " + base);
   }
@@ -541,30 +610,32 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   if (wants(DistillMethod::kDit)) weights["dit"] = base;
   for (const DistillMethod m : {DistillMethod::kDifffit, DistillMethod::kMinimax})
     if (const std::string v = distill_method_name(m); wants(m))
-      weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb); });
+      weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb, group); });
 
   std::map<std::string, LabeledImages> sets;
   for (const auto& kv : weights) {
     const std::string dir = (out / (kv.first == "minimax" ? "samples" : "samples-" + kv.first)).string();
-    sets[kv.first] = timed("sample_" + kv.first, [&] { return run_sample(config, data, kv.second, dir, "sample-" + kv.first, cb); });
+    sets[kv.first] = timed("sample_" + kv.first, [&] { return run_sample(config, data, kv.second, dir, "sample-" + kv.first, cb, group); });
   }
   const int64_t ipc = config.sample.ipc;
   const torch::Tensor random_idx = select_random(data.train.labels, ipc, config.evaluate.seed);
   sets["random"] = subset(data.train, random_idx);
 
-  say(cb, detail::write_contact_sheet((out / "contact_sheet.png").string(), sets, int64_t(data.class_dirs.size()), ipc));
+  on_main(group, "writing the contact sheet", [&] {
+    say(cb, detail::write_contact_sheet((out / "contact_sheet.png").string(), sets, int64_t(data.class_dirs.size()), ipc));
+  });
 
   detail::RunSummary run;
   if (!options.skip_evaluate) {
     for (const auto& m : methods) {
       if (!sets.count(m)) continue;
-      EvalResult r = timed("evaluate_" + m, [&] { return run_evaluate(config, sets[m], data.test, m, cb); });
+      EvalResult r = timed("evaluate_" + m, [&] { return run_evaluate(config, sets[m], data.test, m, cb, group); });
       run.results[m] = eval_json(r);
     }
   }
   // The whole-set number: computed when asked for, otherwise reported if an earlier run cached it.
   if (!options.skip_evaluate && config.evaluate.full_set) {
-    EvalResult r = timed("evaluate_full", [&] { return run_evaluate(config, data.train, data.test, "full", cb); });
+    EvalResult r = timed("evaluate_full", [&] { return run_evaluate(config, data.train, data.test, "full", cb, group); });
     run.full = eval_json(r);
     run.full["epochs"] = config.evaluate.full_set_epochs;
   } else {
@@ -574,7 +645,8 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   run.timings = timings;
   run.train_images = data.train.images.defined() ? data.train.images.size(0) : 0;
   run.test_images = data.test.images.defined() ? data.test.images.size(0) : 0;
-  const std::string report_path = detail::write_report(out, config, run);
+  std::string report_path = (out / "report.json").string();
+  on_main(group, "writing the report", [&] { report_path = detail::write_report(out, config, run); });
   say(cb, "report: " + report_path);
   return report_path;
 }

@@ -204,7 +204,9 @@ StepLoss Finetuner::loss(const StepInputs& in) {
     // The whole batch's x̂0: the other ranks' rows as values, this rank's rows live, so that the
     // minimax terms (which compare the items of a class across the batch) are the single-process
     // ones and their gradient reaches this rank's rows.
+    const auto c0 = std::chrono::steady_clock::now();
     const torch::Tensor all = pg.all_gather(tl.pred_xstart.detach().contiguous()).to(dev);
+    comm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     out.pred_xstart = torch::cat({all.slice(0, 0, lo), tl.pred_xstart, all.slice(0, hi, b)});
   }
   if (options_.minimax()) {
@@ -313,6 +315,7 @@ TrainStats Finetuner::step() {
 
 void Finetuner::average_gradients(torch::Tensor& stats) {
   auto& pg = options_.process_group();
+  const auto c0 = std::chrono::steady_clock::now();
   // Every rank must contribute the same list in the same order: a parameter without a gradient
   // this step contributes zeros (on every rank alike, since all run the same graph).
   std::vector<torch::Tensor> bucket;
@@ -334,6 +337,7 @@ void Finetuner::average_gradients(torch::Tensor& stats) {
   // batch's on every rank, so their mean is unchanged.
   std::vector<torch::Tensor> st{stats};
   pg.all_reduce_mean(st);
+  comm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   // Checked after the collective so that every rank sees the same value and stops together (a
   // rank that threw alone would leave the others waiting in the next collective).
   const double d = stats[0].item<double>(), m = stats[1].item<double>();
@@ -482,6 +486,9 @@ void Finetuner::train(const ProgressFn& progress, const TrainLogFn& log, const s
       const double w = since(window_start);
       s.images_per_s = w > 0 ? double(window_steps * options_.batch_size()) / w : 0.0;
       s.elapsed_s = since(t0);
+      s.window_s = w;
+      s.communication_s = comm_s_;
+      comm_s_ = 0;
       log(s);
       loss_sum = 0;
       loss_n = 0;

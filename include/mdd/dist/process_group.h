@@ -85,6 +85,10 @@ class MDD_API ProcessGroup {
   void broadcast(torch::Tensor& tensor, int64_t root = 0);
   /// Returns once every rank has called it.
   void barrier();
+  /// The same with its own time limit instead of `DistOptions::timeout`: for waiting while one
+  /// rank does a long job alone (encoding a dataset, training the codec). A peer that exits still
+  /// ends the wait at once with an error.
+  void barrier(std::chrono::milliseconds timeout);
   /// Throws `mdd::Error` on every rank unless all ranks pass the same `text` (e.g. the resolved
   /// config): the message names `what` and the first rank that differs.
   void check_same(const std::string& what, const std::string& text);

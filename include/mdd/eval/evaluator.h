@@ -26,6 +26,7 @@
 #include <torch/types.h>
 
 #include "mdd/data/labeled_images.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/export.h"
 #include "mdd/util/option_check.h"
 #include "mdd/util/progress.h"
@@ -104,6 +105,11 @@ class MDD_API Evaluator {
 
   /// `repeats` runs with seeds seed, seed+1, ...; progress stage "evaluate", one step per epoch.
   EvalResult run(const LabeledImages& train, const LabeledImages& test, const ProgressFn& progress = {}) const;
+  /// The same repeats shared by the ranks of `group` (collective: every rank calls it with the
+  /// same data): rank r runs repeats r, r + W, ...; every rank returns the whole result, equal to
+  /// the single-process one since each repeat depends on its seed only. `seconds` is the wall time.
+  EvalResult run(const LabeledImages& train, const LabeledImages& test, const dist::ProcessGroup& group,
+                 const ProgressFn& progress = {}) const;
 
   /// One training run with `seed`; returns the trained network (eval mode) and fills best/last.
   torch::nn::AnyModule train_once(const LabeledImages& train, const LabeledImages& test, uint64_t seed,

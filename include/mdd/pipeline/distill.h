@@ -22,6 +22,7 @@
 
 #include "mdd/data/labeled_images.h"
 #include "mdd/data/training_data.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/export.h"
 #include "mdd/models/codec.h"
@@ -67,40 +68,53 @@ MDD_API DiT load_model(const ModelConfig& config, const std::string& path, const
 MDD_API std::shared_ptr<Codec> make_codec(const CodecConfig& config, const std::string& role, const std::string& device);
 
 /// Latent training data (cached posteriors of the training images, `finetune_ipc` subset).
+/// With a `group` of several ranks rank 0 encodes the cache file and the others then read it.
 MDD_API std::shared_ptr<LatentTrainingData> make_training_data(const DistillConfig& config, const PipelineData& data,
-                                                               const PipelineCallbacks& callbacks = {});
+                                                               const PipelineCallbacks& callbacks = {},
+                                                               const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// Trains the codec from scratch under `config.vae` (a small AutoencoderKL, `VaeTrainer`, resuming
 /// `<output_dir>/vae/checkpoints`) and writes it as a diffusers folder `<output_dir>/vae/pretrained`
 /// (scaling factor fitted to the training images); returns that folder, usable as `codec.encoder`.
 /// Reuses the folder when it was written with the same settings. Throws mdd::Error unless
 /// `codec.kind` is "vae" and `vae.steps` > 0.
-MDD_API std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks = {});
+/// With a `group` of several ranks rank 0 trains and the others wait for its folder.
+MDD_API std::string train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& callbacks = {},
+                              const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// Pre-trains a DiT from scratch (resuming `pretrain/checkpoints` when present) and writes its EMA
 /// weights to `<output_dir>/pretrain/ema.safetensors` (raw weights to `pretrain/model.safetensors`
 /// with `pretrain.use_ema` = false); returns that path. Skips the work when the
 /// file exists and `force` is false.
+/// With a `group` of several ranks the training is data parallel (`FinetuneOptions::process_group`)
+/// and rank 0 writes the files.
 MDD_API std::string run_pretrain(const DistillConfig& config, const PipelineData& data, bool force = false,
-                                 const PipelineCallbacks& callbacks = {});
+                                 const PipelineCallbacks& callbacks = {}, const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// Fine-tunes the weights at `init_weights` with DiffFit, with (`variant` "minimax") or without
 /// ("difffit") the minimax terms; resumes `<output_dir>/<variant>/checkpoints`; writes and returns
 /// `<output_dir>/<variant>/ema.safetensors` (skipped when it exists for the same settings).
+/// Data parallel with a `group` of several ranks, as run_pretrain.
 MDD_API std::string run_finetune(const DistillConfig& config, const PipelineData& data, const std::string& init_weights,
-                                 const std::string& variant, const PipelineCallbacks& callbacks = {});
+                                 const std::string& variant, const PipelineCallbacks& callbacks = {},
+                                 const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// Samples `sample.ipc` images per class from `weights` (EMA) into `out_dir` (`<class>/<k>.png`,
 /// samples.safetensors, sample_config.json, grid.png = up to 20 per class) and returns them as a labelled set. Reuses an existing
 /// samples.safetensors written with the same weights and settings.
+/// With a `group` of several ranks the batches are shared (bit-identical to one process), every
+/// rank returns the whole set and rank 0 writes the files.
 MDD_API LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
                                  const std::string& out_dir, const std::string& stage = "sample",
-                                 const PipelineCallbacks& callbacks = {});
+                                 const PipelineCallbacks& callbacks = {},
+                                 const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// Evaluates a training set on the test set under `config.evaluate` (protocol, repeats, seed),
 /// caching the result in `<output_dir>/eval/<name>.json`.
+/// With a `group` of several ranks the repeats are shared (`Evaluator::run` with a group).
 MDD_API EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
-                                const std::string& name, const PipelineCallbacks& callbacks = {});
+                                const std::string& name, const PipelineCallbacks& callbacks = {},
+                                const dist::ProcessGroup& group = dist::ProcessGroup());
 
 /// What `run_distill` does beyond the config.
 struct MDD_API DistillRunOptions {
@@ -109,6 +123,11 @@ struct MDD_API DistillRunOptions {
   bool force_pretrain = false;
   /// Stop after sampling (no evaluation, no report table).
   bool skip_evaluate = false;
+  /// The processes running this pipeline together (default: this one alone). Every rank calls
+  /// run_distill with the same config (checked at start); training is data parallel, sampling and
+  /// evaluation repeats are shared, rank 0 writes every file and the others wait for it where
+  /// it works alone (encoding the latents, training the codec). See docs/distributed.md.
+  dist::ProcessGroup process_group;
 };
 
 /// The whole pipeline. Writes report.json (`results.<method>.{mean,std,runs}`, `ipc`, `protocol`,

@@ -146,6 +146,12 @@ struct MDD_API TrainStats {
   double lr = 0;                ///< learning rate of the last step (after warm-up)
   double loss_scale = 1;        ///< fp16 loss scale after the last step (1 otherwise)
   bool skipped = false;         ///< fp16: the last step overflowed and was skipped
+  /// Several processes: wall seconds spent in collectives (gradient mean, x̂0 gather) since the
+  /// previous report (0 in a single process). Over `elapsed` of that window it is the
+  /// communication share of a step.
+  double communication_s = 0;
+  /// Wall seconds of the window this report covers (since the previous report).
+  double window_s = 0;
 };
 /// Receives TrainStats every `log_every` steps.
 using TrainLogFn = std::function<void(const TrainStats&)>;
@@ -229,6 +235,7 @@ class MDD_API Finetuner {
   int64_t step_ = 0;
   Precision precision_ = Precision::kFP32;
   double loss_scale_ = 1.0;         // fp16 dynamic loss scale (GradScaler defaults)
+  double comm_s_ = 0;               // seconds in collectives since the last report
   int64_t good_steps_ = 0;          // fp16 steps since the scale last changed
   std::string last_checkpoint_;
   mutable torch::Tensor order_;       // batch order of epoch order_epoch_ (cache)
