@@ -19,11 +19,13 @@
 #include "mdd/util/error.h"
 #include "dist_spawn.h"
 #include "test_util.h"
+#include "tiny_training.h"
 
-namespace fs = std::filesystem;
 using namespace mdd;
 using mdd::dist::DistOptions;
 using mdd::dist::ProcessGroup;
+using mdd_test::tiny_data;
+using mdd_test::tiny_dit;
 
 namespace {
 
@@ -38,28 +40,6 @@ constexpr double kRtol = 1e-4;
 std::string env_or(const char* name, const std::string& fallback) {
   const char* v = std::getenv(name);
   return v ? std::string(v) : fallback;
-}
-
-// 3 classes x 8 grey 8x8 images in pixel space; each rank builds its own cache file.
-std::shared_ptr<LatentTrainingData> tiny_data(const std::string& dir) {
-  fs::create_directories(dir);
-  auto gen = at::detail::createCPUGenerator(7);
-  LabeledImages d;
-  d.images = torch::randint(0, 256, {24, 8, 8, 1}, gen, torch::kInt64).to(torch::kUInt8);
-  d.labels = torch::arange(24, torch::kInt64).remainder(3);
-  d.class_names = {"a", "b", "c"};
-  IdentityCodec codec;
-  return std::make_shared<LatentTrainingData>(LatentCache::build(dir + "/latents.safetensors", codec, d), 3);
-}
-
-// `seed` differs per rank on purpose in some runs: the trainer must start every rank from rank 0's weights.
-DiT tiny_dit(uint64_t seed = 1) {
-  DiT m(DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
-  auto gen = at::detail::createCPUGenerator(seed);
-  m->initialize_weights(gen);
-  torch::NoGradGuard ng;
-  for (auto& p : m->parameters()) p.add_(torch::randn(p.sizes(), gen) * 0.02);
-  return m;
 }
 
 // DiffFit + minimax with strong terms (they must shape the gradients), batch 6 (2 and 3 ranks).
@@ -127,6 +107,8 @@ struct RankRun {
 
 RankRun run_rank(ProcessGroup pg, const std::string& dir, int64_t steps, const std::string& ckpt,
                  double lr = 1e-3, int64_t die_after = -1, int64_t batch = 6) {
+  // Each rank builds its own cache file; rank r initialises its model with seed 1 + r (the trainer
+  // must start all from rank 0's weights).
   auto data = tiny_data(dir + "/rank" + std::to_string(pg.rank()));
   Finetuner ft(tiny_dit(1 + uint64_t(pg.rank())), data, options(pg, steps, ckpt).lr(lr).batch_size(batch));
   ft.resume();

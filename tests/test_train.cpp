@@ -27,9 +27,12 @@
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "test_util.h"
+#include "tiny_training.h"
 
 namespace fs = std::filesystem;
 using namespace mdd;
+using mdd_test::tiny_data;
+using mdd_test::tiny_dit;
 using mdd_test::tmp_dir;
 
 namespace {
@@ -47,28 +50,6 @@ bool equal_maps(const io::TensorMap& a, const io::TensorMap& b, std::string* why
     }
   }
   return true;
-}
-
-// 3 classes x 8 grey 8x8 images in pixel space.
-std::shared_ptr<LatentTrainingData> tiny_data(const std::string& dir) {
-  auto gen = at::detail::createCPUGenerator(7);
-  LabeledImages d;
-  d.images = torch::randint(0, 256, {24, 8, 8, 1}, gen, torch::kInt64).to(torch::kUInt8);
-  d.labels = torch::arange(24, torch::kInt64).remainder(3);
-  d.class_names = {"a", "b", "c"};
-  IdentityCodec codec;
-  auto cache = LatentCache::build(dir + "/latents.safetensors", codec, d);
-  return std::make_shared<LatentTrainingData>(cache, 3);
-}
-
-DiT tiny_dit(uint64_t seed = 1) {
-  DiT m(DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
-  auto gen = at::detail::createCPUGenerator(seed);
-  m->initialize_weights(gen);
-  // Non-zero adaLN/final weights so gradients reach every parameter from step 1.
-  torch::NoGradGuard ng;
-  for (auto& p : m->parameters()) p.add_(torch::randn(p.sizes(), gen) * 0.02);
-  return m;
 }
 
 FinetuneOptions tiny_options() {

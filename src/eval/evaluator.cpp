@@ -300,35 +300,12 @@ torch::nn::AnyModule Evaluator::train_once(const LabeledImages& train, const Lab
 }
 
 EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const ProgressFn& progress) const {
-  resolve(train, test);  // validate before any work
-  const auto t0 = std::chrono::steady_clock::now();
-  EvalResult res;
-  for (int64_t rep = 0; rep < options_.repeats(); ++rep) {
-    double best = 0, last = 0;
-    ProgressFn p;
-    if (progress) {
-      p = [&, rep](const Progress& e) {
-        Progress q = e;
-        q.stage = fmt::format("evaluate {}/{}", rep + 1, options_.repeats());
-        progress(q);
-      };
-    }
-    train_once(train, test, options_.seed() + static_cast<uint64_t>(rep), &best, &last, p);
-    res.best.push_back(best);
-    res.last.push_back(last);
-  }
-  res.mean = mean_of(res.best);
-  res.std = population_std(res.best, res.mean);
-  res.last_mean = mean_of(res.last);
-  res.last_std = population_std(res.last, res.last_mean);
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return res;
+  return run(train, test, dist::ProcessGroup(), progress);
 }
 
 EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const dist::ProcessGroup& group_in,
                           const ProgressFn& progress) const {
-  dist::ProcessGroup group = group_in;  // a handle: copies share the group
-  if (group.world_size() == 1) return run(train, test, progress);
+  dist::ProcessGroup group = group_in;  // a handle: copies share the group (one process: all no-ops)
   resolve(train, test);  // validate before any work (every rank sees the same data and fails alike)
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t reps = options_.repeats(), world = group.world_size();
