@@ -331,16 +331,24 @@ EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test,
   group.barrier(std::chrono::hours(72));
   std::vector<torch::Tensor> t{table};
   group.all_reduce_sum(t);
-  EvalResult res;
+  std::vector<double> best, last;
   for (int64_t rep = 0; rep < reps; ++rep) {
-    res.best.push_back(table[rep][0].item<double>());
-    res.last.push_back(table[rep][1].item<double>());
+    best.push_back(table[rep][0].item<double>());
+    last.push_back(table[rep][1].item<double>());
   }
+  return summarize_eval(std::move(best), std::move(last),
+                        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+EvalResult summarize_eval(std::vector<double> best, std::vector<double> last, double seconds) {
+  EvalResult res;
+  res.best = std::move(best);
+  res.last = std::move(last);
   res.mean = mean_of(res.best);
   res.std = population_std(res.best, res.mean);
   res.last_mean = mean_of(res.last);
   res.last_std = population_std(res.last, res.last_mean);
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  res.seconds = seconds;
   return res;
 }
 

@@ -525,33 +525,113 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   return out;
 }
 
-EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
-                        const std::string& name, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
+namespace {
+
+// One evaluation of the pipeline: its cache file and signature, and the cached result if valid.
+struct EvalJob {
+  std::string name, path;
+  json sig;
+  EvalOptions options;
+  std::optional<EvalResult> cached;
+};
+
+EvalJob eval_job(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
+                 const std::string& name) {
   if (!test.images.defined() || test.images.numel() == 0)
     throw Error("evaluate: no test set (set data.test_root for image folders)");
   const auto& e = config.evaluate;
-  const EvalOptions eo = detail::eval_options_of(config, name == "full");
-  const std::string fp = dataset_fingerprint(train);
-  json sig = {{"protocol", e.protocol}, {"repeats", e.repeats}, {"seed", e.seed}, {"epochs", eo.epochs()},
-              {"image_size", e.image_size}, {"train", fp}, {"test", dataset_fingerprint(test)}};
-  const std::string path = (fs::path(config.output_dir) / "eval" / (name + ".json")).string();
-  const std::string cached = read_cache_text(path);
+  EvalJob job;
+  job.name = name;
+  job.options = detail::eval_options_of(config, name == "full");
+  job.sig = {{"protocol", e.protocol}, {"repeats", e.repeats}, {"seed", e.seed}, {"epochs", job.options.epochs()},
+             {"image_size", e.image_size}, {"train", dataset_fingerprint(train)}, {"test", dataset_fingerprint(test)}};
+  job.path = (fs::path(config.output_dir) / "eval" / (name + ".json")).string();
+  const std::string cached = read_cache_text(job.path);
   if (!cached.empty()) {
     try {
       json j = json::parse(cached);
-      if (j.at("signature") == sig) {
-        say(cb, "evaluate-" + name + ": reusing " + path);
-        return eval_from_json(j.at("result"));
-      }
+      if (j.at("signature") == job.sig) job.cached = eval_from_json(j.at("result"));
     } catch (const std::exception&) {
       // unreadable cache: evaluate again
     }
   }
+  return job;
+}
+
+void store_eval(const EvalJob& job, const EvalResult& r, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
+  on_main(group, "evaluate-" + job.name + ": writing " + job.path, [&] {
+    write_text_file_atomic(job.path, json({{"signature", job.sig}, {"result", eval_json(r)}}).dump(2) + "\n");
+  });
+  say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", job.name, r.mean, r.std, r.seconds));
+}
+
+// Several ranks: every (set, repeat) pair of all the sets is one job and job j runs on rank j % W, so
+// the ranks stay busy even when a set's repeats do not divide among them. Each repeat depends on
+// its seed only, so the results equal those of evaluating the sets one after another.
+std::map<std::string, EvalResult> evaluate_pool(const DistillConfig& config,
+                                                const std::vector<std::pair<std::string, const LabeledImages*>>& sets,
+                                                const LabeledImages& test, const PipelineCallbacks& cb,
+                                                const dist::ProcessGroup& group_in) {
+  dist::ProcessGroup group = group_in;
+  std::map<std::string, EvalResult> out;
+  std::vector<EvalJob> todo;
+  std::vector<const LabeledImages*> todo_sets;
+  for (const auto& [name, set] : sets) {
+    EvalJob job = eval_job(config, *set, test, name);
+    if (job.cached) {
+      say(cb, "evaluate-" + name + ": reusing " + job.path);
+      out[name] = *job.cached;
+    } else {
+      todo.push_back(std::move(job));
+      todo_sets.push_back(set);
+    }
+  }
+  if (todo.empty()) return out;
+  const int64_t reps = config.evaluate.repeats, world = group.world_size();
+  const int64_t total = int64_t(todo.size()) * reps;
+  say(cb, fmt::format("evaluate: {} sets x {} repeats shared by {} processes", todo.size(), reps, world));
+  torch::Tensor table = torch::zeros({total, 2}, torch::kFloat64);
+  const auto t0 = clock_type::now();
+  for (int64_t j = group.rank(); j < total; j += world) {
+    const size_t k = size_t(j / reps);
+    const int64_t rep = j % reps;
+    Evaluator ev(todo[k].options);
+    double best = 0, last = 0;
+    ev.train_once(*todo_sets[k], test, todo[k].options.seed() + uint64_t(rep), &best, &last,
+                  staged(cb, fmt::format("evaluate-{} {}/{}", todo[k].name, rep + 1, reps)));
+    table[j][0] = best;
+    table[j][1] = last;
+  }
+  group.barrier(kSoloWait);  // ranks finish their last repeats at different times
+  std::vector<torch::Tensor> t{table};
+  group.all_reduce_sum(t);
+  const double seconds = seconds_since(t0);
+  for (size_t k = 0; k < todo.size(); ++k) {
+    std::vector<double> best, last;
+    for (int64_t rep = 0; rep < reps; ++rep) {
+      best.push_back(table[int64_t(k) * reps + rep][0].item<double>());
+      last.push_back(table[int64_t(k) * reps + rep][1].item<double>());
+    }
+    EvalResult r = summarize_eval(best, last, seconds);
+    store_eval(todo[k], r, cb, group);
+    out[todo[k].name] = r;
+  }
+  return out;
+}
+
+}  // namespace
+
+EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train, const LabeledImages& test,
+                        const std::string& name, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
+  const EvalJob job = eval_job(config, train, test, name);
+  if (job.cached) {
+    say(cb, "evaluate-" + name + ": reusing " + job.path);
+    return *job.cached;
+  }
+  const auto& e = config.evaluate;
   say(cb, fmt::format("evaluate-{}: {} images, protocol {}, {} repeats", name, train.images.size(0), e.protocol, e.repeats));
-  EvalResult r = Evaluator(eo).run(train, test, group, staged(cb, "evaluate-" + name));  // repeats shared by the ranks
-  on_main(group, "evaluate-" + name + ": writing " + path,
-          [&] { write_text_file_atomic(path, json({{"signature", sig}, {"result", eval_json(r)}}).dump(2) + "\n"); });
-  say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", name, r.mean, r.std, r.seconds));
+  EvalResult r = Evaluator(job.options).run(train, test, group, staged(cb, "evaluate-" + name));  // repeats shared by the ranks
+  store_eval(job, r, cb, group);
   return r;
 }
 
@@ -626,7 +706,14 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
   });
 
   detail::RunSummary run;
-  if (!options.skip_evaluate) {
+  if (!options.skip_evaluate && group.world_size() > 1) {
+    // One pool of (set, repeat) jobs for all ranks; the timing is that of the whole pool.
+    std::vector<std::pair<std::string, const LabeledImages*>> todo;
+    for (const auto& m : methods)
+      if (sets.count(m)) todo.emplace_back(m, &sets[m]);
+    auto results = timed("evaluate", [&] { return evaluate_pool(config, todo, data.test, cb, group); });
+    for (const auto& kv : results) run.results[kv.first] = eval_json(kv.second);
+  } else if (!options.skip_evaluate) {
     for (const auto& m : methods) {
       if (!sets.count(m)) continue;
       EvalResult r = timed("evaluate_" + m, [&] { return run_evaluate(config, sets[m], data.test, m, cb, group); });

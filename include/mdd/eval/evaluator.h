@@ -78,6 +78,9 @@ struct MDD_API EvalResult {
   double seconds = 0;  ///< wall time of all repeats
 };
 
+/// An EvalResult from per-repeat best/last accuracies (mean, population std) and a wall time.
+MDD_API EvalResult summarize_eval(std::vector<double> best, std::vector<double> last, double seconds);
+
 /// The concrete recipe after applying a protocol preset and the overrides.
 struct MDD_API ResolvedEval {
   std::string protocol, net, norm, augment;
