@@ -10,7 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -23,6 +25,14 @@ namespace mdd_examples {
 
 /// True when a launcher (torchrun, srun, or our own --nproc) started this process as one rank.
 inline bool launched_as_rank() { return std::getenv("RANK") || std::getenv("SLURM_PROCID"); }
+
+/// Intra-op threads for one of the ranks on this node when none were asked for: the cores shared
+/// among LOCAL_WORLD_SIZE ranks (LibTorch's default, all cores in every rank, would oversubscribe).
+inline int64_t threads_per_local_rank() {
+  const char* lws = std::getenv("LOCAL_WORLD_SIZE");
+  const int local = lws ? std::max(1, std::atoi(lws)) : 1;
+  return std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()) / local);
+}
 
 /// A loopback TCP port that was free a moment ago (rank 0's rendezvous store binds it next).
 inline int free_loopback_port() {
@@ -42,7 +52,7 @@ inline int free_loopback_port() {
 /// Runs `nproc` copies of this program (same arguments) as ranks 0..nproc-1 and returns the exit
 /// code to use: 0 when all succeeded, else the first failing rank's code. A rank that fails makes
 /// the others fail within their collective timeout; any still running 60 s later are stopped.
-inline int launch_local_ranks(int nproc, int argc, char** argv, const char* program) {
+inline int launch_local_ranks(int nproc, char** argv, const char* program) {
   const int port = free_loopback_port();
   if (port <= 0) {
     std::fprintf(stderr, "%s: error: no free loopback port for the rendezvous\n", program);
@@ -68,7 +78,6 @@ inline int launch_local_ranks(int nproc, int argc, char** argv, const char* prog
     }
     pids.push_back(pid);
   }
-  (void)argc;
   int result = 0;
   size_t alive = pids.size();
   std::vector<bool> done(pids.size(), false);

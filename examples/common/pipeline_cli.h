@@ -2,14 +2,12 @@
 // Shared front-end of the pipeline example programs (not part of the library): the common
 // --config/--set/--output-dir/--device/--threads options, and callbacks that draw progress bars
 // and print log and loss lines on stderr.
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -46,9 +44,9 @@ struct PipelineCli {
 
   /// With `--nproc N` > 1 (and no launcher around) runs N ranks of this program and returns true
   /// with their exit code in `rc`; the caller returns it. Otherwise false: carry on.
-  bool launch(int argc, char** argv, const char* program, int* rc) const {
+  bool launch(char** argv, const char* program, int* rc) const {
     if (nproc <= 1 || launched_as_rank()) return false;
-    *rc = launch_local_ranks(nproc, argc, argv, program);
+    *rc = launch_local_ranks(nproc, argv, program);
     return true;
   }
 
@@ -78,12 +76,7 @@ struct PipelineCli {
     if (!output_dir.empty()) mdd::apply_override(c, "output_dir=\"" + output_dir + "\"");
     if (!device.empty()) mdd::apply_override(c, "device=\"" + device + "\"");
     if (threads >= 0) c.threads = threads;
-    if (c.threads <= 0 && group.world_size() > 1) {
-      // Local ranks share the cores; LibTorch's default (all of them each) would oversubscribe.
-      const char* lws = std::getenv("LOCAL_WORLD_SIZE");
-      const int local = lws ? std::max(1, std::atoi(lws)) : 1;
-      c.threads = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()) / local);
-    }
+    if (c.threads <= 0 && group.world_size() > 1) c.threads = threads_per_local_rank();
     if (c.threads > 0) torch::set_num_threads(int(c.threads));
     if (group.world_size() > 1 && is_main())
       std::fprintf(stderr, "%d processes (rank 0 of %lld here), %d threads each\n", int(group.world_size()),

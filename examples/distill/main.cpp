@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   app.add_flag("--pretrain", run.force_pretrain, "pre-train the DiT from scratch even if model.checkpoint is set (and first train the VAE when vae.steps > 0)");
   app.add_flag("--no-eval", run.skip_evaluate, "stop after sampling (no evaluation table)");
   CLI11_PARSE(app, argc, argv);
-  if (int rc = 0; cli.launch(argc, argv, "mdd_distill", &rc)) return rc;
+  if (int rc = 0; cli.launch(argv, "mdd_distill", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     if (cli.is_main())

@@ -12,7 +12,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -65,17 +64,13 @@ int main(int argc, char** argv) {
   app.add_option("--nproc", nproc, "run N local processes that share the repeats (under torchrun/srun leave it at 1)")
       ->check(CLI::Range(1, 1024));
   CLI11_PARSE(app, argc, argv);
-  if (nproc > 1 && !mdd_examples::launched_as_rank()) return mdd_examples::launch_local_ranks(nproc, argc, argv, "mdd_evaluate");
+  if (nproc > 1 && !mdd_examples::launched_as_rank()) return mdd_examples::launch_local_ranks(nproc, argv, "mdd_evaluate");
 
   try {
     // Rank r trains repeats r, r + W, ...; only rank 0 prints and writes the report.
     mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
     if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
-    if (group.world_size() > 1 && app.count("--threads") == 0) {
-      // Local ranks share the cores.
-      const char* lws = std::getenv("LOCAL_WORLD_SIZE");
-      threads = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()) / (lws ? std::max(1, std::atoi(lws)) : 1));
-    }
+    if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
     torch::set_num_threads(static_cast<int>(threads));
     o.protocol(protocol).net(net).norm(norm).width(width).epochs(epochs).eval_every(eval_every).batch_size(batch)
         .repeats(repeats).seed(seed).device(device);

@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
   app.add_option("--init", init, "pre-trained weights (default: model.checkpoint)");
   app.add_option("--variant", variant, "minimax | difffit")->capture_default_str()->check(CLI::IsMember({"minimax", "difffit"}));
   CLI11_PARSE(app, argc, argv);
-  if (int rc = 0; cli.launch(argc, argv, "mdd_finetune", &rc)) return rc;
+  if (int rc = 0; cli.launch(argv, "mdd_finetune", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     if (init.empty()) init = config.model.checkpoint;

@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   app.add_flag("--force", force, "start over even when a finished pre-training exists (checkpoints are discarded)");
   app.add_option("--copy-to", copy_to, "also copy the resulting weights here");
   CLI11_PARSE(app, argc, argv);
-  if (int rc = 0; cli.launch(argc, argv, "mdd_pretrain", &rc)) return rc;
+  if (int rc = 0; cli.launch(argv, "mdd_pretrain", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     const std::string cfg = cli.write_resolved(config, "pretrain");

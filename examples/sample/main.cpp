@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   app.add_option("--weights", weights, "DiT weights (default: <output_dir>/minimax/ema.safetensors)");
   app.add_option("--out", out, "output folder (default: <output_dir>/samples)");
   CLI11_PARSE(app, argc, argv);
-  if (int rc = 0; cli.launch(argc, argv, "mdd_sample", &rc)) return rc;
+  if (int rc = 0; cli.launch(argv, "mdd_sample", &rc)) return rc;
   try {
     mdd::DistillConfig config = cli.load();
     if (weights.empty()) weights = (std::filesystem::path(config.output_dir) / "minimax" / "ema.safetensors").string();
