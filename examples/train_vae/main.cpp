@@ -2,7 +2,10 @@
 // latent-diffusion variant) and report its reconstruction quality.
 //
 //   mdd_train_vae --out runs/fmnist-vae --steps 4000 --channels 32,64,64 --latent 4
+//   mdd_train_vae --out runs/ft --init models/fashion-mnist-vae --decoder-only --steps 6000
 //
+// The second form fine-tunes only the decoder of an existing VAE: its latents (and any DiT trained
+// on them) stay valid, and its scaling factor is kept.
 // Writes <out>/checkpoints/ (resumable: re-running continues), <out>/vae/ (a diffusers folder with
 // the fitted scaling factor, usable as codec.encoder), <out>/report.json (PSNR on the test split,
 // and with --proxy-classifier the accuracy of that classifier on the reconstructed test images).
@@ -24,7 +27,8 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"Train a small AutoencoderKL on Fashion-MNIST"};
-  std::string fmnist_dir = "/usr/share/datasets/fashion-mnist", out, proxy_path, precision = "fp32";
+  std::string fmnist_dir = "/usr/share/datasets/fashion-mnist", out, proxy_path, precision = "fp32", init;
+  bool decoder_only = false;
   std::vector<int64_t> channels{32, 64, 64};
   int64_t latent = 4, layers = 1, groups = 8, threads = 2;
   mdd::VaeTrainerOptions o;
@@ -34,6 +38,9 @@ int main(int argc, char** argv) {
   uint64_t seed = 0;
   app.add_option("--out", out, "run folder (checkpoints/, vae/, report.json)")->required();
   app.add_option("--fmnist-dir", fmnist_dir, "Fashion-MNIST directory")->capture_default_str();
+  auto* init_opt = app.add_option("--init", init, "start from this diffusers VAE folder (its architecture replaces --channels/--latent/--layers/--groups)");
+  app.add_flag("--decoder-only", decoder_only, "train only decoder + post_quant_conv (latents and scaling factor unchanged); needs --init")
+      ->needs(init_opt);
   app.add_option("--channels", channels, "block_out_channels (levels; downsampling 2^(levels-1))")->delimiter(',')->capture_default_str();
   app.add_option("--latent", latent, "latent channels")->capture_default_str();
   app.add_option("--layers", layers, "ResnetBlock2Ds per encoder level")->capture_default_str();
@@ -56,12 +63,22 @@ int main(int argc, char** argv) {
     fs::create_directories(out);
     const auto train = mdd::load_fashion_mnist(fmnist_dir, "train");
     const auto test = mdd::load_fashion_mnist(fmnist_dir, "test");
+    for (const char* flag : {"--channels", "--latent", "--layers", "--groups"})
+      if (!init.empty() && app.count(flag) > 0)
+        throw mdd::Error(std::string(flag) + " cannot be combined with --init (the VAE folder fixes the architecture)");
     torch::manual_seed(seed);  // PyTorch-default initialisation from a seeded global generator
-    mdd::AutoencoderKL vae(mdd::AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(latent)
-                               .block_out_channels(channels).layers_per_block(layers).norm_num_groups(groups)
-                               .sample_size(train.images.size(1)));
-    o.steps(steps).batch_size(batch).lr(lr).lr_warmup(warmup).kl_weight(kl).reconstruction(recon).seed(seed)
+    mdd::AutoencoderKL vae = init.empty()
+        ? mdd::AutoencoderKL(mdd::AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(latent)
+                                 .block_out_channels(channels).layers_per_block(layers).norm_num_groups(groups)
+                                 .sample_size(train.images.size(1)))
+        : mdd::AutoencoderKL::from_pretrained(init);
+    const double init_scaling = vae->options.scaling_factor();
+    channels = vae->options.block_out_channels();
+    latent = vae->options.latent_channels();
+    o.train_encoder(!decoder_only).steps(steps).batch_size(batch).lr(lr).lr_warmup(warmup).kl_weight(kl).reconstruction(recon).seed(seed)
         .checkpoint_dir((fs::path(out) / "checkpoints").string()).precision(mdd::parse_precision(precision));
+    const double psnr_init = init.empty() ? 0.0 : mdd::reconstruction_psnr(vae, test.images);
+    if (!init.empty()) std::fprintf(stderr, "train_vae: %s: test PSNR %.2f dB before training\n", init.c_str(), psnr_init);
     mdd::VaeTrainer trainer(vae, train, o);
     mdd_examples::ProgressPrinter bar;
     const mdd::LogFn log = [&](const std::string& line) {
@@ -76,14 +93,17 @@ int main(int argc, char** argv) {
     });
     bar.interrupt();
     auto v = trainer.vae();
-    v->options.scaling_factor(mdd::fit_scaling_factor(v, train.images));
+    // A frozen encoder keeps its latents, so the factor a DiT was trained with must stay as it was.
+    v->options.scaling_factor(decoder_only ? init_scaling : mdd::fit_scaling_factor(v, train.images));
     torch::Tensor rec;
     const double psnr = mdd::reconstruction_psnr(v, test.images, &rec);
     nlohmann::json report = {{"steps", trainer.step_count()}, {"psnr_test_db", psnr},
                              {"scaling_factor", v->options.scaling_factor()},
                              {"parameters", [&] { int64_t n = 0; for (auto& p : v->parameters()) n += p.numel(); return n; }()},
                              {"block_out_channels", channels}, {"latent_channels", latent}, {"kl_weight", kl},
-                             {"lr", lr}, {"batch_size", batch}, {"seed", std::to_string(seed)}, {"precision", precision}};
+                             {"lr", lr}, {"batch_size", batch}, {"seed", std::to_string(seed)}, {"precision", precision},
+                             {"init", init}, {"decoder_only", decoder_only}};
+    if (!init.empty()) report["psnr_test_db_init"] = psnr_init;
     std::printf("VAE: %lld steps, test PSNR %.2f dB, scaling_factor %.4f\n", static_cast<long long>(trainer.step_count()),
                 psnr, v->options.scaling_factor());
     if (!proxy_path.empty()) {

@@ -28,7 +28,12 @@ namespace {
 nlohmann::json loop_signature(const VaeTrainerOptions& o) {
   return {{"batch_size", o.batch_size()}, {"lr", o.lr()},         {"lr_warmup", o.lr_warmup()},
           {"kl_weight", o.kl_weight()},   {"reconstruction", o.reconstruction()}, {"hflip", o.hflip()},
-          {"seed", std::to_string(o.seed())}};
+          {"seed", std::to_string(o.seed())}, {"train_encoder", o.train_encoder()}};
+}
+
+// The encoder side of an AutoencoderKL: what `train_encoder(false)` freezes.
+bool is_encoder_side(const std::string& name) {
+  return name.rfind("encoder.", 0) == 0 || name.rfind("quant_conv.", 0) == 0;
 }
 
 uint64_t vae_step_seed(uint64_t seed, int64_t step) { return splitmix64(seed ^ splitmix64(0x7AE5u + uint64_t(step))); }
@@ -90,8 +95,13 @@ VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOption
   vae_->to(o.device());
   vae_->runtime.slice_size(0).tiling(false);
   vae_->train();
-  for (auto& p : vae_->parameters()) p.set_requires_grad(true);
-  optimizer_ = std::make_unique<AdamW>(vae_->parameters(), AdamWOptions().lr(o.lr()));
+  std::vector<torch::Tensor> trained;
+  for (auto& kv : vae_->named_parameters()) {
+    const bool train = o.train_encoder() || !is_encoder_side(kv.key());
+    kv.value().set_requires_grad(train);
+    if (train) trained.push_back(kv.value());
+  }
+  optimizer_ = std::make_unique<AdamW>(trained, AdamWOptions().lr(o.lr()));
 }
 
 VaeTrainStats VaeTrainer::step() {
@@ -117,7 +127,11 @@ VaeTrainStats VaeTrainer::step() {
   torch::Tensor recon_err, kl;
   {
     AutocastGuard autocast(o.device(), precision_);
-    DiagonalGaussian q = vae_->encode(x);
+    DiagonalGaussian q = [&] {
+      // A frozen encoder needs no graph: decoder-only steps cost about half a joint step.
+      torch::AutoGradMode grad(o.train_encoder());
+      return vae_->encode(x);
+    }();
     const torch::Tensor mean = q.mean.to(torch::kFloat32), logvar = q.logvar.to(torch::kFloat32);
     const torch::Tensor z = mean + torch::exp(0.5 * logvar) * noise.to(o.device());
     const torch::Tensor xr = vae_->decode(z).to(torch::kFloat32);

@@ -63,6 +63,12 @@ struct MDD_API VaeTrainerOptions {
   TORCH_ARG(torch::Device, device) = torch::Device(torch::kCPU);
   /// Precision of encoder/decoder forward and backward (weights, optimizer and loss stay fp32).
   TORCH_ARG(Precision, precision) = Precision::kFP32;
+  /// false: fine-tune the decoder side only (`decoder`, `post_quant_conv`); the encoder and
+  /// `quant_conv` are frozen and left out of the optimiser. The latent space is then unchanged, so
+  /// a DiT already trained on it, its latent cache and the scaling factor stay valid while the
+  /// reconstructions sharpen (what Stability did for sd-vae-ft-mse). The KL term is reported but
+  /// has no gradient in this mode.
+  TORCH_ARG(bool, train_encoder) = true;
 };
 
 /// The rules `VaeTrainer` applies to its options alone (sizes, rates, a known reconstruction loss);
