@@ -61,14 +61,28 @@ LabeledImages toy_set(int64_t per_class, uint64_t seed) {
   return {img.clamp(0, 255).to(torch::kUInt8), labels, {"a", "b", "c"}};
 }
 
-// 3 repeats: with 2 ranks one runs two and the other one.
-EvalResult evaluate_with(const ProcessGroup& pg) {
-  torch::set_num_threads(1);
-  const auto opts = EvalOptions().protocol("dc").net("convnet2").width(8).epochs(3).repeats(3).seed(5).batch_size(8);
+// Two sets with 3 and 2 repeats: 5 jobs, so with 2 or 3 ranks a rank's jobs cross the set boundary.
+struct EvalCase {
+  EvalOptions a = EvalOptions().protocol("dc").net("convnet2").width(8).epochs(3).repeats(3).seed(5).batch_size(8);
+  EvalOptions b = EvalOptions(a).repeats(2).seed(11);
+  LabeledImages train_a = shuffled(toy_set(6, 1), 3), train_b = shuffled(toy_set(5, 4), 7), test = toy_set(20, 2);
+
   // Training labels shuffled: what the network learns, and so its test accuracy, depends on its seed.
-  LabeledImages train = toy_set(6, 1);
-  train.labels = train.labels.index_select(0, torch::randperm(train.labels.size(0), at::detail::createCPUGenerator(3)));
-  return Evaluator(opts).run(train, toy_set(20, 2), pg);
+  static LabeledImages shuffled(LabeledImages d, uint64_t seed) {
+    d.labels = d.labels.index_select(0, torch::randperm(d.labels.size(0), at::detail::createCPUGenerator(seed)));
+    return d;
+  }
+  std::vector<EvalResult> run(const ProcessGroup& pg) const {
+    torch::set_num_threads(1);
+    return evaluate_sets({EvalSet{&train_a, a, "a"}, EvalSet{&train_b, b, "b"}}, test, pg);
+  }
+};
+
+bool same_repeats(const std::vector<EvalResult>& x, const std::vector<EvalResult>& y) {
+  if (x.size() != y.size()) return false;
+  for (size_t k = 0; k < x.size(); ++k)
+    if (x[k].best != y[k].best || x[k].last != y[k].last) return false;
+  return true;
 }
 
 }  // namespace
@@ -77,40 +91,52 @@ EvalResult evaluate_with(const ProcessGroup& pg) {
 TEST(DistEvalChild, Run) {
   if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of DistEval.ShardedRepeatsEqualOneProcess";
   ProcessGroup pg(DistOptions::from_env());
-  const EvalResult sharded = evaluate_with(pg);
-  const EvalResult alone = evaluate_with(ProcessGroup());
-  if (sharded.best != alone.best || sharded.last != alone.last) std::_Exit(4);
+  const EvalCase c;
+  const auto sharded = c.run(pg);
+  Evaluator(c.a).run(c.train_a, c.test, pg);  // collective: the parent's one-set check
+  if (!same_repeats(sharded, c.run(ProcessGroup()))) std::_Exit(4);
 }
 
 TEST(DistEval, ShardedRepeatsEqualOneProcess) {
   if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
   const int threads = torch::get_num_threads();
-  const EvalResult one = evaluate_with(ProcessGroup());
-  ASSERT_EQ(one.best.size(), 3u);
+  const EvalCase c;
+  const std::vector<EvalResult> one = c.run(ProcessGroup());
+  ASSERT_EQ(one.size(), 2u);
+  ASSERT_EQ(one[0].best.size(), 3u);
+  ASSERT_EQ(one[1].best.size(), 2u);
+  // One process: each set's result is that of its own Evaluator.
+  EXPECT_EQ(one[0].best, Evaluator(c.a).run(c.train_a, c.test).best);
+  EXPECT_EQ(one[1].last, Evaluator(c.b).run(c.train_b, c.test).last);
   // The repeats must differ (distinct seeds), or a rank that ran the wrong repeat would go unnoticed.
-  EXPECT_FALSE(one.best[0] == one.best[1] && one.best[1] == one.best[2])
-      << "repeats gave identical accuracies " << one.best[0];
+  EXPECT_FALSE(one[0].best[0] == one[0].best[1] && one[0].best[1] == one[0].best[2])
+      << "repeats gave identical accuracies " << one[0].best[0];
   for (int world : {2, 3}) {
     const int port = mdd_test::free_port();
     std::vector<pid_t> kids;
     for (int r = 1; r < world; ++r) kids.push_back(mdd_test::spawn_rank("DistEvalChild.Run", r, world, port));
-    EvalResult sharded;
+    std::vector<EvalResult> sharded;
     try {
       ProcessGroup pg(DistOptions().rank(0).world_size(world).master_port(port).timeout(std::chrono::seconds(20)));
-      sharded = evaluate_with(pg);
+      sharded = c.run(pg);
+      // Evaluator::run with a group is the one-set case.
+      const EvalResult single = Evaluator(c.a).run(c.train_a, c.test, pg);
+      EXPECT_EQ(single.best, one[0].best) << world << " ranks, Evaluator::run";
     } catch (const std::exception& e) {
       ADD_FAILURE() << e.what();
     }
     for (pid_t k : kids) EXPECT_EQ(mdd_test::wait_child(k, 60), 0) << "a rank of the " << world << "-process run failed";
-    EXPECT_EQ(sharded.best, one.best) << world << " ranks";
-    EXPECT_EQ(sharded.last, one.last) << world << " ranks";
-    EXPECT_DOUBLE_EQ(sharded.mean, one.mean);
-    EXPECT_DOUBLE_EQ(sharded.std, one.std);
+    ASSERT_EQ(sharded.size(), 2u) << world << " ranks";
+    for (size_t k = 0; k < 2; ++k) {
+      EXPECT_EQ(sharded[k].best, one[k].best) << world << " ranks, set " << k;
+      EXPECT_EQ(sharded[k].last, one[k].last) << world << " ranks, set " << k;
+      EXPECT_DOUBLE_EQ(sharded[k].mean, one[k].mean);
+      EXPECT_DOUBLE_EQ(sharded[k].std, one[k].std);
+    }
   }
   torch::set_num_threads(threads);
 }
 
-// The other ranks: each also samples alone and fails unless the two results are identical.
 TEST(DistSampleChild, Run) {
   if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of DistSample.ShardedSamplingIsBitIdentical";
   ProcessGroup pg(DistOptions::from_env());

@@ -303,41 +303,61 @@ EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test,
   return run(train, test, dist::ProcessGroup(), progress);
 }
 
-EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const dist::ProcessGroup& group_in,
+EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test, const dist::ProcessGroup& group,
                           const ProgressFn& progress) const {
+  return evaluate_sets({EvalSet{&train, options_, "evaluate"}}, test, group, progress).front();
+}
+
+std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
+                                      const dist::ProcessGroup& group_in, const ProgressFn& progress) {
   dist::ProcessGroup group = group_in;  // a handle: copies share the group (one process: all no-ops)
-  resolve(train, test);  // validate before any work (every rank sees the same data and fails alike)
+  std::vector<Evaluator> evaluators;
+  std::vector<int64_t> first;  // first job index of each set
+  int64_t total = 0;
+  for (size_t k = 0; k < sets.size(); ++k) {
+    if (sets[k].train == nullptr) throw Error(fmt::format("evaluate_sets: set {} has no training images", k));
+    evaluators.emplace_back(sets[k].options);
+    evaluators.back().resolve(*sets[k].train, test);  // validate before any work (every rank fails alike)
+    first.push_back(total);
+    total += sets[k].options.repeats();
+  }
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t reps = options_.repeats(), world = group.world_size();
-  // [best, last] of every repeat; the rows a rank did not run stay 0, so the sum over ranks is
-  // the whole table.
-  torch::Tensor table = torch::zeros({reps, 2}, torch::kFloat64);
-  for (int64_t rep = group.rank(); rep < reps; rep += world) {
-    double best = 0, last = 0;
+  // [best, last] of every job; the rows a rank did not run stay 0, so the sum over ranks is the
+  // whole table.
+  torch::Tensor table = torch::zeros({total, 2}, torch::kFloat64);
+  size_t k = 0;
+  for (int64_t j = group.rank(); j < total; j += group.world_size()) {
+    while (k + 1 < sets.size() && j >= first[k + 1]) ++k;
+    const int64_t rep = j - first[k], reps = sets[k].options.repeats();
     ProgressFn p;
     if (progress) {
-      p = [&, rep](const Progress& e) {
+      p = [&progress, stage = fmt::format("{} {}/{}", sets[k].label, rep + 1, reps)](const Progress& e) {
         Progress q = e;
-        q.stage = fmt::format("evaluate {}/{}", rep + 1, reps);
+        q.stage = stage;
         progress(q);
       };
     }
-    train_once(train, test, options_.seed() + static_cast<uint64_t>(rep), &best, &last, p);
-    table[rep][0] = best;
-    table[rep][1] = last;
+    double best = 0, last = 0;
+    evaluators[k].train_once(*sets[k].train, test, sets[k].options.seed() + static_cast<uint64_t>(rep), &best, &last, p);
+    table[j][0] = best;
+    table[j][1] = last;
   }
   // A repeat can take far longer than the group's default timeout, and ranks finish at different
   // times: wait without a limit that a slow repeat could hit (a rank that exits still ends it).
   group.barrier(std::chrono::hours(72));
   std::vector<torch::Tensor> t{table};
   group.all_reduce_sum(t);
-  std::vector<double> best, last;
-  for (int64_t rep = 0; rep < reps; ++rep) {
-    best.push_back(table[rep][0].item<double>());
-    last.push_back(table[rep][1].item<double>());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::vector<EvalResult> out;
+  for (size_t s = 0; s < sets.size(); ++s) {
+    std::vector<double> best, last;
+    for (int64_t rep = 0; rep < sets[s].options.repeats(); ++rep) {
+      best.push_back(table[first[s] + rep][0].item<double>());
+      last.push_back(table[first[s] + rep][1].item<double>());
+    }
+    out.push_back(summarize_eval(std::move(best), std::move(last), seconds));
   }
-  return summarize_eval(std::move(best), std::move(last),
-                        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return out;
 }
 
 EvalResult summarize_eval(std::vector<double> best, std::vector<double> last, double seconds) {

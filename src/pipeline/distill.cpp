@@ -565,56 +565,32 @@ void store_eval(const EvalJob& job, const EvalResult& r, const PipelineCallbacks
   say(cb, fmt::format("evaluate-{}: {:.2f} +- {:.2f} ({:.0f} s)", job.name, r.mean, r.std, r.seconds));
 }
 
-// Several ranks: every (set, repeat) pair of all the sets is one job and job j runs on rank j % W, so
-// the ranks stay busy even when a set's repeats do not divide among them. Each repeat depends on
-// its seed only, so the results equal those of evaluating the sets one after another.
+// Several ranks: all sets' repeats form one pool (`evaluate_sets`), so the ranks stay busy even when
+// a set's repeats do not divide among them. Results are stored only when the whole pool is done.
 std::map<std::string, EvalResult> evaluate_pool(const DistillConfig& config,
                                                 const std::vector<std::pair<std::string, const LabeledImages*>>& sets,
                                                 const LabeledImages& test, const PipelineCallbacks& cb,
-                                                const dist::ProcessGroup& group_in) {
-  dist::ProcessGroup group = group_in;
+                                                const dist::ProcessGroup& group) {
   std::map<std::string, EvalResult> out;
   std::vector<EvalJob> todo;
-  std::vector<const LabeledImages*> todo_sets;
+  std::vector<EvalSet> todo_sets;
   for (const auto& [name, set] : sets) {
     EvalJob job = eval_job(config, *set, test, name);
     if (job.cached) {
       say(cb, "evaluate-" + name + ": reusing " + job.path);
       out[name] = *job.cached;
     } else {
+      todo_sets.push_back(EvalSet{set, job.options, "evaluate-" + name});
       todo.push_back(std::move(job));
-      todo_sets.push_back(set);
     }
   }
   if (todo.empty()) return out;
-  const int64_t reps = config.evaluate.repeats, world = group.world_size();
-  const int64_t total = int64_t(todo.size()) * reps;
-  say(cb, fmt::format("evaluate: {} sets x {} repeats shared by {} processes", todo.size(), reps, world));
-  torch::Tensor table = torch::zeros({total, 2}, torch::kFloat64);
-  const auto t0 = clock_type::now();
-  for (int64_t j = group.rank(); j < total; j += world) {
-    const size_t k = size_t(j / reps);
-    const int64_t rep = j % reps;
-    Evaluator ev(todo[k].options);
-    double best = 0, last = 0;
-    ev.train_once(*todo_sets[k], test, todo[k].options.seed() + uint64_t(rep), &best, &last,
-                  staged(cb, fmt::format("evaluate-{} {}/{}", todo[k].name, rep + 1, reps)));
-    table[j][0] = best;
-    table[j][1] = last;
-  }
-  group.barrier(kSoloWait);  // ranks finish their last repeats at different times
-  std::vector<torch::Tensor> t{table};
-  group.all_reduce_sum(t);
-  const double seconds = seconds_since(t0);
+  say(cb, fmt::format("evaluate: {} sets x {} repeats shared by {} processes", todo.size(), config.evaluate.repeats,
+                      group.world_size()));
+  const std::vector<EvalResult> results = evaluate_sets(todo_sets, test, group, cb.progress);
   for (size_t k = 0; k < todo.size(); ++k) {
-    std::vector<double> best, last;
-    for (int64_t rep = 0; rep < reps; ++rep) {
-      best.push_back(table[int64_t(k) * reps + rep][0].item<double>());
-      last.push_back(table[int64_t(k) * reps + rep][1].item<double>());
-    }
-    EvalResult r = summarize_eval(best, last, seconds);
-    store_eval(todo[k], r, cb, group);
-    out[todo[k].name] = r;
+    store_eval(todo[k], results[k], cb, group);
+    out[todo[k].name] = results[k];
   }
   return out;
 }

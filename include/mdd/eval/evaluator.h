@@ -135,6 +135,23 @@ class MDD_API Evaluator {
   EvalOptions options_;
 };
 
+/// One training set of `evaluate_sets`, with the options it is evaluated under.
+struct MDD_API EvalSet {
+  const LabeledImages* train = nullptr;  ///< not owned; must outlive the call
+  EvalOptions options;
+  std::string label = "evaluate";        ///< progress stage of its repeats: "<label> r/R"
+};
+
+/// Evaluates several training sets against one test set, sharing the work among the ranks of
+/// `group` (collective: every rank calls it with the same sets). Every (set, repeat) pair is one
+/// job and job j runs on rank j % W, so the ranks stay busy even when a set's repeats do not divide
+/// among them. Every rank returns all results, in the order of `sets`; they equal those of
+/// evaluating the sets one after another in one process, since each repeat depends on its seed
+/// only. Each result's `seconds` is the wall time of the whole call. Throws mdd::Error on bad
+/// options or data before any training starts.
+MDD_API std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
+                                              const dist::ProcessGroup& group = {}, const ProgressFn& progress = {});
+
 /// `Evaluator(options).run(train, test, progress)`.
 MDD_API EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options = {},
                             const ProgressFn& progress = {});
