@@ -10,6 +10,7 @@
 
 #include "mdd/data/class_lists.h"
 #include "mdd/diffusion/sampler.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/eval/evaluator.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
@@ -20,6 +21,7 @@
 #include "mdd/train/checkpoint.h"
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
+#include "dist_spawn.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -268,13 +270,9 @@ void write_band_images(const std::string& dir, int nclass, int per_class, int st
   }
 }
 
-}  // namespace
-
-// The whole pipeline on 3 classes x 8 grey 8x8 images: pretrain, both fine-tunes, sampling,
-// evaluation, report; then a re-run reuses every stage.
-TEST(Pipeline, TinyEndToEndAndReuse) {
-  const std::string root = mdd_test::tmp_dir("pipeline_e2e");
-  write_band_images(root + "/images", 3, 8, /*stride=*/2, /*rows=*/3, /*seed=*/5);
+// The tiny pipeline of the end-to-end tests: 3 classes x 8 grey 8x8 images under `root`/images
+// (written by write_band_images), a 2-block DiT, a few steps of everything.
+DistillConfig tiny_config(const std::string& root) {
   DistillConfig c = parse_config(R"({
     "name": "tiny", "data": {"kind": "imagefolder", "spec": "", "nclass": 3, "image_size": 8},
     "codec": {"kind": "identity", "batch_size": 5},
@@ -287,6 +285,17 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   })");
   c.data.root = root + "/images";
   c.data.test_root = root + "/images";
+  return c;
+}
+
+}  // namespace
+
+// The whole pipeline on 3 classes x 8 grey 8x8 images: pretrain, both fine-tunes, sampling,
+// evaluation, report; then a re-run reuses every stage.
+TEST(Pipeline, TinyEndToEndAndReuse) {
+  const std::string root = mdd_test::tmp_dir("pipeline_e2e");
+  write_band_images(root + "/images", 3, 8, /*stride=*/2, /*rows=*/3, /*seed=*/5);
+  DistillConfig c = tiny_config(root);
   c.output_dir = root + "/out";
   std::vector<std::string> lines;
   PipelineCallbacks cb;
@@ -408,6 +417,70 @@ DistillConfig tiny_vae_run(const std::string& root, uint64_t image_seed = 7) {
   c.data.test_root = root + "/images";
   c.output_dir = root + "/out";
   return c;
+}
+
+// Rank 1 of Pipeline.TwoProcessesMatchOne.
+TEST(PipelineDistChild, Run) {
+  const char* root = std::getenv("MDD_PIPE_ROOT");
+  if (!std::getenv("MDD_DIST_CHILD") || !root) GTEST_SKIP() << "helper of Pipeline.TwoProcessesMatchOne";
+  torch::set_num_threads(1);
+  DistillConfig c = tiny_config(root);
+  c.output_dir = std::string(root) + "/out2";
+  DistillRunOptions ro;
+  ro.process_group = dist::ProcessGroup(dist::DistOptions::from_env());
+  run_distill(c, ro, {});
+}
+
+// The whole pipeline on 2 processes (data-parallel pre-training and fine-tunes, sharded sampling,
+// one pool of evaluation jobs) against 1 process: the same report, with each result under its
+// own method.
+TEST(Pipeline, TwoProcessesMatchOne) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(1);
+  const std::string root = mdd_test::tmp_dir("pipeline_dist");
+  write_band_images(root + "/images", 3, 8, /*stride=*/2, /*rows=*/3, /*seed=*/5);
+  DistillConfig c = tiny_config(root);
+  c.output_dir = root + "/out1";
+  const nlohmann::json one = nlohmann::json::parse(std::ifstream(run_distill(c, {}, {})));
+
+  const int port = mdd_test::free_port();
+  const pid_t kid = mdd_test::spawn_rank("PipelineDistChild.Run", 1, 2, port, {"MDD_PIPE_ROOT=" + root});
+  ASSERT_GT(kid, 0);
+  nlohmann::json two;
+  try {
+    c.output_dir = root + "/out2";
+    DistillRunOptions ro;
+    ro.process_group =
+        dist::ProcessGroup(dist::DistOptions().rank(0).world_size(2).master_port(port).timeout(std::chrono::seconds(60)));
+    two = nlohmann::json::parse(std::ifstream(run_distill(c, ro, {})));
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  EXPECT_EQ(mdd_test::wait_child(kid, 120), 0) << "rank 1 failed";
+  torch::set_num_threads(threads);
+  ASSERT_TRUE(two.is_object());
+  // Random real images do not depend on any training: exactly equal, in the right place.
+  EXPECT_EQ(two["results"]["random"]["runs"], one["results"]["random"]["runs"]);
+  for (const char* m : {"dit", "difffit", "minimax"}) {
+    ASSERT_TRUE(two["results"].contains(m)) << m;
+    EXPECT_EQ(two["results"][m]["runs"].size(), 2u) << m;
+  }
+  // Training on 2 ranks sums gradients in another order (differences ~1e-6), so the generated
+  // images agree to well under a grey level before rounding.
+  for (const char* set : {"samples-dit", "samples-difffit", "samples"}) {
+    const auto a = io::load_safetensors(root + "/out1/" + set + "/samples.safetensors").tensors;
+    const auto b = io::load_safetensors(root + "/out2/" + set + "/samples.safetensors").tensors;
+    ASSERT_EQ(a.size(), b.size()) << set;
+    for (const auto& kv : a) {
+      ASSERT_TRUE(b.count(kv.first)) << set << " " << kv.first;
+      if (!kv.second.is_floating_point()) {
+        EXPECT_TRUE(torch::equal(kv.second, b.at(kv.first))) << set << " " << kv.first;
+      } else {
+        EXPECT_LT((kv.second - b.at(kv.first)).abs().max().item<double>(), 1e-3) << set << " " << kv.first;
+      }
+    }
+  }
 }
 
 TEST(Pipeline, VaeCodecCachesFollowTheWeightsContent) {
