@@ -14,6 +14,7 @@
 #include "mdd/eval/evaluator.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
+#include "mdd/io/state_dict.h"
 #include "mdd/models/dit.h"
 #include "mdd/train/finetune.h"
 #include "mdd/pipeline/config.h"
@@ -152,6 +153,9 @@ TEST(Config, VaeTrainingSection) {
   DistillConfig c = parse_config(R"({"codec": {"kind": "vae"}, "model": {"in_channels": 4},
                                      "vae": {"steps": 10, "block_out_channels": [8, 16]}})");
   EXPECT_EQ(c.vae.block_out_channels, (std::vector<int64_t>{8, 16}));
+  // Decoder-only steps follow a joint training; alone they are refused, naming the key.
+  msg = error_of([] { parse_config(R"({"codec": {"kind": "vae", "encoder": "x"}, "vae": {"steps": 0, "decoder_steps": 5}})"); });
+  EXPECT_NE(msg.find("vae.decoder_steps"), std::string::npos) << msg;
   EXPECT_EQ(parse_config(config_to_json(c)).vae.block_out_channels, c.vae.block_out_channels);
   msg = error_of([] { parse_config(R"({"codec": {"kind": "vae"}, "vae": {"steps": 10, "block_out_channels": [8, 12]}})"); });
   EXPECT_NE(msg.find("vae.block_out_channels"), std::string::npos) << msg;
@@ -553,6 +557,34 @@ TEST(Pipeline, TrainsTheCodecWhenAsked) {
   EXPECT_EQ(count("vae: reusing"), 1);
   EXPECT_EQ(count("pretrain: reusing"), 1);
   EXPECT_EQ(count("latents: encoded"), 0);
+
+  // Decoder-only steps after the joint ones: the joint checkpoints are reused, the encoder (and so
+  // the latents and scaling factor) stays bit-identical, the decoder moves.
+  const auto joint = state_dict(*vae);
+  c.vae.decoder_steps = 2;
+  lines.clear();
+  run_distill(c, ro, cb);
+  EXPECT_EQ(count("vae: fine-tuning the decoder for 2 steps"), 1);
+  EXPECT_EQ(count("vae: resumed at step 3"), 1);
+  AutoencoderKL tuned = AutoencoderKL::from_pretrained(folder);
+  EXPECT_DOUBLE_EQ(tuned->options.scaling_factor(), vae->options.scaling_factor());
+  bool decoder_moved = false;
+  for (const auto& kv : state_dict(*tuned)) {
+    const bool enc = kv.first.rfind("encoder.", 0) == 0 || kv.first.rfind("quant_conv.", 0) == 0;
+    const bool same = torch::equal(kv.second, joint.at(kv.first));
+    if (enc) EXPECT_TRUE(same) << kv.first;
+    decoder_moved |= !enc && !same;
+  }
+  EXPECT_TRUE(decoder_moved);
+  // A longer joint run makes the decoder checkpoints stale: they are set aside, not resumed.
+  c.vae.steps = 4;
+  lines.clear();
+  run_distill(c, ro, cb);
+  EXPECT_EQ(count("vae: decoder fine-tune resumed"), 0);
+  EXPECT_EQ(count("decoder: checkpoints of a run with other settings"), 1);
+  EXPECT_EQ(count("vae: fine-tuning the decoder for 2 steps"), 1);
+  c.vae.steps = 3;
+  c.vae.decoder_steps = 0;
 
   // A named VAE is used as it is unless --pretrain asks for the codec to be redone.
   DistillConfig named = c;

@@ -95,6 +95,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("vae.ckpt_every", field(c.vae.ckpt_every));
   add("vae.seed", field(c.vae.seed));
   add("vae.precision", field(c.vae.precision));
+  add("vae.decoder_steps", field(c.vae.decoder_steps));
   add("model.name", field(c.model.name));
   add("model.input_size", field(c.model.input_size));
   add("model.patch_size", field(c.model.patch_size));
@@ -303,6 +304,10 @@ void validate_config(const DistillConfig& c) {
     fail("model.in_channels", fmt::format("is {} but the VAE trained by this run has vae.latent_channels = {}",
                                           c.model.in_channels, c.vae.latent_channels));
   if (c.codec.batch_size <= 0) fail("codec.batch_size", "must be > 0");
+  if (c.vae.decoder_steps < 0) fail("vae.decoder_steps", fmt::format("must be >= 0, got {}", c.vae.decoder_steps));
+  if (c.vae.decoder_steps > 0 && c.vae.steps <= 0)
+    fail("vae.decoder_steps", "needs vae.steps > 0: decoder-only fine-tuning follows the joint training (to tune the "
+                              "decoder of an existing VAE use mdd_train_vae --init DIR --decoder-only)");
   // Rules of the pipeline itself (no component owns these keys).
   for (auto [k, v] : {std::pair<const char*, int64_t>{"sample.ipc", c.sample.ipc},
                       {"evaluate.full_set_epochs", c.evaluate.full_set_epochs}})

@@ -279,7 +279,8 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
   const fs::path dir = fs::path(config.output_dir) / "vae";
   const std::string folder = (dir / "pretrained").string();
   const std::string weights = (fs::path(folder) / "diffusion_pytorch_model.safetensors").string();
-  const json vae_section = detail::config_json(config)["vae"];
+  json vae_section = detail::config_json(config)["vae"];
+  if (v.decoder_steps == 0) vae_section.erase("decoder_steps");  // folders of runs that predate the key stay valid
   json sig = {{"vae", vae_section}, {"data", config.data.kind}, {"data_root", config.data.root},
               {"nclass", config.data.nclass}, {"phase", config.data.phase}, {"image_size", config.data.image_size}};
   if (detail::load_stage_output(weights, sig.dump(), cb.log) && fs::exists(fs::path(folder) / "config.json")) {
@@ -289,6 +290,7 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
   json resume_sig = sig;
   resume_sig["vae"].erase("steps");
   resume_sig["vae"].erase("ckpt_every");
+  resume_sig["vae"].erase("decoder_steps");  // the joint checkpoints do not depend on it
   detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
   const torch::Tensor& images = data.train.images;
   AutoencoderKL vae{nullptr};
@@ -320,6 +322,25 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
   }, "train_vae");
   AutoencoderKL trained = trainer.vae();
   trained->options.scaling_factor(fit_scaling_factor(trained, images));
+  if (v.decoder_steps > 0) {
+    // Decoder-only fine-tuning: the encoder, hence the latents and the factor fitted above, stay.
+    // Its checkpoints live apart from the joint ones and are keyed by the joint run they start
+    // from (settings and step count), so a changed or longer joint run never resumes stale ones.
+    const fs::path dec_dir = dir / "decoder";
+    json dec_sig = resume_sig;
+    dec_sig["joint_steps"] = trainer.step_count();
+    detail::prepare_stage_checkpoints(dec_dir.string(), dec_sig.dump(), /*force=*/false, cb.log);
+    VaeTrainerOptions d = VaeTrainerOptions(o).steps(v.decoder_steps).train_encoder(false)
+                              .checkpoint_dir((dec_dir / "checkpoints").string());
+    VaeTrainer dec(trained, data.train, d);
+    if (dec.resume(cb.log)) say(cb, fmt::format("vae: decoder fine-tune resumed at step {}", dec.step_count()));
+    say(cb, fmt::format("vae: fine-tuning the decoder for {} steps (encoder frozen)", v.decoder_steps));
+    dec.train(staged(cb, "train_vae_decoder"), [&](const VaeTrainStats& st) {
+      say(cb, fmt::format("vae: decoder step {}/{} loss {:.5f} (reconstruction {:.5f}), {:.0f} images/s", st.step, st.total,
+                          st.mean_loss, st.reconstruction, st.images_per_s));
+    }, "train_vae_decoder");
+    trained = dec.vae();
+  }
   const torch::Tensor& test = data.test.images;
   if (test.defined() && test.dim() == 4 && test.size(0) > 0 && test.sizes().slice(1) == images.sizes().slice(1))
     say(cb, fmt::format("vae: reconstruction PSNR {:.2f} dB on the {} test images, scaling factor {:.4f}",

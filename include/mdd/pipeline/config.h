@@ -89,6 +89,9 @@ struct MDD_API VaeConfig {
   uint64_t seed = 0;
   /// "fp32", "bf16", "fp16" (CUDA) or "auto".
   std::string precision = "fp32";
+  /// Decoder-only fine-tuning steps after the `steps` joint ones (`VaeTrainerOptions::train_encoder`
+  /// false; same batch, rates and seed): sharper reconstructions, same latents and scaling factor.
+  int64_t decoder_steps = 0;
 };
 
 /// The DiT.
