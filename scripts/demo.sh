@@ -4,7 +4,8 @@
 #   random real | pre-trained DiT | DiffFit fine-tune | Minimax fine-tune (ours)   (dc protocol, 3 repeats)
 #
 #   ./scripts/demo.sh                       # everything (re-running reuses finished stages)
-#   ./scripts/demo.sh --pretrain            # also re-train the generator from scratch: the VAE (1500 steps)
+#   ./scripts/demo.sh --pretrain            # also re-train the generator from scratch: the VAE (1500 joint
+#                                           # + 4000 decoder-only steps)
 #                                           # and the latent DiT (12000 steps), the vae and pretrain sections
 #   ./scripts/demo.sh --set finetune.steps=1000   # any mdd_distill option is passed through
 #
