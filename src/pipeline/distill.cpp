@@ -262,18 +262,11 @@ bool trains_vae(const DistillConfig& config, bool force_pretrain) {
          (force_pretrain || (config.codec.encoder.empty() && config.codec.decoder.empty()));
 }
 
-std::string run_train_vae_here(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb);
-
-// The codec is trained by rank 0 alone (VaeTrainer is single-process); the others wait for it.
+// The codec is trained by all ranks together (data parallel, `VaeTrainerOptions::process_group`);
+// rank 0 alone prepares the folders, measures the result and writes it.
 std::string run_train_vae(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb,
-                          const dist::ProcessGroup& group) {
-  std::string folder;
-  on_main(group, "training the codec", [&] { folder = run_train_vae_here(config, data, cb); });
-  if (folder.empty()) folder = (fs::path(config.output_dir) / "vae" / "pretrained").string();
-  return folder;
-}
-
-std::string run_train_vae_here(const DistillConfig& config, const PipelineData& data, const PipelineCallbacks& cb) {
+                          const dist::ProcessGroup& group_in) {
+  dist::ProcessGroup group = group_in;  // a handle: copies share the group
   const auto& v = config.vae;
   if (v.steps <= 0) throw Error("run_train_vae: config 'vae.steps' must be > 0");
   const fs::path dir = fs::path(config.output_dir) / "vae";
@@ -283,7 +276,10 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
   if (v.decoder_steps == 0) vae_section.erase("decoder_steps");  // folders of runs that predate the key stay valid
   json sig = {{"vae", vae_section}, {"data", config.data.kind}, {"data_root", config.data.root},
               {"nclass", config.data.nclass}, {"phase", config.data.phase}, {"image_size", config.data.image_size}};
-  if (detail::load_stage_output(weights, sig.dump(), cb.log) && fs::exists(fs::path(folder) / "config.json")) {
+  const bool reuse = detail::load_stage_output(weights, sig.dump(), group.is_main() ? cb.log : LogFn()) &&
+                     fs::exists(fs::path(folder) / "config.json");
+  group.check_same("whether the trained codec can be reused", reuse ? "yes" : "no");
+  if (reuse) {
     say(cb, "vae: reusing " + folder);
     return folder;
   }
@@ -291,7 +287,8 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
   resume_sig["vae"].erase("steps");
   resume_sig["vae"].erase("ckpt_every");
   resume_sig["vae"].erase("decoder_steps");  // the joint checkpoints do not depend on it
-  detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log);
+  on_main(group, "preparing " + dir.string(),
+          [&] { detail::prepare_stage_checkpoints(dir.string(), resume_sig.dump(), /*force=*/false, cb.log); });
   const torch::Tensor& images = data.train.images;
   AutoencoderKL vae{nullptr};
   {
@@ -311,17 +308,20 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
     gen.set_state(saved);
   }
   VaeTrainerOptions o = detail::vae_trainer_options_of(v);
-  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device));
+  o.checkpoint_dir((dir / "checkpoints").string()).device(device_of(config.device)).process_group(group);
   VaeTrainer trainer(vae, data.train, o);
   if (trainer.resume(cb.log)) say(cb, fmt::format("vae: resumed at step {}", trainer.step_count()));
-  say(cb, fmt::format("vae: training an AutoencoderKL {} (latent {}) for {} steps x {} images", json(v.block_out_channels).dump(),
-                      v.latent_channels, v.steps, v.batch_size));
+  say(cb, fmt::format("vae: training an AutoencoderKL {} (latent {}) for {} steps x {} images{}", json(v.block_out_channels).dump(),
+                      v.latent_channels, v.steps, v.batch_size,
+                      group.world_size() > 1 ? fmt::format(" on {} processes", group.world_size()) : std::string()));
   trainer.train(staged(cb, "train_vae"), [&](const VaeTrainStats& st) {
     say(cb, fmt::format("vae: step {}/{} loss {:.5f} (reconstruction {:.5f}, kl {:.3f}), {:.0f} images/s", st.step, st.total,
                         st.mean_loss, st.reconstruction, st.kl, st.images_per_s));
   }, "train_vae");
   AutoencoderKL trained = trainer.vae();
-  trained->options.scaling_factor(fit_scaling_factor(trained, images));
+  // Rank 0 fits the factor; every rank needs it only through the folder written below.
+  on_main(group, "fitting the VAE scaling factor",
+          [&] { trained->options.scaling_factor(fit_scaling_factor(trained, images)); });
   if (v.decoder_steps > 0) {
     // Decoder-only fine-tuning: the encoder, hence the latents and the factor fitted above, stay.
     // Its checkpoints live apart from the joint ones and are keyed by the joint run they start
@@ -329,7 +329,8 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
     const fs::path dec_dir = dir / "decoder";
     json dec_sig = resume_sig;
     dec_sig["joint_steps"] = trainer.step_count();
-    detail::prepare_stage_checkpoints(dec_dir.string(), dec_sig.dump(), /*force=*/false, cb.log);
+    on_main(group, "preparing " + dec_dir.string(),
+            [&] { detail::prepare_stage_checkpoints(dec_dir.string(), dec_sig.dump(), /*force=*/false, cb.log); });
     VaeTrainerOptions d = VaeTrainerOptions(o).steps(v.decoder_steps).train_encoder(false)
                               .checkpoint_dir((dec_dir / "checkpoints").string());
     VaeTrainer dec(trained, data.train, d);
@@ -341,12 +342,14 @@ std::string run_train_vae_here(const DistillConfig& config, const PipelineData& 
     }, "train_vae_decoder");
     trained = dec.vae();
   }
-  const torch::Tensor& test = data.test.images;
-  if (test.defined() && test.dim() == 4 && test.size(0) > 0 && test.sizes().slice(1) == images.sizes().slice(1))
-    say(cb, fmt::format("vae: reconstruction PSNR {:.2f} dB on the {} test images, scaling factor {:.4f}",
-                        reconstruction_psnr(trained, test), test.size(0), trained->options.scaling_factor()));
-  save_pretrained(trained, folder, {{"signature", sig.dump()}, {"steps", std::to_string(trainer.step_count())}});
-  say(cb, "vae: wrote " + folder);
+  on_main(group, "writing " + folder, [&] {
+    const torch::Tensor& test = data.test.images;
+    if (test.defined() && test.dim() == 4 && test.size(0) > 0 && test.sizes().slice(1) == images.sizes().slice(1))
+      say(cb, fmt::format("vae: reconstruction PSNR {:.2f} dB on the {} test images, scaling factor {:.4f}",
+                          reconstruction_psnr(trained, test), test.size(0), trained->options.scaling_factor()));
+    save_pretrained(trained, folder, {{"signature", sig.dump()}, {"steps", std::to_string(trainer.step_count())}});
+    say(cb, "vae: wrote " + folder);
+  });
   return folder;
 }
 

@@ -16,6 +16,7 @@
 #include "mdd/train/checkpoint.h"
 #include "mdd/train/ema.h"
 #include "mdd/util/error.h"
+#include "train/data_parallel.h"
 #include "util/splitmix.h"
 #include "util/json_preview.h"
 
@@ -120,16 +121,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   model_->eval();
 
   if (o.process_group().world_size() > 1) {
-    const int64_t w = o.process_group().world_size();
-    if (o.batch_size() % w != 0)
-      throw Error(fmt::format("Finetuner: batch_size {} is not a multiple of the {} processes (each computes an equal "
-                              "share of every global batch)", o.batch_size(), w));
+    detail::check_batch_divides("Finetuner", o.batch_size(), o.process_group());
     check_same_on_all_ranks();
-    // Every rank starts from rank 0's weights (as DistributedDataParallel does), so a rank that
-    // initialised or loaded differently cannot drift apart silently.
-    torch::NoGradGuard ng;
-    for (auto& p : model_->named_parameters()) options_.process_group().broadcast(p.value(), 0);
-    for (auto& b : model_->named_buffers()) options_.process_group().broadcast(b.value(), 0);
+    detail::broadcast_from_main(o.process_group(), *model_);
   }
 
   // EMA = an exact copy made before training (train_dit.py:176, deepcopy then update_ema(decay=0)):
@@ -168,9 +162,7 @@ StepInputs Finetuner::inputs(int64_t step) const {
 }
 
 std::pair<int64_t, int64_t> Finetuner::shard() const {
-  const auto& pg = options_.process_group();
-  const int64_t per = options_.batch_size() / pg.world_size();
-  return {pg.rank() * per, (pg.rank() + 1) * per};
+  return detail::batch_shard(options_.batch_size(), options_.process_group());
 }
 
 StepLoss Finetuner::loss(const StepInputs& in) {
@@ -316,23 +308,7 @@ TrainStats Finetuner::step() {
 void Finetuner::average_gradients(torch::Tensor& stats) {
   auto& pg = options_.process_group();
   const auto c0 = std::chrono::steady_clock::now();
-  // Every rank must contribute the same list in the same order: a parameter without a gradient
-  // this step contributes zeros (on every rank alike, since all run the same graph).
-  std::vector<torch::Tensor> bucket;
-  int64_t bytes = 0;
-  auto flush = [&] {
-    if (!bucket.empty()) pg.all_reduce_mean(bucket);
-    bucket.clear();
-    bytes = 0;
-  };
-  for (auto& p : optimizer_->params()) {
-    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-    const int64_t nb = p.grad().numel() * int64_t(p.grad().element_size());
-    if (options_.grad_bucket_bytes() > 0 && bytes > 0 && bytes + nb > options_.grad_bucket_bytes()) flush();
-    bucket.push_back(p.grad());
-    bytes += nb;
-  }
-  flush();
+  detail::average_gradients(pg, optimizer_->params(), options_.grad_bucket_bytes());
   // The loss parts: the diffusion mean over ranks; the minimax terms are already the whole
   // batch's on every rank, so their mean is unchanged.
   std::vector<torch::Tensor> st{stats};
@@ -362,28 +338,10 @@ void Finetuner::check_same_on_all_ranks() const {
 
 std::string Finetuner::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("Finetuner::save_checkpoint: no checkpoint_dir set");
-  auto& pg = options_.process_group();
-  if (pg.world_size() > 1) {
-    // Rank 0 writes (every rank holds the same state); the others learn whether it succeeded, so
-    // a failed write stops every rank with the reason instead of a broken collective later.
-    std::string path, error;
-    if (pg.is_main()) {
-      try {
-        path = write_own_checkpoint();
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-    }
-    torch::Tensor ok = torch::full({1}, error.empty() ? 1 : 0, torch::kInt64);
-    pg.broadcast(ok, 0);
-    if (!error.empty()) throw Error(error);
-    if (ok.item<int64_t>() == 0)
-      throw Error(fmt::format("Finetuner: rank 0 failed to write the checkpoint of step {} (see its log)", step_));
-    if (!pg.is_main()) path = options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_);
-    last_checkpoint_ = path;
-    return path;
-  }
-  return write_own_checkpoint();
+  const std::string others = options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_);
+  last_checkpoint_ = detail::write_on_main(options_.process_group(), [&] { return write_own_checkpoint(); }, others,
+                                           fmt::format("the checkpoint of step {}", step_));
+  return last_checkpoint_;
 }
 
 std::string Finetuner::write_own_checkpoint() {
@@ -416,22 +374,8 @@ std::string Finetuner::write_own_checkpoint() {
 
 bool Finetuner::resume(const LogFn& log) {
   if (options_.checkpoint_dir().empty()) return false;
-  auto& pg = options_.process_group();
-  if (pg.world_size() == 1) return resume_own(log);
-  // Rank 0 goes first (it removes what killed runs left behind); the others read after it, and all
-  // must land on the same step.
-  bool found = false;
-  std::exception_ptr failed;
-  if (!pg.is_main()) pg.barrier();
-  try {
-    found = resume_own(pg.is_main() ? log : LogFn());
-  } catch (...) {
-    failed = std::current_exception();
-  }
-  if (pg.is_main()) pg.barrier();
-  if (failed) std::rethrow_exception(failed);
-  pg.check_same("resumed checkpoint step", std::to_string(found ? step_ : -1));
-  return found;
+  return detail::resume_in_order(options_.process_group(), [&](bool main) { return resume_own(main ? log : LogFn()); },
+                                 [&] { return step_; });
 }
 
 bool Finetuner::resume_own(const LogFn& log) {

@@ -17,6 +17,7 @@
 #include "mdd/io/weight_entry.h"
 #include "mdd/train/checkpoint.h"
 #include "mdd/util/error.h"
+#include "train/data_parallel.h"
 #include "util/file_util.h"
 #include "util/splitmix.h"
 #include "util/json_preview.h"
@@ -95,13 +96,27 @@ VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOption
   vae_->to(o.device());
   vae_->runtime.slice_size(0).tiling(false);
   vae_->train();
-  std::vector<torch::Tensor> trained;
   for (auto& kv : vae_->named_parameters()) {
     const bool train = o.train_encoder() || !is_encoder_side(kv.key());
     kv.value().set_requires_grad(train);
-    if (train) trained.push_back(kv.value());
+    if (train) trained_.push_back(kv.value());
   }
-  optimizer_ = std::make_unique<AdamW>(trained, AdamWOptions().lr(o.lr()));
+  optimizer_ = std::make_unique<AdamW>(trained_, AdamWOptions().lr(o.lr()));
+  if (o.process_group().world_size() > 1) {
+    detail::check_batch_divides("VaeTrainer", o.batch_size(), o.process_group());
+    const auto& a = vae_->options;
+    const nlohmann::json same = {{"loop", loop_signature(o)},
+                                 {"steps", o.steps()},
+                                 {"precision", precision_name(precision_)},
+                                 {"checkpoint_dir", o.checkpoint_dir()},
+                                 {"ckpt_every", o.ckpt_every()},
+                                 {"vae", {a.block_out_channels(), a.latent_channels(), a.layers_per_block(),
+                                          a.norm_num_groups(), a.in_channels()}},
+                                 {"data", {n, h, w, c, data_.images.sum().item<int64_t>()}}};
+    dist::ProcessGroup pg = o.process_group();  // a handle: copies share the group
+    pg.check_same("VAE training configuration (options, architecture, images)", same.dump());
+    detail::broadcast_from_main(pg, *vae_);
+  }
 }
 
 VaeTrainStats VaeTrainer::step() {
@@ -112,6 +127,8 @@ VaeTrainStats VaeTrainer::step() {
     order_ = epoch_order(n, o.seed(), epoch);
     order_epoch_ = epoch;
   }
+  // The whole global batch is drawn on every rank, exactly as one process draws it; each rank then
+  // keeps its rows, so the draws depend on neither the rank nor the number of ranks.
   auto gen = at::detail::createCPUGenerator(vae_step_seed(o.seed(), step_));
   torch::Tensor x = images_to_unit_range(data_.images.index_select(0, order_.slice(0, k * b, (k + 1) * b)));
   if (o.hflip()) {
@@ -119,7 +136,14 @@ VaeTrainStats VaeTrainer::step() {
     x = torch::where(flip, x.flip({3}), x);
   }
   const int64_t f = vae_->downsample_factor();
-  const torch::Tensor noise = torch::randn({b, vae_->options.latent_channels(), x.size(2) / f, x.size(3) / f}, gen);
+  torch::Tensor noise = torch::randn({b, vae_->options.latent_channels(), x.size(2) / f, x.size(3) / f}, gen);
+  dist::ProcessGroup pg = o.process_group();  // a handle: copies share the group
+  const bool parallel = pg.world_size() > 1;
+  if (parallel) {
+    const auto [lo, hi] = detail::batch_shard(b, pg);
+    x = x.slice(0, lo, hi);
+    noise = noise.slice(0, lo, hi);
+  }
   const double lr = o.lr_warmup() > 0 ? o.lr() * std::min(1.0, double(step_ + 1) / double(o.lr_warmup())) : o.lr();
   optimizer_->set_lr(lr);
   optimizer_->zero_grad();
@@ -140,23 +164,40 @@ VaeTrainStats VaeTrainer::step() {
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean();
   }
   const torch::Tensor loss = recon_err + o.kl_weight() * kl;
-  const double lv = loss.item<double>();
+  // [loss, reconstruction, kl] of the whole batch: the mean of the ranks' equal shares.
+  torch::Tensor stats = torch::stack({loss.detach(), recon_err.detach(), kl.detach()}).to(torch::kCPU, torch::kFloat64);
+  loss.backward();
+  if (parallel) {
+    const auto c0 = std::chrono::steady_clock::now();
+    detail::average_gradients(pg, trained_, o.grad_bucket_bytes());
+    std::vector<torch::Tensor> st{stats};
+    pg.all_reduce_mean(st);
+    comm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+  }
+  // Checked after the collectives, so every rank sees the same value and stops together; the
+  // weights are not updated with a non-finite gradient.
+  const double lv = stats[0].item<double>();
   if (!std::isfinite(lv))
     throw Error(fmt::format("VAE training diverged: loss is {} at step {}; lower the learning rate", lv, step_ + 1));
-  loss.backward();
   optimizer_->step();
   ++step_;
   VaeTrainStats s;
   s.step = step_;
   s.total = o.steps();
   s.loss = lv;
-  s.reconstruction = recon_err.item<double>();
-  s.kl = kl.item<double>();
+  s.reconstruction = stats[1].item<double>();
+  s.kl = stats[2].item<double>();
   return s;
 }
 
 std::string VaeTrainer::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("VaeTrainer::save_checkpoint: no checkpoint_dir set");
+  return detail::write_on_main(options_.process_group(), [&] { return write_own_checkpoint(); },
+                               options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_),
+                               fmt::format("the VAE checkpoint of step {}", step_));
+}
+
+std::string VaeTrainer::write_own_checkpoint() {
   io::TensorMap t = with_prefix(state_dict(*vae_), std::string(io::kModelEntry) + ".");
   for (auto& kv : optimizer_->state("opt.")) t.emplace(kv);
   const auto& a = vae_->options;
@@ -173,6 +214,11 @@ std::string VaeTrainer::save_checkpoint() {
 
 bool VaeTrainer::resume(const LogFn& log) {
   if (options_.checkpoint_dir().empty()) return false;
+  return detail::resume_in_order(options_.process_group(), [&](bool main) { return resume_own(main ? log : LogFn()); },
+                                 [&] { return step_; });
+}
+
+bool VaeTrainer::resume_own(const LogFn& log) {
   auto ck = open_checkpoint_for_resume(options_.checkpoint_dir(), log);
   if (!ck) return false;
   const nlohmann::json meta = nlohmann::json::parse(ck->meta_json, nullptr, /*allow_exceptions=*/false);
@@ -208,9 +254,11 @@ void VaeTrainer::train(const ProgressFn& progress, const VaeTrainLogFn& log, con
       const double w = since(window);
       s.images_per_s = w > 0 ? double(cnt * options_.batch_size()) / w : 0.0;
       s.elapsed_s = since(t0);
+      s.communication_s = comm_s_;
       log(s);
       sum = 0;
       cnt = 0;
+      comm_s_ = 0;
       window = clock::now();
     }
     if (!options_.checkpoint_dir().empty() &&

@@ -19,6 +19,7 @@
 #include <torch/types.h>
 
 #include "mdd/data/labeled_images.h"
+#include "mdd/dist/process_group.h"
 #include "mdd/export.h"
 #include "mdd/models/autoencoder_kl.h"
 #include "mdd/train/adamw.h"
@@ -69,6 +70,14 @@ struct MDD_API VaeTrainerOptions {
   /// reconstructions sharpen (what Stability did for sd-vae-ft-mse). The KL term is reported but
   /// has no gradient in this mode.
   TORCH_ARG(bool, train_encoder) = true;
+  /// Data parallel over the ranks of this group (world size W > 1; see `FinetuneOptions` for the
+  /// scheme): every rank draws the whole global batch as one process would and trains on rows
+  /// [r·B/W, (r+1)·B/W) (`batch_size` must be a multiple of W); gradients are averaged, so the
+  /// result is the single-process one up to float summation order. Rank 0 writes the checkpoints;
+  /// every rank must construct the trainer with the same options, VAE and images (checked).
+  TORCH_ARG(dist::ProcessGroup, process_group) = dist::ProcessGroup();
+  /// Gradient all-reduce bucket size in bytes (0 = one bucket).
+  TORCH_ARG(int64_t, grad_bucket_bytes) = int64_t(25) << 20;
 };
 
 /// The rules `VaeTrainer` applies to its options alone (sizes, rates, a known reconstruction loss);
@@ -82,6 +91,7 @@ struct MDD_API VaeTrainStats {
   double mean_loss = 0;      ///< mean total loss since the previous report
   double images_per_s = 0;   ///< throughput since the previous report
   double elapsed_s = 0;      ///< since train() started
+  double communication_s = 0;  ///< seconds in collectives since the previous report (several ranks)
 };
 /// Receives VaeTrainStats every `log_every` steps.
 using VaeTrainLogFn = std::function<void(const VaeTrainStats&)>;
@@ -116,8 +126,12 @@ class MDD_API VaeTrainer {
   ReconstructionLoss reconstruction_ = ReconstructionLoss::kL1;
   std::unique_ptr<AdamW> optimizer_;
   int64_t step_ = 0;
+  std::vector<torch::Tensor> trained_;  // parameters in the optimiser (all, or the decoder side)
+  double comm_s_ = 0;                   // seconds in collectives since the last report
   mutable torch::Tensor order_;
   mutable int64_t order_epoch_ = -1;
+  std::string write_own_checkpoint();
+  bool resume_own(const LogFn& log);
 };
 
 /// uint8 images [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (ToTensor + Normalize(0.5, 0.5)).

@@ -1,0 +1,46 @@
+#pragma once
+// The data-parallel pieces the trainers share (Finetuner/Pretrainer, VaeTrainer). Every rank draws the
+// whole global batch exactly as one process would and keeps an equal share of its rows, so the mean of
+// the ranks' gradients is the single-process gradient; these helpers do the rest: start from rank 0's
+// weights, average gradients, write checkpoints on rank 0 alone, resume in a safe order.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "mdd/dist/process_group.h"
+
+namespace mdd::detail {
+
+/// Throws mdd::Error naming `who` when a global batch of `batch` does not split into equal shares.
+void check_batch_divides(const char* who, int64_t batch, const dist::ProcessGroup& pg);
+
+/// Rows [r·B/W, (r+1)·B/W) of a global batch of B for rank r of W (all rows in one process).
+std::pair<int64_t, int64_t> batch_shard(int64_t batch, const dist::ProcessGroup& pg);
+
+/// Copies rank 0's parameters and buffers of `module` to every rank (as DistributedDataParallel
+/// does), so a rank that initialised or loaded differently cannot drift apart silently.
+void broadcast_from_main(dist::ProcessGroup pg, const torch::nn::Module& module);
+
+/// Averages the gradients of `params` over the ranks, in buckets of at most `bucket_bytes` (0 = one
+/// bucket). Every rank must pass the same list in the same order; a parameter without a gradient
+/// contributes zeros (on every rank alike, since all run the same graph).
+void average_gradients(dist::ProcessGroup pg, const std::vector<torch::Tensor>& params, int64_t bucket_bytes);
+
+/// Rank 0 runs `write` (every rank holds the same state) and returns its path; the other ranks learn
+/// whether it succeeded and return `path_on_others`. A failed write stops every rank with the
+/// reason (`what` names the checkpoint) instead of a broken collective later.
+std::string write_on_main(dist::ProcessGroup pg, const std::function<std::string()>& write,
+                          const std::string& path_on_others, const std::string& what);
+
+/// Resumes on every rank: rank 0 first (it removes what killed runs left behind), the others after
+/// it; `resume_own(is_main)` returns whether a checkpoint was found and `step()` the step reached.
+/// All ranks must land on the same step (else mdd::Error on every rank).
+bool resume_in_order(dist::ProcessGroup pg, const std::function<bool(bool is_main)>& resume_own,
+                     const std::function<int64_t()>& step);
+
+}  // namespace mdd::detail
