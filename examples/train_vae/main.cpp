@@ -19,11 +19,23 @@
 
 #include "common/cli_progress.h"
 #include "common/host_setup.h"
+#include "common/launch.h"
+#include "mdd/dist/process_group.h"
+#include "mdd/util/host_allocator.h"
 #include "mdd/data/fashion_mnist.h"
 #include "mdd/eval/proxy.h"
 #include "mdd/io/image.h"
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
+
+namespace {
+// ", communication N s" of a report window (several ranks).
+std::string fmt_comm(const mdd::VaeTrainStats& s) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), ", communication %.1f s", s.communication_s);
+  return buf;
+}
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Train a small AutoencoderKL on Fashion-MNIST"};
@@ -55,9 +67,16 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "seed")->capture_default_str();
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--proxy-classifier", proxy_path, "mdd_proxy classifier file: also report its accuracy on reconstructions");
+  int nproc = 1;
+  app.add_option("--nproc", nproc, "run N local processes training data-parallel (under torchrun/srun leave it at 1)")
+      ->check(CLI::Range(1, 1024));
   CLI11_PARSE(app, argc, argv);
-  mdd_examples::tune_host_allocator();
+  if (nproc > 1 && !mdd_examples::launched_as_rank()) return mdd_examples::launch_local_ranks(nproc, argv, "mdd_train_vae");
   try {
+    // Every rank trains its share of each batch; only rank 0 prints, measures and writes.
+    mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
+    if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
+    if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
     torch::set_num_threads(static_cast<int>(threads));
     namespace fs = std::filesystem;
     fs::create_directories(out);
@@ -77,21 +96,27 @@ int main(int argc, char** argv) {
     latent = vae->options.latent_channels();
     o.train_encoder(!decoder_only).steps(steps).batch_size(batch).lr(lr).lr_warmup(warmup).kl_weight(kl).reconstruction(recon).seed(seed)
         .checkpoint_dir((fs::path(out) / "checkpoints").string()).precision(mdd::parse_precision(precision));
-    const double psnr_init = init.empty() ? 0.0 : mdd::reconstruction_psnr(vae, test.images);
-    if (!init.empty()) std::fprintf(stderr, "train_vae: %s: test PSNR %.2f dB before training\n", init.c_str(), psnr_init);
+    o.process_group(group);
+    const double psnr_init = init.empty() || !group.is_main() ? 0.0 : mdd::reconstruction_psnr(vae, test.images);
+    if (!init.empty() && group.is_main()) std::fprintf(stderr, "train_vae: %s: test PSNR %.2f dB before training\n", init.c_str(), psnr_init);
     mdd::VaeTrainer trainer(vae, train, o);
     mdd_examples::ProgressPrinter bar;
     const mdd::LogFn log = [&](const std::string& line) {
       bar.interrupt();
       std::fprintf(stderr, "train_vae: %s\n", line.c_str());
     };
-    if (trainer.resume(log)) std::fprintf(stderr, "train_vae: resumed at step %lld\n", static_cast<long long>(trainer.step_count()));
-    trainer.train(bar.callback(), [&](const mdd::VaeTrainStats& s) {
+    const bool main_rank = group.is_main();
+    if (trainer.resume(main_rank ? log : mdd::LogFn()) && main_rank)
+      std::fprintf(stderr, "train_vae: resumed at step %lld\n", static_cast<long long>(trainer.step_count()));
+    trainer.train(main_rank ? bar.callback() : mdd::ProgressFn(), [&](const mdd::VaeTrainStats& s) {
+      if (!main_rank) return;
       bar.interrupt();
-      std::fprintf(stderr, "step %lld/%lld loss %.5f (recon %.5f, kl %.3f) %.0f img/s\n", static_cast<long long>(s.step),
-                   static_cast<long long>(s.total), s.mean_loss, s.reconstruction, s.kl, s.images_per_s);
+      std::fprintf(stderr, "step %lld/%lld loss %.5f (recon %.5f, kl %.3f) %.0f img/s%s\n", static_cast<long long>(s.step),
+                   static_cast<long long>(s.total), s.mean_loss, s.reconstruction, s.kl, s.images_per_s,
+                   group.world_size() > 1 ? fmt_comm(s).c_str() : "");
     });
     bar.interrupt();
+    if (!main_rank) return 0;  // rank 0 measures and writes the result
     auto v = trainer.vae();
     // A frozen encoder keeps its latents, so the factor a DiT was trained with must stay as it was.
     v->options.scaling_factor(decoder_only ? init_scaling : mdd::fit_scaling_factor(v, train.images));
