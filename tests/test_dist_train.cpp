@@ -264,35 +264,18 @@ TEST(DistTrain, ABatchThatDoesNotSplitEvenlyIsRefused) {
 
 namespace {
 
-// 24 smooth grey 8x8 images (learnable), identical on every rank.
-LabeledImages vae_images() {
-  auto gen = at::detail::createCPUGenerator(3);
-  LabeledImages d;
-  auto base = torch::rand({24, 1, 2, 2}, gen);
-  d.images = (torch::upsample_bilinear2d(base, {8, 8}, false) * 255).round().clamp(0, 255).to(torch::kUInt8)
-                 .permute({0, 2, 3, 1}).contiguous();
-  d.labels = torch::arange(24, torch::kInt64).remainder(3);
-  return d;
-}
-
-// A 2-level VAE (latent 2 x 4 x 4) initialised from `seed` (each rank its own: the trainer must
-// start all from rank 0's weights).
-AutoencoderKL seeded_vae(uint64_t seed) {
-  torch::manual_seed(seed);
-  return AutoencoderKL(AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(2).block_out_channels({8, 16})
-                           .layers_per_block(1).norm_num_groups(4).sample_size(8));
-}
-
 // 3 joint steps, then (decoder_steps > 0) decoder-only ones, batch `batch`; returns the weights and
 // checks on every rank that all ranks hold the same bits.
 io::TensorMap vae_run(ProcessGroup pg, int64_t decoder_steps, int64_t batch = 6) {
   torch::set_num_threads(1);
   auto o = VaeTrainerOptions().steps(3).batch_size(batch).lr(1e-3).lr_warmup(1).ckpt_every(0).log_every(0).process_group(pg);
-  VaeTrainer joint(seeded_vae(10 + uint64_t(pg.rank())), vae_images(), o);
+  // Each rank initialises from its own seed: the trainer must start all from rank 0's weights.
+  torch::manual_seed(10 + uint64_t(pg.rank()));
+  VaeTrainer joint(mdd_test::tiny_vae(), mdd_test::tiny_vae_images(), o);
   joint.train();
   AutoencoderKL vae = joint.vae();
   if (decoder_steps > 0) {
-    VaeTrainer dec(vae, vae_images(), VaeTrainerOptions(o).steps(decoder_steps).train_encoder(false));
+    VaeTrainer dec(vae, mdd_test::tiny_vae_images(), VaeTrainerOptions(o).steps(decoder_steps).train_encoder(false));
     dec.train();
     vae = dec.vae();
   }

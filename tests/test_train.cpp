@@ -33,6 +33,8 @@ namespace fs = std::filesystem;
 using namespace mdd;
 using mdd_test::tiny_data;
 using mdd_test::tiny_dit;
+using mdd_test::tiny_vae;
+using mdd_test::tiny_vae_images;
 using mdd_test::tmp_dir;
 
 namespace {
@@ -444,39 +446,20 @@ TEST(Finetuner, EmaAndLearningRateWarmUp) {
 
 // ------------------------------------------------------------------ VAE training
 
-namespace {
-
-AutoencoderKL tiny_vae() {
-  return AutoencoderKL(AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(2).block_out_channels({8, 16})
-                           .layers_per_block(1).norm_num_groups(4).sample_size(8));
-}
-
-LabeledImages tiny_images() {
-  auto gen = at::detail::createCPUGenerator(3);
-  LabeledImages d;
-  // Smooth blobs (learnable) rather than white noise.
-  auto base = torch::rand({24, 1, 2, 2}, gen);
-  d.images = (torch::upsample_bilinear2d(base, {8, 8}, false) * 255).round().clamp(0, 255).to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
-  d.labels = torch::arange(24, torch::kInt64).remainder(3);
-  return d;
-}
-
-}  // namespace
-
 TEST(VaeTrainer, LearnsResumesBitForBitAndSavesADiffusersFolder) {
   const std::string dir = tmp_dir("vae_train");
   torch::manual_seed(0);
   auto opts = VaeTrainerOptions().steps(40).batch_size(8).lr(3e-3).lr_warmup(5).ckpt_every(0).log_every(0);
-  VaeTrainer a(tiny_vae(), tiny_images(), opts);
-  const double psnr0 = reconstruction_psnr(a.vae(), tiny_images().images);
+  VaeTrainer a(tiny_vae(), tiny_vae_images(), opts);
+  const double psnr0 = reconstruction_psnr(a.vae(), tiny_vae_images().images);
   std::vector<double> losses;
   for (int i = 0; i < 40; ++i) losses.push_back(a.step().loss);
   const double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[37] + losses[38] + losses[39]) / 3;
   EXPECT_LT(last, 0.7 * first) << "loss " << first << " -> " << last;
   torch::Tensor rec;
-  const double psnr1 = reconstruction_psnr(a.vae(), tiny_images().images, &rec);
+  const double psnr1 = reconstruction_psnr(a.vae(), tiny_vae_images().images, &rec);
   EXPECT_GT(psnr1, psnr0 + 3.0);
-  EXPECT_EQ(rec.sizes(), tiny_images().images.sizes());
+  EXPECT_EQ(rec.sizes(), tiny_vae_images().images.sizes());
 
   // Resume: 6 steps with a checkpoint at 3, killed, continued -> the uninterrupted weights.
   auto ropts = VaeTrainerOptions(opts).steps(6).ckpt_every(3).checkpoint_dir(dir + "/ck");
@@ -487,42 +470,42 @@ TEST(VaeTrainer, LearnsResumesBitForBitAndSavesADiffusersFolder) {
     load_state_dict(*v, init, true);
     return v;
   };
-  VaeTrainer full(make(), tiny_images(), VaeTrainerOptions(ropts).checkpoint_dir(""));
+  VaeTrainer full(make(), tiny_vae_images(), VaeTrainerOptions(ropts).checkpoint_dir(""));
   full.train();
   {
-    VaeTrainer part(make(), tiny_images(), VaeTrainerOptions(ropts).steps(3));
+    VaeTrainer part(make(), tiny_vae_images(), VaeTrainerOptions(ropts).steps(3));
     part.train();
   }
-  VaeTrainer resumed(make(), tiny_images(), ropts);
+  VaeTrainer resumed(make(), tiny_vae_images(), ropts);
   ASSERT_TRUE(resumed.resume());
   EXPECT_EQ(resumed.step_count(), 3);
   resumed.train();
   std::string why;
   EXPECT_TRUE(equal_maps(state_dict(*full.vae()), state_dict(*resumed.vae()), &why)) << why;
-  EXPECT_THROW(VaeTrainer(make(), tiny_images(), VaeTrainerOptions(ropts).kl_weight(0.5)).resume(), Error);
+  EXPECT_THROW(VaeTrainer(make(), tiny_vae_images(), VaeTrainerOptions(ropts).kl_weight(0.5)).resume(), Error);
 
   // A diffusers folder that from_pretrained reads back, with a fitted scaling factor.
   auto vae = a.vae();
-  vae->options.scaling_factor(fit_scaling_factor(vae, tiny_images().images));
+  vae->options.scaling_factor(fit_scaling_factor(vae, tiny_vae_images().images));
   EXPECT_GT(vae->options.scaling_factor(), 0.0);
   save_pretrained(vae, dir + "/vae");
   auto back = AutoencoderKL::from_pretrained(dir + "/vae");
   EXPECT_DOUBLE_EQ(back->options.scaling_factor(), vae->options.scaling_factor());
   EXPECT_EQ(back->downsample_factor(), 2);
-  EXPECT_DOUBLE_EQ(reconstruction_psnr(back, tiny_images().images), psnr1);
+  EXPECT_DOUBLE_EQ(reconstruction_psnr(back, tiny_vae_images().images), psnr1);
 
   // Bad setups.
-  LabeledImages odd = tiny_images();
+  LabeledImages odd = tiny_vae_images();
   odd.images = odd.images.narrow(1, 0, 7).contiguous();
   EXPECT_THROW(VaeTrainer(tiny_vae(), odd, opts), Error);
-  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).reconstruction("l2")), Error);
-  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_images(), VaeTrainerOptions(opts).batch_size(100)), Error);
+  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_vae_images(), VaeTrainerOptions(opts).reconstruction("l2")), Error);
+  EXPECT_THROW(VaeTrainer(tiny_vae(), tiny_vae_images(), VaeTrainerOptions(opts).batch_size(100)), Error);
 }
 
 TEST(VaeTrainer, DecoderOnlyKeepsTheLatentSpaceAndSharpens) {
   torch::manual_seed(0);
   auto base = VaeTrainerOptions().steps(15).batch_size(8).lr(3e-3).lr_warmup(5).ckpt_every(0).log_every(0);
-  VaeTrainer joint(tiny_vae(), tiny_images(), base);
+  VaeTrainer joint(tiny_vae(), tiny_vae_images(), base);
   joint.train();
   const auto start = state_dict(*joint.vae());
   auto copy = [&] {
@@ -530,8 +513,8 @@ TEST(VaeTrainer, DecoderOnlyKeepsTheLatentSpaceAndSharpens) {
     load_state_dict(*v, start, true);
     return v;
   };
-  const double psnr0 = reconstruction_psnr(copy(), tiny_images().images);
-  VaeTrainer dec(copy(), tiny_images(), VaeTrainerOptions(base).steps(40).train_encoder(false));
+  const double psnr0 = reconstruction_psnr(copy(), tiny_vae_images().images);
+  VaeTrainer dec(copy(), tiny_vae_images(), VaeTrainerOptions(base).steps(40).train_encoder(false));
   dec.train();
   const auto after = state_dict(*dec.vae());
   int64_t frozen = 0, moved = 0;
@@ -550,18 +533,18 @@ TEST(VaeTrainer, DecoderOnlyKeepsTheLatentSpaceAndSharpens) {
   // Same encoder -> bit-identical latents; a better decoder -> higher PSNR.
   {
     torch::NoGradGuard ng;
-    const auto x = images_to_unit_range(tiny_images().images);
+    const auto x = images_to_unit_range(tiny_vae_images().images);
     auto ref = copy();
     ref->runtime = dec.vae()->runtime;
     ref->eval();
     const auto a = ref->encode(x).mean, b = dec.vae()->encode(x).mean;
     EXPECT_TRUE(torch::equal(a, b)) << (a - b).abs().max().item<double>();
   }
-  EXPECT_GT(reconstruction_psnr(dec.vae(), tiny_images().images), psnr0 + 0.5);
+  EXPECT_GT(reconstruction_psnr(dec.vae(), tiny_vae_images().images), psnr0 + 0.5);
   // The mode is part of the loop signature: a joint checkpoint does not resume a decoder-only run.
   const std::string dir = tmp_dir("vae_dec");
-  VaeTrainer(copy(), tiny_images(), VaeTrainerOptions(base).steps(2).checkpoint_dir(dir)).train();
-  EXPECT_THROW(VaeTrainer(copy(), tiny_images(), VaeTrainerOptions(base).steps(4).checkpoint_dir(dir).train_encoder(false)).resume(),
+  VaeTrainer(copy(), tiny_vae_images(), VaeTrainerOptions(base).steps(2).checkpoint_dir(dir)).train();
+  EXPECT_THROW(VaeTrainer(copy(), tiny_vae_images(), VaeTrainerOptions(base).steps(4).checkpoint_dir(dir).train_encoder(false)).resume(),
                Error);
 }
 

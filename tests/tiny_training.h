@@ -1,6 +1,7 @@
 #pragma once
-// The small training setup shared by the fine-tuning tests: 3 classes x 8 grey 8x8 images in pixel
-// space and a 2-block DiT whose every parameter gets a gradient from step 1.
+// The small training setups shared by the training tests: 3 classes x 8 grey 8x8 images in pixel
+// space and a 2-block DiT whose every parameter gets a gradient from step 1; a tiny VAE and images
+// for it.
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "mdd/data/latent_cache.h"
 #include "mdd/data/training_data.h"
+#include "mdd/models/autoencoder_kl.h"
 #include "mdd/models/codec.h"
 #include "mdd/models/dit.h"
 
@@ -36,6 +38,24 @@ inline mdd::DiT tiny_dit(uint64_t seed = 1) {
   torch::NoGradGuard ng;
   for (auto& p : m->parameters()) p.add_(torch::randn(p.sizes(), gen) * 0.02);
   return m;
+}
+
+/// A 2-level AutoencoderKL (1 channel, latent 2 x 4 x 4 for 8 x 8 images), PyTorch-default
+/// initialisation from the global generator.
+inline mdd::AutoencoderKL tiny_vae() {
+  return mdd::AutoencoderKL(mdd::AutoencoderKLOptions().in_channels(1).out_channels(1).latent_channels(2)
+                                .block_out_channels({8, 16}).layers_per_block(1).norm_num_groups(4).sample_size(8));
+}
+
+/// 24 smooth grey 8x8 images (learnable, unlike white noise), labels 0, 1, 2, 0, ...
+inline mdd::LabeledImages tiny_vae_images() {
+  auto gen = at::detail::createCPUGenerator(3);
+  mdd::LabeledImages d;
+  auto base = torch::rand({24, 1, 2, 2}, gen);
+  d.images = (torch::upsample_bilinear2d(base, {8, 8}, false) * 255).round().clamp(0, 255).to(torch::kUInt8)
+                 .permute({0, 2, 3, 1}).contiguous();
+  d.labels = torch::arange(24, torch::kInt64).remainder(3);
+  return d;
 }
 
 }  // namespace mdd_test

@@ -19,8 +19,6 @@ namespace fs = std::filesystem;
 namespace mdd {
 namespace {
 
-std::string stem(const std::string& dir, int64_t step) { return (fs::path(dir) / fmt::format("{:07d}", step)).string(); }
-
 // Parses "<digits>.json" -> step, or -1.
 int64_t step_of(const std::string& filename) {
   if (filename.size() < 6 || filename.compare(filename.size() - 5, 5, ".json") != 0) return -1;
@@ -32,6 +30,11 @@ int64_t step_of(const std::string& filename) {
 }
 
 }  // namespace
+
+CheckpointInfo checkpoint_info(const std::string& dir, int64_t step) {
+  const std::string stem = (fs::path(dir) / fmt::format("{:07d}", step)).string();
+  return {step, stem + ".safetensors", stem + ".json"};
+}
 
 CheckpointInfo write_checkpoint(const std::string& dir, int64_t step, const io::TensorMap& tensors,
                                 const std::string& meta_json, int64_t keep_last) {
@@ -46,7 +49,7 @@ CheckpointInfo write_checkpoint(const std::string& dir, int64_t step, const io::
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw Error("write_checkpoint: cannot create " + dir + ": " + ec.message());
-  CheckpointInfo info{step, stem(dir, step) + ".safetensors", stem(dir, step) + ".json"};
+  const CheckpointInfo info = checkpoint_info(dir, step);
   io::save_safetensors(info.weights_path, tensors, {{"format", "mdd-train-checkpoint"}, {"step", std::to_string(step)}});
   meta["step"] = step;
   meta["weights_file"] = fs::path(info.weights_path).filename().string();
@@ -75,7 +78,7 @@ std::vector<CheckpointInfo> list_checkpoints(const std::string& dir) {
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const int64_t step = step_of(entry.path().filename().string());
     if (step < 0) continue;
-    CheckpointInfo info{step, stem(dir, step) + ".safetensors", stem(dir, step) + ".json"};
+    const CheckpointInfo info = checkpoint_info(dir, step);
     if (fs::exists(info.weights_path, ec)) out.push_back(info);
   }
   std::sort(out.begin(), out.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });

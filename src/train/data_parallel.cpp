@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
+#include "mdd/train/checkpoint.h"
 #include "mdd/util/error.h"
 
 namespace mdd::detail {
@@ -45,8 +46,8 @@ void average_gradients(dist::ProcessGroup pg, const std::vector<torch::Tensor>& 
   flush();
 }
 
-std::string write_on_main(dist::ProcessGroup pg, const std::function<std::string()>& write,
-                          const std::string& path_on_others, const std::string& what) {
+std::string write_checkpoint_on_main(dist::ProcessGroup pg, const std::function<std::string()>& write,
+                                     const std::string& dir, int64_t step) {
   if (pg.world_size() == 1) return write();
   std::string path, error;
   if (pg.is_main()) {
@@ -59,8 +60,9 @@ std::string write_on_main(dist::ProcessGroup pg, const std::function<std::string
   torch::Tensor ok = torch::full({1}, error.empty() ? 1 : 0, torch::kInt64);
   pg.broadcast(ok, 0);
   if (!error.empty()) throw Error(error);
-  if (ok.item<int64_t>() == 0) throw Error(fmt::format("rank 0 failed to write {} (see its log)", what));
-  return pg.is_main() ? path : path_on_others;
+  const std::string expected = checkpoint_info(dir, step).weights_path;
+  if (ok.item<int64_t>() == 0) throw Error(fmt::format("rank 0 failed to write the checkpoint {} (see its log)", expected));
+  return pg.is_main() ? path : expected;
 }
 
 bool resume_in_order(dist::ProcessGroup pg, const std::function<bool(bool is_main)>& resume_own,

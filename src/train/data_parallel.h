@@ -31,11 +31,12 @@ void broadcast_from_main(dist::ProcessGroup pg, const torch::nn::Module& module)
 /// contributes zeros (on every rank alike, since all run the same graph).
 void average_gradients(dist::ProcessGroup pg, const std::vector<torch::Tensor>& params, int64_t bucket_bytes);
 
-/// Rank 0 runs `write` (every rank holds the same state) and returns its path; the other ranks learn
-/// whether it succeeded and return `path_on_others`. A failed write stops every rank with the
-/// reason (`what` names the checkpoint) instead of a broken collective later.
-std::string write_on_main(dist::ProcessGroup pg, const std::function<std::string()>& write,
-                          const std::string& path_on_others, const std::string& what);
+/// Rank 0 runs `write`, which writes checkpoint `step` into `dir` (every rank holds the same state),
+/// and returns its weights path; the other ranks learn whether it succeeded and return the path it
+/// has (`checkpoint_info`). A failed write stops every rank with the reason instead of a broken
+/// collective later.
+std::string write_checkpoint_on_main(dist::ProcessGroup pg, const std::function<std::string()>& write,
+                                     const std::string& dir, int64_t step);
 
 /// Resumes on every rank: rank 0 first (it removes what killed runs left behind), the others after
 /// it; `resume_own(is_main)` returns whether a checkpoint was found and `step()` the step reached.

@@ -338,9 +338,8 @@ void Finetuner::check_same_on_all_ranks() const {
 
 std::string Finetuner::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("Finetuner::save_checkpoint: no checkpoint_dir set");
-  const std::string others = options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_);
-  last_checkpoint_ = detail::write_on_main(options_.process_group(), [&] { return write_own_checkpoint(); }, others,
-                                           fmt::format("the checkpoint of step {}", step_));
+  last_checkpoint_ = detail::write_checkpoint_on_main(options_.process_group(), [&] { return write_own_checkpoint(); },
+                                                      options_.checkpoint_dir(), step_);
   return last_checkpoint_;
 }
 

@@ -130,20 +130,20 @@ VaeTrainStats VaeTrainer::step() {
   // The whole global batch is drawn on every rank, exactly as one process draws it; each rank then
   // keeps its rows, so the draws depend on neither the rank nor the number of ranks.
   auto gen = at::detail::createCPUGenerator(vae_step_seed(o.seed(), step_));
-  torch::Tensor x = images_to_unit_range(data_.images.index_select(0, order_.slice(0, k * b, (k + 1) * b)));
-  if (o.hflip()) {
-    const auto flip = (torch::rand({b}, gen) < 0.5).view({b, 1, 1, 1});
-    x = torch::where(flip, x.flip({3}), x);
-  }
-  const int64_t f = vae_->downsample_factor();
-  torch::Tensor noise = torch::randn({b, vae_->options.latent_channels(), x.size(2) / f, x.size(3) / f}, gen);
+  const int64_t f = vae_->downsample_factor(), h = data_.images.size(1), w = data_.images.size(2);
+  torch::Tensor index = order_.slice(0, k * b, (k + 1) * b);
+  torch::Tensor flip = o.hflip() ? (torch::rand({b}, gen) < 0.5) : torch::Tensor();
+  torch::Tensor noise = torch::randn({b, vae_->options.latent_channels(), h / f, w / f}, gen);
   dist::ProcessGroup pg = o.process_group();  // a handle: copies share the group
   const bool parallel = pg.world_size() > 1;
   if (parallel) {
     const auto [lo, hi] = detail::batch_shard(b, pg);
-    x = x.slice(0, lo, hi);
+    index = index.slice(0, lo, hi);
+    if (flip.defined()) flip = flip.slice(0, lo, hi);
     noise = noise.slice(0, lo, hi);
   }
+  torch::Tensor x = images_to_unit_range(data_.images.index_select(0, index));
+  if (flip.defined()) x = torch::where(flip.view({-1, 1, 1, 1}), x.flip({3}), x);
   const double lr = o.lr_warmup() > 0 ? o.lr() * std::min(1.0, double(step_ + 1) / double(o.lr_warmup())) : o.lr();
   optimizer_->set_lr(lr);
   optimizer_->zero_grad();
@@ -192,9 +192,8 @@ VaeTrainStats VaeTrainer::step() {
 
 std::string VaeTrainer::save_checkpoint() {
   if (options_.checkpoint_dir().empty()) throw Error("VaeTrainer::save_checkpoint: no checkpoint_dir set");
-  return detail::write_on_main(options_.process_group(), [&] { return write_own_checkpoint(); },
-                               options_.checkpoint_dir() + "/" + fmt::format("{:07d}.safetensors", step_),
-                               fmt::format("the VAE checkpoint of step {}", step_));
+  return detail::write_checkpoint_on_main(options_.process_group(), [&] { return write_own_checkpoint(); },
+                                          options_.checkpoint_dir(), step_);
 }
 
 std::string VaeTrainer::write_own_checkpoint() {

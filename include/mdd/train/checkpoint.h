@@ -33,6 +33,9 @@ struct MDD_API LoadedCheckpoint {
   std::string meta_json;  ///< the sidecar's text (a JSON object)
 };
 
+/// The files checkpoint `step` of `dir` has (or would have): `<dir>/<step:07d>.safetensors|json`.
+MDD_API CheckpointInfo checkpoint_info(const std::string& dir, int64_t step);
+
 /// Writes checkpoint `step` into `dir` (created if needed): tensors first, then the JSON sidecar
 /// `meta_json` (must be a JSON object; `step` and the weights file size are added to it).
 /// With `keep_last` > 0, older complete checkpoints beyond the newest `keep_last` are deleted
