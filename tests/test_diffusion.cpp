@@ -378,6 +378,53 @@ TEST(Sampler, CfgMatchesReferenceForwardWithCfgLoop) {
                    }).equal(cond));
 }
 
+TEST(Sampler, GuidanceIntervalGuidesOnlyItsSteps) {
+  // Reference: CFG (3-channel rule) at the steps whose model timestep lies in [200, 700], the
+  // conditional output alone elsewhere.
+  const double scale = 3.0;
+  const int64_t null_class = 10;
+  torch::manual_seed(78);
+  const auto y = torch::tensor({3, 7, 0}, torch::kInt64);
+  const auto z = torch::randn({3, 4, 4, 4});
+  const auto step_noise = torch::randn({8, 3, 4, 4, 4});
+  const StepNoiseFn noise = [&](int64_t k, const torch::Tensor&) { return step_noise[k]; };
+  GaussianDiffusion d(DiffusionOptions().timestep_respacing("8"));
+  int64_t guided_steps = 0;
+  const auto ref = d.p_sample_loop(
+      [&](const torch::Tensor& x, const torch::Tensor& t) {
+        const int64_t tt = t[0].item<int64_t>();
+        if (tt < 200 || tt > 700) return tiny_net(x, t, y);
+        ++guided_steps;
+        const auto out = tiny_net(torch::cat({x, x}), torch::cat({t, t}),
+                                  torch::cat({y, torch::full_like(y, null_class)}));
+        return cfg_combine(out, scale, 3);
+      },
+      z, noise);
+  ASSERT_GT(guided_steps, 0);
+  ASSERT_LT(guided_steps, 8);  // the interval splits the 8 steps
+  int64_t calls_2n = 0, calls_n = 0;
+  const ConditionalModelFn counting = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& yy) {
+    (x.size(0) == 2 * y.size(0) ? calls_2n : calls_n)++;
+    return tiny_net(x, t, yy);
+  };
+  const auto o = tiny_options().cfg_scale(scale).null_class(null_class);
+  const auto got = Sampler(counting, SamplerOptions(o).cfg_interval({200, 700})).sample_from_noise(y, z, noise);
+  EXPECT_TRUE(mdd_test::AllClose(got, ref, 1e-6));
+  EXPECT_EQ(calls_2n, guided_steps);  // the unconditional half is skipped outside the interval
+  EXPECT_EQ(calls_n, 8 - guided_steps);
+  // An interval over every timestep is plain CFG; one over none is the conditional model.
+  const auto full = Sampler(tiny_net, o).sample_from_noise(y, z, noise);
+  EXPECT_TRUE(Sampler(tiny_net, SamplerOptions(o).cfg_interval({0, 999})).sample_from_noise(y, z, noise).equal(full));
+  EXPECT_FALSE(got.equal(full));
+  const auto cond = Sampler(tiny_net, SamplerOptions(o).cfg_scale(1.0)).sample_from_noise(y, z, noise);
+  EXPECT_TRUE(Sampler(tiny_net, SamplerOptions(o).cfg_interval({1000, 2000})).sample_from_noise(y, z, noise).equal(cond));
+  // Malformed intervals are refused up front.
+  EXPECT_THROW(Sampler(tiny_net, SamplerOptions(o).cfg_interval({5})), Error);
+  EXPECT_THROW(Sampler(tiny_net, SamplerOptions(o).cfg_interval({700, 200})), Error);
+  EXPECT_THROW(Sampler(tiny_net, SamplerOptions(o).cfg_interval({-1, 200})), Error);
+  EXPECT_THROW(Sampler(tiny_net, SamplerOptions(o).cfg_interval({0, 200, 400})), Error);
+}
+
 TEST(Sampler, ProgressCoversEveryStepOfEveryBatch) {
   Sampler s(tiny_net, tiny_options().batch_size(3));
   std::vector<Progress> events;

@@ -116,6 +116,8 @@ TEST(Config, EachSectionIsJudgedByItsComponentsRules) {
       {R"("vae": {"kl_weight": -0.5}})", "'vae.kl_weight'"},
       {R"("vae": {"block_out_channels": [16, 30]}})", "'vae.block_out_channels'"},
       {R"("sample": {"cfg_scale": -2}})", "'sample.cfg_scale'"},
+      {R"("sample": {"cfg_interval": [700, 200]}})", "'sample.cfg_interval'"},
+      {R"("sample": {"eta": -0.5}})", "'sample.eta'"},
       {R"("evaluate": {"repeats": 0}})", "'evaluate.repeats' must be >= 1"}};
   for (const auto& [section, expected] : cases) {
     const std::string msg = error_of([&] { parse_config(base + section); });
@@ -214,6 +216,12 @@ TEST(Config, RoundTripAndOverrides) {
   EXPECT_THROW(apply_override(c, "pretrain.lr_warmup=-5"), Error);
   // The reference guidance rule is valid for one-channel models too (it guides eps and variance).
   EXPECT_NO_THROW(apply_override(c, "sample.guidance=reference"));
+  // The guidance interval and DDIM's eta are sampling keys.
+  apply_override(c, "sample.cfg_interval=[0,600]");
+  apply_override(c, "sample.eta=0.5");
+  EXPECT_EQ(c.sample.cfg_interval, (std::vector<int64_t>{0, 600}));
+  EXPECT_DOUBLE_EQ(c.sample.eta, 0.5);
+  EXPECT_THROW(apply_override(c, "sample.cfg_interval=[600]"), Error);
 }
 
 TEST(Config, ShippedConfigsParse) {

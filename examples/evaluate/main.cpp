@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   if (nproc > 1 && !mdd_examples::launched_as_rank()) return mdd_examples::launch_local_ranks(nproc, argv, "mdd_evaluate");
 
   try {
-    // Rank r trains repeats r, r + W, ...; only rank 0 prints and writes the report.
+    // The ranks share every set's repeats as one pool (evaluate_sets); only rank 0 prints and writes reports.
     mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
     if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
     if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
@@ -131,56 +131,65 @@ int main(int argc, char** argv) {
       test = te.load(tf, threads, progress);
       train.class_names = tr.classes();
     }
-    auto run_one = [&](const mdd::LabeledImages& train, const std::string& select_name, nlohmann::json rep) {
-      mdd::Evaluator ev(o);
-      const auto r = ev.resolve(train, test);
-      if (group.is_main())
-        std::fprintf(stderr, "protocol %s: %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
-                   r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)train.images.size(0),
-                   (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
-      const auto res = ev.run(train, test, group, progress);
-      const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (!group.is_main()) return;
-      std::printf("top-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
-                  res.mean, res.std, res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
-      if (!report.empty()) {
-        rep["protocol"] = r.protocol;
-        rep["net"] = r.net;
-        rep["norm"] = r.norm;
-        rep["epochs"] = r.epochs;
-        rep["batch_size"] = r.batch_size;
-        rep["lr"] = r.lr;
-        rep["augment"] = r.augment;
-        rep["mean_std_norm"] = {r.mean, r.std};
-        rep["train_images"] = train.images.size(0);
-        rep["test_images"] = test.images.size(0);
-        rep["select"] = select_name;
-        rep["ipc"] = ipc;
-        rep["seed"] = seed;
-        rep["best"] = res.best;
-        rep["last"] = res.last;
-        rep["mean"] = res.mean;
-        rep["std"] = res.std;
-        rep["last_mean"] = res.last_mean;
-        rep["last_std"] = res.last_std;
-        rep["eval_seconds"] = res.seconds;
-        rep["total_seconds"] = total;
-        rep["threads"] = threads;
-        rep["processes"] = group.world_size();
-        std::filesystem::path path(report);
-        if (methods.size() > 1) path = path.parent_path() / (select_name + "_" + path.filename().string());
-        std::ofstream f(path);
-        f << rep.dump(2) << "\n";
-        if (!f) throw mdd::Error("cannot write report " + path.string());
-      }
-    };
+    // Every set to evaluate, with its name: one per --select method, or the one training set.
+    std::vector<std::pair<std::string, mdd::LabeledImages>> named;
     if (fashion && ipc > 0) {
-      for (const auto& m : methods) {
-        if (group.is_main()) std::fprintf(stderr, "== selection %s, %lld per class\n", m.c_str(), (long long)ipc);
-        run_one(mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)), m, rep);
-      }
+      for (const auto& m : methods)
+        named.emplace_back(m, mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)));
     } else {
-      run_one(train, fashion && train_dir.empty() ? "all" : "folder", rep);
+      named.emplace_back(fashion && train_dir.empty() ? "all" : "folder", train);
+    }
+    std::vector<mdd::EvalSet> sets;
+    for (const auto& [name, set] : named) {
+      const auto r = mdd::Evaluator(o).resolve(set, test);
+      if (group.is_main())
+        std::fprintf(stderr, "%s: protocol %s, %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
+                     name.c_str(), r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)set.images.size(0),
+                     (long long)test.images.size(0), (long long)r.epochs, (long long)r.batch_size, r.lr);
+      sets.push_back(mdd::EvalSet{&set, o, named.size() > 1 ? name : "evaluate"});
+    }
+    // All sets' repeats form one pool over the processes (--select a,b with --nproc N keeps every rank busy).
+    const auto results = mdd::evaluate_sets(sets, test, group, progress);
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!group.is_main()) return 0;
+    for (size_t i = 0; i < named.size(); ++i) {
+      const auto& [select_name, set] = named[i];
+      const auto& res = results[i];
+      const auto r = mdd::Evaluator(o).resolve(set, test);
+      std::printf("%s%stop-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
+                  named.size() > 1 ? select_name.c_str() : "", named.size() > 1 ? ": " : "", res.mean, res.std,
+                  res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
+      if (report.empty()) continue;
+      nlohmann::json out = rep;
+      out["protocol"] = r.protocol;
+      out["net"] = r.net;
+      out["norm"] = r.norm;
+      out["epochs"] = r.epochs;
+      out["batch_size"] = r.batch_size;
+      out["lr"] = r.lr;
+      out["augment"] = r.augment;
+      out["mean_std_norm"] = {r.mean, r.std};
+      out["train_images"] = set.images.size(0);
+      out["test_images"] = test.images.size(0);
+      out["select"] = select_name;
+      out["ipc"] = ipc;
+      out["seed"] = seed;
+      out["best"] = res.best;
+      out["last"] = res.last;
+      out["mean"] = res.mean;
+      out["std"] = res.std;
+      out["last_mean"] = res.last_mean;
+      out["last_std"] = res.last_std;
+      out["eval_seconds"] = res.seconds;  // wall time of the pool of all sets' repeats
+      out["sets_in_pool"] = named.size();
+      out["total_seconds"] = total;
+      out["threads"] = threads;
+      out["processes"] = group.world_size();
+      std::filesystem::path path(report);
+      if (named.size() > 1) path = path.parent_path() / (select_name + "_" + path.filename().string());
+      std::ofstream f(path);
+      f << out.dump(2) << "\n";
+      if (!f) throw mdd::Error("cannot write report " + path.string());
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -48,6 +48,12 @@ void check_options(const SamplerOptions& o, const OptionFail& fail) {
     for (auto v : o.latent_shape())
       if (v < 1) fail("latent_shape", fmt::format("entries must be >= 1, got {}", fmt::join(o.latent_shape(), ", ")));
   }
+  if (!o.cfg_interval().empty()) {
+    const auto& iv = o.cfg_interval();
+    if (iv.size() != 2 || iv[0] < 0 || iv[1] < iv[0])
+      fail("cfg_interval", fmt::format("must be empty or [lo, hi] with 0 <= lo <= hi (training timesteps), got [{}]",
+                                       fmt::join(iv, ", ")));
+  }
   if (o.cfg_scale() != 1.0 && o.null_class() < 0)
     fail("null_class", fmt::format("must be >= 0 for classifier-free guidance (cfg_scale {}), got {}", o.cfg_scale(),
                                    o.null_class()));
@@ -97,10 +103,18 @@ ModelFn Sampler::guided_model(const torch::Tensor& labels_in) const {
   }
   const int64_t null_class = options_.null_class();
   const CfgGuidance rule = options_.guidance();
-  return [call, y, scale, null_class, rule](const torch::Tensor& x, const torch::Tensor& t) {
+  const std::vector<int64_t> interval = options_.cfg_interval();
+  return [call, y, scale, null_class, rule, interval](const torch::Tensor& x, const torch::Tensor& t) {
     const int64_t n = x.size(0);
     if (y.size(0) != n) {
       throw Error(fmt::format("Sampler: {} labels for a batch of {} latents", y.size(0), n));
+    }
+    torch::Tensor guided_rows;  // undefined: every row is guided
+    if (!interval.empty()) {
+      guided_rows = (t >= interval[0]).logical_and(t <= interval[1]);
+      const int64_t k = guided_rows.sum().item<int64_t>();
+      if (k == 0) return call(x, t, y);  // outside the interval: the conditional output alone
+      if (k == n) guided_rows = torch::Tensor();
     }
     const auto y_in = torch::cat({y, torch::full_like(y, null_class)});
     const auto out = call(torch::cat({x, x}), torch::cat({t, t}), y_in);
@@ -108,7 +122,13 @@ ModelFn Sampler::guided_model(const torch::Tensor& labels_in) const {
       throw Error(fmt::format("Sampler: model output has shape {} for a CFG batch of {} latents with {} channels",
                               shape_str(out), 2 * n, x.size(1)));
     }
-    return cfg_combine(out, scale, cfg_guided_channels(rule, x.size(1), out.size(1)));
+    const auto guided = cfg_combine(out, scale, cfg_guided_channels(rule, x.size(1), out.size(1)));
+    if (!guided_rows.defined()) return guided;
+    // Rows at different timesteps (never in the sampling loops, whose batches share t): mix per row.
+    const auto plain = out.narrow(0, 0, n);  // the conditional half
+    auto mask = guided_rows.to(guided.device());
+    while (mask.dim() < guided.dim()) mask = mask.unsqueeze(-1);
+    return torch::where(mask, guided, plain);
   };
 }
 

@@ -131,6 +131,8 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("sample.ipc", field(c.sample.ipc));
   add("sample.steps", field(c.sample.steps));
   add("sample.cfg_scale", field(c.sample.cfg_scale));
+  add("sample.cfg_interval", field(c.sample.cfg_interval));
+  add("sample.eta", field(c.sample.eta));
   add("sample.guidance", field(c.sample.guidance));
   add("sample.method", field(c.sample.method));
   add("sample.batch_size", field(c.sample.batch_size));

@@ -52,7 +52,7 @@ SamplerOptions sampler_options_of(const DistillConfig& c, bool learn_sigma, int6
   SamplerOptions o;
   o.batch_size(s.batch_size).timestep_respacing(ddim_prefix ? "ddim" + s.steps : s.steps).learn_sigma(learn_sigma)
       .cfg_scale(s.cfg_scale).null_class(null_class).guidance(parse_cfg_guidance(s.guidance.c_str()))
-      .precision(parse_precision(s.precision)).method(method).seed(s.seed)
+      .precision(parse_precision(s.precision)).method(method).eta(s.eta).cfg_interval(s.cfg_interval).seed(s.seed)
       .latent_shape({c.model.in_channels, c.model.input_size, c.model.input_size});
   return o;
 }

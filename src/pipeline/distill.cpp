@@ -470,6 +470,9 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   const json resolved = detail::config_json(config);
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
+  // Later keys join the signature only when set, so samples of earlier runs keep being reused.
+  if (s.cfg_interval.empty()) sig["sample"].erase("cfg_interval");
+  if (s.eta == 0.0) sig["sample"].erase("eta");
   add_codec_identity(sig, config.codec);
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
   if (auto st = detail::load_stage_output(st_path, sig.dump(), cb.log)) {

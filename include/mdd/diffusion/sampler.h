@@ -50,6 +50,12 @@ struct MDD_API SamplerOptions {
   /// Guidance scale s: eps = uncond + s * (cond - uncond). Exactly 1.0 skips the unconditional
   /// half (mathematically identical, half the cost).
   TORCH_ARG(double, cfg_scale) = 4.0;
+  /// Guidance interval [lo, hi] in the model's training timesteps (0 = clean, num_timesteps - 1 =
+  /// pure noise): guidance applies only at steps whose timestep t has lo <= t <= hi; the others use
+  /// the conditional output alone (and skip the unconditional half). Empty (default, the reference):
+  /// every step. Guiding only the middle of the process keeps guidance's class fidelity while the
+  /// unguided high-noise steps keep the samples' diversity (Kynkaenniemi et al., NeurIPS 2024).
+  TORCH_ARG(std::vector<int64_t>, cfg_interval) = std::vector<int64_t>{};
   /// Label of the unconditional ("null") class; DiT uses num_classes (1000 for ImageNet).
   TORCH_ARG(int64_t, null_class) = 1000;
   /// Guided channels (reference 3-channel rule by default).

@@ -153,6 +153,10 @@ struct MDD_API SampleConfig {
   /// Respacing of the sampling process ("50" = 50 DDPM steps; "ddim50" for DDIM).
   std::string steps = "50";
   double cfg_scale = 4.0;
+  /// Guidance interval [lo, hi] in training timesteps (`SamplerOptions::cfg_interval`); empty = every step.
+  std::vector<int64_t> cfg_interval = {};
+  /// DDIM stochasticity (`SamplerOptions::eta`; 0 = deterministic); ignored for DDPM.
+  double eta = 0.0;
   /// "reference" (guide output channels 0..2, `model_out[:, :3]`) or "all" (every eps channel).
   std::string guidance = "reference";
   /// "ddpm" or "ddim".
