@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -52,7 +53,7 @@ class ScopedEnv {
 const std::initializer_list<std::pair<const char*, const char*>> kNoLauncher = {
     {"RANK", nullptr},         {"WORLD_SIZE", nullptr},    {"LOCAL_RANK", nullptr},       {"MASTER_ADDR", nullptr},
     {"MASTER_PORT", nullptr},  {"SLURM_NTASKS", nullptr},  {"SLURM_PROCID", nullptr},     {"SLURM_LOCALID", nullptr},
-    {"MDD_DIST_TIMEOUT_S", nullptr}};
+    {"MDD_DIST_TIMEOUT_S", nullptr}, {"MDD_DIST_NCCL", nullptr}};
 
 // What every rank of a group does; throws (gtest assertions do not cross processes) on a mismatch.
 void exercise_group(ProcessGroup& pg) {
@@ -83,6 +84,26 @@ void exercise_group(ProcessGroup& pg) {
   pg.broadcast(b, w - 1);
   require(torch::equal(b, torch::full({5}, double(w - 1))), "broadcast");
   pg.barrier();
+  // CUDA tensors: NCCL where this build and machine have it (one GPU per rank), else host copies
+  // over Gloo. Joining bound this rank to its GPU.
+  const bool gpu = torch::cuda::is_available();
+  require(pg.uses_nccl() == (w > 1 && dist::nccl_available() && gpu), "uses_nccl");
+  if (gpu) {
+    const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
+    require(c10::impl::getDeviceGuardImpl(c10::kCUDA)->getDevice().index() == r % gpus, "bound to cuda:<local_rank>");
+    if (!pg.uses_nccl() || gpus >= w) {  // NCCL needs a GPU of its own per rank
+      const torch::Device cuda(torch::kCUDA);
+      std::vector<torch::Tensor> c{torch::full({3}, double(r + 1), cuda), torch::full({2}, r + 1, torch::kInt64).to(cuda)};
+      pg.all_reduce_sum(c);
+      require(c[0].is_cuda() && torch::equal(c[0].cpu(), torch::full({3}, sum)), "all_reduce_sum on CUDA");
+      require(torch::equal(c[1].cpu(), torch::full({2}, int64_t(sum), torch::kInt64)), "all_reduce_sum int64 on CUDA");
+      const torch::Tensor cg = pg.all_gather(torch::full({1, 2}, double(r), cuda));
+      require(cg.is_cuda() && torch::equal(cg.cpu().select(1, 0), torch::arange(double(w))), "all_gather on CUDA");
+      torch::Tensor cb = torch::full({4}, double(r), cuda);
+      pg.broadcast(cb, 0);
+      require(torch::equal(cb.cpu(), torch::zeros({4})), "broadcast on CUDA");
+    }
+  }
   pg.check_same("the config", "same text");
   bool threw = false;
   try {
@@ -101,6 +122,7 @@ TEST(Dist, SingleProcessCollectivesAreTheIdentity) {
   ProcessGroup pg(DistOptions::from_env());
   EXPECT_EQ(pg.rank(), 0);
   EXPECT_EQ(pg.world_size(), 1);
+  EXPECT_FALSE(pg.uses_nccl());  // one process: no backend at all
   EXPECT_TRUE(pg.is_main());
   std::vector<torch::Tensor> ts{torch::arange(4.0)};
   pg.all_reduce_sum(ts);
@@ -129,6 +151,12 @@ TEST(Dist, OptionsFromTheLauncherEnvironment) {
     EXPECT_EQ(o.master_addr(), "node7");
     EXPECT_EQ(o.master_port(), 1234);
     EXPECT_EQ(o.timeout(), std::chrono::seconds(9));
+    EXPECT_TRUE(o.nccl());
+  }
+  {
+    ScopedEnv clean(kNoLauncher);
+    ScopedEnv env({{"MDD_DIST_NCCL", "0"}});
+    EXPECT_FALSE(DistOptions::from_env().nccl());
   }
   {
     ScopedEnv clean(kNoLauncher);
@@ -139,7 +167,8 @@ TEST(Dist, OptionsFromTheLauncherEnvironment) {
     EXPECT_EQ(o.local_rank(), 1);
   }
   for (auto [k, v] : {std::pair<const char*, const char*>{"WORLD_SIZE", "two"}, {"WORLD_SIZE", "0"},
-                      {"MASTER_PORT", "70000"}, {"RANK", "-1"}, {"MDD_DIST_TIMEOUT_S", "1e3"}}) {
+                      {"MASTER_PORT", "70000"}, {"RANK", "-1"}, {"MDD_DIST_TIMEOUT_S", "1e3"},
+                      {"MDD_DIST_NCCL", "2"}}) {
     ScopedEnv clean(kNoLauncher);
     ScopedEnv env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {k, v}});
     try {

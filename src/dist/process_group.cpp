@@ -1,11 +1,13 @@
 #include "mdd/dist/process_group.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <exception>
 #include <optional>
 #include <utility>
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -16,6 +18,10 @@
 // header hides them, so users never need them and their ABI never reaches mdd's interface.
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+#ifdef MDD_HAVE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
 namespace mdd::dist {
@@ -81,12 +87,21 @@ DistOptions DistOptions::from_env() {
   if (const std::string addr = env_str("MASTER_ADDR"); !addr.empty()) o.master_addr(addr);
   if (auto port = env_int("MASTER_PORT", 1, 65535)) o.master_port(*port);
   if (auto t = env_int("MDD_DIST_TIMEOUT_S", 1, 7 * 24 * 3600)) o.timeout(std::chrono::seconds(*t));
+  if (auto n = env_int("MDD_DIST_NCCL", 0, 1)) o.nccl(*n == 1);
   check_options(o);
   return o;
 }
 
 bool distributed_available() {
 #ifdef MDD_HAVE_C10D_GLOO
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool nccl_available() {
+#ifdef MDD_HAVE_C10D_NCCL
   return true;
 #else
   return false;
@@ -101,6 +116,11 @@ class GroupBackend {
 #ifdef MDD_HAVE_C10D_GLOO
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+#endif
+#ifdef MDD_HAVE_C10D_NCCL
+  // CUDA tensors; absent without a GPU or with DistOptions::nccl(false). Its communicators are made
+  // on the first collective per device set (c10d's rule), so creating it costs nothing up front.
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;
 #endif
   std::chrono::milliseconds timeout{0};
   int64_t rank = 0, world_size = 1;
@@ -128,12 +148,25 @@ class GroupBackend {
 
 ProcessGroup::ProcessGroup() = default;
 
+bool ProcessGroup::uses_nccl() const noexcept {
+#ifdef MDD_HAVE_C10D_NCCL
+  return backend_ && backend_->nccl;
+#else
+  return false;
+#endif
+}
+
 ProcessGroup::ProcessGroup(const DistOptions& options) {
   check_options(options);
   rank_ = options.rank();
   world_size_ = options.world_size();
   local_rank_ = options.local_rank();
   if (world_size_ == 1) return;
+  if (options.bind_cuda_device() && torch::cuda::is_available()) {
+    const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
+    c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(
+        c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % gpus)));
+  }
 #ifdef MDD_HAVE_C10D_GLOO
   auto b = std::make_shared<detail::GroupBackend>();
   b->timeout = options.timeout();
@@ -158,6 +191,15 @@ ProcessGroup::ProcessGroup(const DistOptions& options) {
       go->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     b->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(b->store, static_cast<int>(rank_),
                                                            static_cast<int>(world_size_), go);
+#ifdef MDD_HAVE_C10D_NCCL
+    if (options.nccl() && torch::cuda::is_available()) {
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = options.timeout();
+      // Its own key space in the shared store, so its rendezvous keys never meet Gloo's.
+      b->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("mdd-nccl", b->store),
+                                                             static_cast<int>(rank_), static_cast<int>(world_size_), no);
+    }
+#endif
   } catch (const std::exception& e) {
     throw Error(fmt::format("dist: rank {} of {} could not join the group at {}:{} within {} s (is every rank "
                             "started, MASTER_ADDR/MASTER_PORT the same for all and the port free?): {}",
@@ -203,11 +245,26 @@ void ProcessGroup::all_reduce_sum(std::vector<torch::Tensor>& tensors) {
     for (size_t k = first; k < tensors.size(); ++k)
       if (!done[k] && tensors[k].scalar_type() == dtype) {
         group.push_back(k);
-        flat.push_back(tensors[k].detach().to(torch::kCPU).reshape({-1}));
         done[k] = true;
       }
-    std::vector<at::Tensor> buffer{group.size() == 1 ? flat[0].contiguous().clone() : torch::cat(flat)};
-    backend_->run("all_reduce", [&] { return backend_->gloo->allreduce(buffer); });
+    std::vector<at::Tensor> buffer;
+#ifdef MDD_HAVE_C10D_NCCL
+    // All on one GPU: reduce there through NCCL, no host round trip.
+    const auto dev = tensors[group[0]].device();
+    const bool on_gpu = backend_->nccl && dev.is_cuda() &&
+                        std::all_of(group.begin(), group.end(), [&](size_t k) { return tensors[k].device() == dev; });
+    if (on_gpu) {
+      std::vector<torch::Tensor> flat_dev;
+      for (size_t k : group) flat_dev.push_back(tensors[k].detach().reshape({-1}));
+      buffer.push_back(group.size() == 1 ? flat_dev[0].contiguous().clone() : torch::cat(flat_dev));
+      backend_->run("all_reduce (NCCL)", [&] { return backend_->nccl->allreduce(buffer); });
+    }
+#endif
+    if (buffer.empty()) {
+      for (size_t k : group) flat.push_back(tensors[k].detach().to(torch::kCPU).reshape({-1}));
+      buffer.push_back(group.size() == 1 ? flat[0].contiguous().clone() : torch::cat(flat));
+      backend_->run("all_reduce", [&] { return backend_->gloo->allreduce(buffer); });
+    }
     int64_t offset = 0;
     for (size_t k : group) {
       torch::Tensor& t = tensors[k];
@@ -232,6 +289,15 @@ void ProcessGroup::all_reduce_mean(std::vector<torch::Tensor>& tensors) {
 torch::Tensor ProcessGroup::all_gather(const torch::Tensor& tensor) {
   if (!tensor.defined()) throw Error("dist: all_gather of an undefined tensor");
   if (!backend_) return tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
+#ifdef MDD_HAVE_C10D_NCCL
+  if (backend_->nccl && tensor.is_cuda()) {
+    std::vector<at::Tensor> in{(tensor.dim() == 0 ? tensor.reshape({1}) : tensor).contiguous()};
+    std::vector<std::vector<at::Tensor>> out(1);
+    for (int64_t r = 0; r < world_size_; ++r) out[0].push_back(torch::empty_like(in[0]));
+    backend_->run("all_gather (NCCL)", [&] { return backend_->nccl->allgather(out, in); });
+    return torch::cat(out[0], 0);
+  }
+#endif
 #ifdef MDD_HAVE_C10D_GLOO
   HostView v(tensor.dim() == 0 ? tensor.reshape({1}) : tensor);
   std::vector<std::vector<at::Tensor>> out(1);
@@ -250,10 +316,18 @@ void ProcessGroup::broadcast(torch::Tensor& tensor, int64_t root) {
   if (!backend_) return;
 #ifdef MDD_HAVE_C10D_GLOO
   if (!tensor.defined()) throw Error("dist: broadcast of an undefined tensor");
-  HostView v(tensor);
-  std::vector<at::Tensor> host{v.host};
   c10d::BroadcastOptions bo;
   bo.rootRank = root;
+#ifdef MDD_HAVE_C10D_NCCL
+  if (backend_->nccl && tensor.is_cuda()) {
+    std::vector<at::Tensor> dev{tensor.is_contiguous() ? tensor : tensor.contiguous()};
+    backend_->run("broadcast (NCCL)", [&] { return backend_->nccl->broadcast(dev, bo); });
+    if (!dev[0].is_same(tensor)) tensor.copy_(dev[0]);
+    return;
+  }
+#endif
+  HostView v(tensor);
+  std::vector<at::Tensor> host{v.host};
   backend_->run("broadcast", [&] { return backend_->gloo->broadcast(host, bo); });
   v.write_back();
 #endif

@@ -1,7 +1,8 @@
 #pragma once
 /// \file
 /// Several processes working as one: a thin layer over LibTorch's own distributed engine (c10d:
-/// `TCPStore` rendezvous, `ProcessGroupGloo` on CPU). mdd writes no transport of its own.
+/// `TCPStore` rendezvous, `ProcessGroupGloo` on CPU, `ProcessGroupNCCL` for CUDA tensors where the
+/// build has it). mdd writes no transport of its own.
 ///
 /// A `ProcessGroup` is joined from the torchrun / SLURM environment (`DistOptions::from_env`) or
 /// from explicit options. With `world_size` 1 it is a single process: no store, no sockets, every
@@ -28,7 +29,7 @@ struct MDD_API DistOptions {
   TORCH_ARG(int64_t, rank) = 0;
   /// Number of processes; 1 = a single process (no rendezvous).
   TORCH_ARG(int64_t, world_size) = 1;
-  /// Index of this process on its node (picks the GPU: cuda:<local_rank>).
+  /// Index of this process on its node (picks the GPU: see `bind_cuda_device`).
   TORCH_ARG(int64_t, local_rank) = 0;
   /// Host of rank 0's rendezvous store (rank 0 serves it).
   TORCH_ARG(std::string, master_addr) = "127.0.0.1";
@@ -39,6 +40,14 @@ struct MDD_API DistOptions {
   /// Network interface address Gloo binds to ("" = the address `master_addr` resolves through, or
   /// the host name's address).
   TORCH_ARG(std::string, interface_address) = "";
+  /// CUDA tensors go through NCCL (`ProcessGroupNCCL`, no host copy) when this build has it
+  /// (`nccl_available()`) and a GPU is visible; false, or without it, they travel through host
+  /// copies over Gloo. CPU tensors always use Gloo. `from_env` reads MDD_DIST_NCCL=0 as false.
+  TORCH_ARG(bool, nccl) = true;
+  /// Joining a group of several processes makes cuda:<local_rank mod visible GPUs> this process's
+  /// current CUDA device (as torchrun scripts call `torch.cuda.set_device(local_rank)`), so a bare
+  /// "cuda" device means one GPU per local rank. False leaves the current device alone.
+  TORCH_ARG(bool, bind_cuda_device) = true;
 
  public:
   /// Reads the launcher's environment: torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
@@ -52,13 +61,18 @@ struct MDD_API DistOptions {
 /// was found at build time); false builds still run world size 1.
 MDD_API bool distributed_available();
 
+/// True when this build of mdd also has LibTorch's `ProcessGroupNCCL` (a CUDA build whose LibTorch
+/// ships it, found at build time), so groups can reduce CUDA tensors on the GPU.
+MDD_API bool nccl_available();
+
 namespace detail {
 class GroupBackend;
 }  // namespace detail
 
 /// A group of processes and the collectives mdd needs. Copies share the group. Collectives must be
 /// called by every rank in the same order with tensors of the same shape and dtype (c10d's rule);
-/// tensors may live on any device (they travel through the host).
+/// tensors may live on any device: CPU tensors use Gloo, CUDA tensors NCCL where the group has it
+/// (`uses_nccl`), else a host copy over Gloo.
 class MDD_API ProcessGroup {
  public:
   /// A single process (rank 0 of 1).
@@ -73,6 +87,8 @@ class MDD_API ProcessGroup {
   int64_t local_rank() const noexcept { return local_rank_; }
   /// Rank 0: the process that writes files (checkpoints, reports) and draws progress.
   bool is_main() const noexcept { return rank_ == 0; }
+  /// True when collectives on CUDA tensors run on NCCL (see `DistOptions::nccl`).
+  bool uses_nccl() const noexcept;
 
   /// Element-wise sum over ranks, in place in every tensor (all ranks end with the same values).
   void all_reduce_sum(std::vector<torch::Tensor>& tensors);
