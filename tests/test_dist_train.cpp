@@ -105,18 +105,33 @@ struct RankRun {
   io::TensorMap state;
   torch::Tensor checksums;  // [world, n] from every rank
   std::vector<double> losses;
+  int64_t overlapped = 0, buckets = 0;  // gradient buckets of the last step: started during the backward / all
+};
+
+// How the gradients are averaged (MDD_TEST_OVERLAP, MDD_TEST_BUCKET in the children).
+struct Reduce {
+  bool overlap = true;
+  int64_t bucket_bytes = int64_t(25) << 20;
+  std::vector<std::string> env() const {
+    return {"MDD_TEST_OVERLAP=" + std::string(overlap ? "1" : "0"), "MDD_TEST_BUCKET=" + std::to_string(bucket_bytes)};
+  }
 };
 
 RankRun run_rank(ProcessGroup pg, const std::string& dir, int64_t steps, const std::string& ckpt,
-                 double lr = 1e-3, int64_t die_after = -1, int64_t batch = 6) {
+                 double lr = 1e-3, int64_t die_after = -1, int64_t batch = 6, const Reduce& reduce = {}) {
   // Each rank builds its own cache file; rank r initialises its model with seed 1 + r (the trainer
   // must start all from rank 0's weights).
   auto data = tiny_data(dir + "/rank" + std::to_string(pg.rank()));
-  Finetuner ft(tiny_dit(1 + uint64_t(pg.rank())), data, options(pg, steps, ckpt).lr(lr).batch_size(batch));
+  Finetuner ft(tiny_dit(1 + uint64_t(pg.rank())), data,
+               options(pg, steps, ckpt).lr(lr).batch_size(batch).overlap_grad_reduce(reduce.overlap)
+                   .grad_bucket_bytes(reduce.bucket_bytes));
   ft.resume();
   RankRun out;
   while (ft.step_count() < steps) {
-    out.losses.push_back(ft.step().loss);
+    const TrainStats st = ft.step();
+    out.losses.push_back(st.loss);
+    out.overlapped = st.overlapped_buckets;
+    out.buckets = st.grad_buckets;
     if (!ckpt.empty()) ft.save_checkpoint();
     if (die_after >= 0 && ft.step_count() == die_after) std::_Exit(3);
   }
@@ -128,18 +143,20 @@ RankRun run_rank(ProcessGroup pg, const std::string& dir, int64_t steps, const s
 // Runs `world` ranks: children 1..world-1 spawned, rank 0 here. Returns rank 0's run; children's
 // exit codes go to `codes`.
 RankRun run_group(int world, const std::string& dir, int64_t steps, const std::string& ckpt,
-                  std::vector<int>* codes, std::vector<std::string> child_env = {}, int64_t batch = 6) {
+                  std::vector<int>* codes, std::vector<std::string> child_env = {}, int64_t batch = 6,
+                  const Reduce& reduce = {}) {
   const int port = mdd_test::free_port();
   std::vector<std::string> env = {"MDD_TEST_DIR=" + dir, "MDD_TEST_STEPS=" + std::to_string(steps),
                                   "MDD_TEST_CKPT=" + ckpt};
   env.insert(env.end(), child_env.begin(), child_env.end());
+  for (const auto& e : reduce.env()) env.push_back(e);
   std::vector<pid_t> kids;
   for (int r = 1; r < world; ++r) kids.push_back(mdd_test::spawn_rank("DistTrainChild.Run", r, world, port, env));
   RankRun run;
   std::exception_ptr failed;
   try {
     ProcessGroup pg(DistOptions().rank(0).world_size(world).master_port(port).timeout(std::chrono::seconds(20)));
-    run = run_rank(pg, dir, steps, ckpt, 1e-3, -1, batch);
+    run = run_rank(pg, dir, steps, ckpt, 1e-3, -1, batch, reduce);
   } catch (...) {
     failed = std::current_exception();
   }
@@ -161,7 +178,8 @@ TEST(DistTrainChild, Run) {
   ProcessGroup pg(DistOptions::from_env());
   run_rank(pg, env_or("MDD_TEST_DIR", "/tmp"), std::stoll(env_or("MDD_TEST_STEPS", "1")), env_or("MDD_TEST_CKPT", ""),
            std::stod(env_or("MDD_TEST_LR", "0.001")), std::stoll(env_or("MDD_TEST_DIE_AFTER", "-1")),
-           std::stoll(env_or("MDD_TEST_BATCH", "6")));
+           std::stoll(env_or("MDD_TEST_BATCH", "6")),
+           Reduce{env_or("MDD_TEST_OVERLAP", "1") == "1", std::stoll(env_or("MDD_TEST_BUCKET", std::to_string(25 << 20)))});
 }
 
 TEST(DistTrain, TwoAndThreeRanksEqualOneProcess) {
@@ -183,6 +201,25 @@ TEST(DistTrain, TwoAndThreeRanksEqualOneProcess) {
     for (size_t i = 0; i < one.losses.size(); ++i) EXPECT_NEAR(many.losses[i], one.losses[i], 1e-5) << "step " << i + 1;
     RecordProperty("max_abs_diff_w" + std::to_string(world), std::to_string(diff) + " at " + where);
   }
+}
+
+// Reducing buckets during the backward gives exactly the averages of reducing them after it: the
+// same sums of the same values. Small buckets, so that several start while the backward runs.
+TEST(DistTrain, OverlappedGradientReductionEqualsTheOneAfterTheBackward) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const std::string dir = mdd_test::tmp_dir("dist_train_overlap");
+  std::vector<int> codes;
+  const RankRun after = run_group(2, dir + "/after", 3, "", &codes, {}, 6, Reduce{false, 256});
+  for (int c : codes) EXPECT_EQ(c, 0);
+  const RankRun during = run_group(2, dir + "/during", 3, "", &codes, {}, 6, Reduce{true, 256});
+  for (int c : codes) EXPECT_EQ(c, 0);
+  EXPECT_GT(during.buckets, 3);
+  EXPECT_GT(during.overlapped, 0) << "no bucket started during the backward";
+  EXPECT_EQ(after.overlapped, 0);
+  ASSERT_EQ(after.state.size(), during.state.size());
+  for (const auto& kv : after.state) EXPECT_TRUE(torch::equal(kv.second, during.state.at(kv.first))) << kv.first;
+  EXPECT_EQ(after.losses, during.losses);
+  RecordProperty("overlapped_buckets", std::to_string(during.overlapped) + " of " + std::to_string(during.buckets));
 }
 
 TEST(DistTrain, CheckpointsResumeWithAnotherWorldSize) {

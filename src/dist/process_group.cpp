@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <exception>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -133,9 +134,13 @@ class GroupBackend {
       auto work = start();
       work->wait(limit);
     } catch (const std::exception& e) {
-      throw Error(fmt::format("dist: {} failed on rank {} of {} (a peer stopped or the {} s timeout passed): {}", op,
-                              rank, world_size, limit.count() / 1000.0, first_line(e.what())));
+      throw failure(op, limit, e);
     }
+  }
+
+  Error failure(const char* op, std::chrono::milliseconds limit, const std::exception& e) const {
+    return Error(fmt::format("dist: {} failed on rank {} of {} (a peer stopped or the {} s timeout passed): {}", op,
+                             rank, world_size, limit.count() / 1000.0, first_line(e.what())));
   }
 
   static std::string first_line(const std::string& s) {
@@ -144,7 +149,46 @@ class GroupBackend {
   }
 };
 
+#ifdef MDD_HAVE_C10D_GLOO
+// c10d's handle of a running collective (ProcessGroup::Work in LibTorch 1.13, c10d::Work in 2.x).
+using WorkPtr = decltype(std::declval<c10d::ProcessGroupGloo&>().allreduce(std::declval<std::vector<at::Tensor>&>()));
+#endif
+
+// An all-reduce in flight: the buffer c10d works on and the tensor the result goes back to.
+class PendingWork {
+ public:
+  std::shared_ptr<GroupBackend> backend;
+  const char* op = "all_reduce (async)";
+  torch::Tensor target, buffer;
+#ifdef MDD_HAVE_C10D_GLOO
+  WorkPtr work;
+#endif
+  bool done = false;
+
+  void wait() {
+    if (done) return;
+    done = true;  // a failed wait is not retried: the group is unusable after it anyway
+#ifdef MDD_HAVE_C10D_GLOO
+    try {
+      work->wait(backend->timeout);
+    } catch (const std::exception& e) {
+      throw backend->failure(op, backend->timeout, e);
+    }
+#endif
+    if (!buffer.is_alias_of(target)) {  // the work ran on a copy (host or contiguous)
+      torch::NoGradGuard no_grad;
+      target.copy_(buffer);
+    }
+  }
+};
+
 }  // namespace detail
+
+Work::Work() = default;
+
+void Work::wait() {
+  if (pending_) pending_->wait();
+}
 
 ProcessGroup::ProcessGroup() = default;
 
@@ -275,6 +319,39 @@ void ProcessGroup::all_reduce_sum(std::vector<torch::Tensor>& tensors) {
     }
   }
 #endif
+}
+
+Work ProcessGroup::all_reduce_sum_async(torch::Tensor tensor) {
+  if (!tensor.defined()) throw Error("dist: all_reduce of an undefined tensor");
+  Work w;
+  if (!backend_) return w;
+#ifdef MDD_HAVE_C10D_GLOO
+  auto p = std::make_shared<detail::PendingWork>();
+  p->backend = backend_;
+  p->target = tensor;
+  std::vector<at::Tensor> buf;
+#ifdef MDD_HAVE_C10D_NCCL
+  if (backend_->nccl && tensor.is_cuda()) {
+    buf.push_back(tensor.is_contiguous() ? tensor.detach() : tensor.detach().contiguous());
+    p->op = "all_reduce (async, NCCL)";
+  }
+#endif
+  if (buf.empty()) {
+    const bool direct = tensor.device().is_cpu() && tensor.is_contiguous();
+    buf.push_back(direct ? tensor.detach() : tensor.detach().to(torch::kCPU).contiguous());
+  }
+  p->buffer = buf[0];
+  try {
+#ifdef MDD_HAVE_C10D_NCCL
+    if (backend_->nccl && tensor.is_cuda()) p->work = backend_->nccl->allreduce(buf);
+#endif
+    if (!p->work) p->work = backend_->gloo->allreduce(buf);
+  } catch (const std::exception& e) {
+    throw backend_->failure(p->op, backend_->timeout, e);
+  }
+  w.pending_ = std::move(p);
+#endif
+  return w;
 }
 
 void ProcessGroup::all_reduce_mean(std::vector<torch::Tensor>& tensors) {

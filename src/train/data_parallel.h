@@ -5,6 +5,7 @@
 // weights, average gradients, write checkpoints on rank 0 alone, resume in a safe order.
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +31,37 @@ void broadcast_from_main(dist::ProcessGroup pg, const torch::nn::Module& module)
 /// bucket). Every rank must pass the same list in the same order; a parameter without a gradient
 /// contributes zeros (on every rank alike, since all run the same graph).
 void average_gradients(dist::ProcessGroup pg, const std::vector<torch::Tensor>& params, int64_t bucket_bytes);
+
+/// Averages gradients over the ranks while the backward pass runs, as DistributedDataParallel's
+/// reducer does. The parameters are put in buckets (at most `bucket_bytes` each, one dtype each) in
+/// reverse order, the order a backward mostly produces their gradients. A hook after each
+/// parameter's gradient accumulation counts it in; a bucket whose gradients are all there starts
+/// its all-reduce at once, on c10d's threads, while the backward goes on. Buckets start in index
+/// order on every rank (c10d's rule), so a bucket waits for the ones before it. `finish()` after
+/// the backward starts what is left (parameters the graph did not reach get zero gradients, as
+/// in `average_gradients`), waits, and writes the means back: the same values as
+/// `average_gradients`, element for element. Hooks outside an `arm()`..`finish()` window do
+/// nothing. Every rank must build it from the same parameter list.
+class OverlappedGradAverager {
+ public:
+  OverlappedGradAverager(dist::ProcessGroup pg, std::vector<torch::Tensor> params, int64_t bucket_bytes);
+  ~OverlappedGradAverager();
+  OverlappedGradAverager(const OverlappedGradAverager&) = delete;
+  OverlappedGradAverager& operator=(const OverlappedGradAverager&) = delete;
+
+  /// Opens the window for one backward pass (call before it).
+  void arm();
+  /// Closes it: after the backward, every rank; leaves the averaged gradients in `.grad`. Returns
+  /// how many buckets had started during the backward.
+  size_t finish();
+  /// Number of buckets (for tests and logs).
+  size_t buckets() const;
+
+  struct State;
+
+ private:
+  std::shared_ptr<State> state_;
+};
 
 /// Rank 0 runs `write`, which writes checkpoint `step` into `dir` (every rank holds the same state),
 /// and returns its weights path; the other ranks learn whether it succeeded and return the path it

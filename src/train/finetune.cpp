@@ -135,6 +135,9 @@ Finetuner::Finetuner(DiT model, std::shared_ptr<const TrainingData> data, Finetu
   auto params = trainable_parameters(*model_);
   if (params.empty()) throw Error("Finetuner: the model has no trainable parameters");
   optimizer_ = std::make_unique<AdamW>(params, AdamWOptions().lr(o.lr()).weight_decay(o.weight_decay()));
+  if (o.process_group().world_size() > 1 && o.overlap_grad_reduce())
+    averager_ = std::make_shared<detail::OverlappedGradAverager>(o.process_group(), optimizer_->params(),
+                                                                 o.grad_bucket_bytes());
 }
 
 StepInputs Finetuner::inputs(int64_t step) const {
@@ -248,6 +251,7 @@ TrainStats Finetuner::step() {
   if (precision_ == Precision::kFP16) {
     // Dynamic loss scaling (torch.cuda.amp.GradScaler defaults: 2^16, x0.5 on overflow, x2 after
     // 2000 clean steps): fp16 gradients of small losses would underflow without it.
+    if (averager_) averager_->arm();
     (l.loss * loss_scale_).backward();
     if (parallel) average_gradients(stats);
     bool finite = true;
@@ -276,6 +280,7 @@ TrainStats Finetuner::step() {
       skipped = true;
     }
   } else {
+    if (averager_) averager_->arm();
     l.loss.backward();
     if (parallel) average_gradients(stats);
     optimizer_->step();
@@ -302,13 +307,20 @@ TrainStats Finetuner::step() {
   s.lr = lr;
   s.loss_scale = loss_scale_;
   s.skipped = skipped;
+  if (averager_) {
+    s.overlapped_buckets = overlapped_;
+    s.grad_buckets = int64_t(averager_->buckets());
+  }
   return s;
 }
 
 void Finetuner::average_gradients(torch::Tensor& stats) {
   auto& pg = options_.process_group();
   const auto c0 = std::chrono::steady_clock::now();
-  detail::average_gradients(pg, optimizer_->params(), options_.grad_bucket_bytes());
+  if (averager_)
+    overlapped_ = int64_t(averager_->finish());  // most buckets were reduced during the backward
+  else
+    detail::average_gradients(pg, optimizer_->params(), options_.grad_bucket_bytes());
   // The loss parts: the diffusion mean over ranks; the minimax terms are already the whole
   // batch's on every rank, so their mean is unchanged.
   std::vector<torch::Tensor> st{stats};
@@ -327,6 +339,7 @@ void Finetuner::check_same_on_all_ranks() const {
                       {"precision", precision_name(precision_)},
                       {"checkpoint_dir", options_.checkpoint_dir()},
                       {"ckpt_every", options_.ckpt_every()},
+                      {"grad_reduce", {options_.grad_bucket_bytes(), options_.overlap_grad_reduce()}},
                       {"config", nlohmann::json::parse(options_.config_json())},
                       {"model", {mo.input_size(), mo.patch_size(), mo.in_channels(), mo.hidden_size(), mo.depth(),
                                  mo.num_heads(), mo.num_classes(), mo.learn_sigma()}},

@@ -110,12 +110,14 @@ VaeTrainer::VaeTrainer(AutoencoderKL vae, LabeledImages images, VaeTrainerOption
                                  {"precision", precision_name(precision_)},
                                  {"checkpoint_dir", o.checkpoint_dir()},
                                  {"ckpt_every", o.ckpt_every()},
+                                 {"grad_reduce", {o.grad_bucket_bytes(), o.overlap_grad_reduce()}},
                                  {"vae", {a.block_out_channels(), a.latent_channels(), a.layers_per_block(),
                                           a.norm_num_groups(), a.in_channels()}},
                                  {"data", {n, h, w, c, data_.images.sum().item<int64_t>()}}};
     dist::ProcessGroup pg = o.process_group();  // a handle: copies share the group
     pg.check_same("VAE training configuration (options, architecture, images)", same.dump());
     detail::broadcast_from_main(pg, *vae_);
+    if (o.overlap_grad_reduce()) averager_ = std::make_shared<detail::OverlappedGradAverager>(pg, trained_, o.grad_bucket_bytes());
   }
 }
 
@@ -166,10 +168,14 @@ VaeTrainStats VaeTrainer::step() {
   const torch::Tensor loss = recon_err + o.kl_weight() * kl;
   // [loss, reconstruction, kl] of the whole batch: the mean of the ranks' equal shares.
   torch::Tensor stats = torch::stack({loss.detach(), recon_err.detach(), kl.detach()}).to(torch::kCPU, torch::kFloat64);
+  if (averager_) averager_->arm();
   loss.backward();
   if (parallel) {
     const auto c0 = std::chrono::steady_clock::now();
-    detail::average_gradients(pg, trained_, o.grad_bucket_bytes());
+    if (averager_)
+      averager_->finish();  // most buckets were reduced during the backward
+    else
+      detail::average_gradients(pg, trained_, o.grad_bucket_bytes());
     std::vector<torch::Tensor> st{stats};
     pg.all_reduce_mean(st);
     comm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();

@@ -67,7 +67,21 @@ MDD_API bool nccl_available();
 
 namespace detail {
 class GroupBackend;
+class PendingWork;
 }  // namespace detail
+
+/// A collective started by `ProcessGroup::all_reduce_sum_async`. `wait()` blocks until it is done
+/// (throwing `mdd::Error` when a peer stopped or the timeout passed) and leaves the result in the
+/// tensor that was passed; later calls return at once. A default-constructed Work is already done.
+class MDD_API Work {
+ public:
+  Work();
+  void wait();
+
+ private:
+  friend class ProcessGroup;
+  std::shared_ptr<detail::PendingWork> pending_;
+};
 
 /// A group of processes and the collectives mdd needs. Copies share the group. Collectives must be
 /// called by every rank in the same order with tensors of the same shape and dtype (c10d's rule);
@@ -94,6 +108,12 @@ class MDD_API ProcessGroup {
   void all_reduce_sum(std::vector<torch::Tensor>& tensors);
   /// Element-wise mean over ranks, in place (floating-point tensors).
   void all_reduce_mean(std::vector<torch::Tensor>& tensors);
+  /// Starts the element-wise sum of `tensor` over ranks and returns at once: the transfer runs on
+  /// c10d's threads (NCCL's stream for CUDA tensors under `uses_nccl`) while this thread goes on,
+  /// e.g. with the rest of a backward pass. The sum lands in `tensor` by the time `wait()` returns;
+  /// until then it must not be read or written. Async collectives count like the others: every
+  /// rank starts the same ones in the same order.
+  Work all_reduce_sum_async(torch::Tensor tensor);
   /// The tensors of all ranks concatenated along dim 0 in rank order (each rank passes the same
   /// shape and dtype).
   torch::Tensor all_gather(const torch::Tensor& tensor);

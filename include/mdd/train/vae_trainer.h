@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 
 #include <torch/arg.h>
@@ -28,6 +29,9 @@
 #include "mdd/util/progress.h"
 
 namespace mdd {
+namespace detail {
+class OverlappedGradAverager;
+}  // namespace detail
 
 /// Reconstruction error of `VaeTrainer`: mean absolute (`kL1`, sharper for small grey images) or
 /// mean squared (`kMse`). `VaeTrainerOptions::reconstruction` holds its name.
@@ -78,6 +82,10 @@ struct MDD_API VaeTrainerOptions {
   TORCH_ARG(dist::ProcessGroup, process_group) = dist::ProcessGroup();
   /// Gradient all-reduce bucket size in bytes (0 = one bucket).
   TORCH_ARG(int64_t, grad_bucket_bytes) = int64_t(25) << 20;
+  /// Start each bucket's all-reduce during the backward, as soon as its gradients are there
+  /// (DistributedDataParallel's overlap), instead of all buckets after it. Same averages either
+  /// way; only the waiting shrinks. Only used with more than one process.
+  TORCH_ARG(bool, overlap_grad_reduce) = true;
 };
 
 /// The rules `VaeTrainer` applies to its options alone (sizes, rates, a known reconstruction loss);
@@ -128,6 +136,7 @@ class MDD_API VaeTrainer {
   int64_t step_ = 0;
   std::vector<torch::Tensor> trained_;  // parameters in the optimiser (all, or the decoder side)
   double comm_s_ = 0;                   // seconds in collectives since the last report
+  std::shared_ptr<detail::OverlappedGradAverager> averager_;  // set with several ranks and overlap
   mutable torch::Tensor order_;
   mutable int64_t order_epoch_ = -1;
   std::string write_own_checkpoint();
