@@ -161,30 +161,15 @@ int main(int argc, char** argv) {
                   res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
       if (report.empty()) continue;
       nlohmann::json out = rep;
-      out["protocol"] = r.protocol;
-      out["net"] = r.net;
-      out["norm"] = r.norm;
-      out["epochs"] = r.epochs;
-      out["batch_size"] = r.batch_size;
-      out["lr"] = r.lr;
-      out["augment"] = r.augment;
-      out["mean_std_norm"] = {r.mean, r.std};
-      out["train_images"] = set.images.size(0);
-      out["test_images"] = test.images.size(0);
-      out["select"] = select_name;
-      out["ipc"] = ipc;
-      out["seed"] = seed;
-      out["best"] = res.best;
-      out["last"] = res.last;
-      out["mean"] = res.mean;
-      out["std"] = res.std;
-      out["last_mean"] = res.last_mean;
-      out["last_std"] = res.last_std;
-      out["eval_seconds"] = res.seconds;  // wall time of the pool of all sets' repeats
-      out["sets_in_pool"] = named.size();
-      out["total_seconds"] = total;
-      out["threads"] = threads;
-      out["processes"] = group.world_size();
+      out.update({{"protocol", r.protocol}, {"net", r.net}, {"norm", r.norm}, {"epochs", r.epochs},
+                  {"batch_size", r.batch_size}, {"lr", r.lr}, {"augment", r.augment},
+                  {"mean_std_norm", {r.mean, r.std}}, {"train_images", set.images.size(0)},
+                  {"test_images", test.images.size(0)}, {"select", select_name}, {"ipc", ipc}, {"seed", seed},
+                  {"best", res.best}, {"last", res.last}, {"mean", res.mean}, {"std", res.std},
+                  {"last_mean", res.last_mean}, {"last_std", res.last_std},
+                  {"eval_seconds", res.seconds},  // wall time of the pool of all sets' repeats
+                  {"sets_in_pool", named.size()}, {"total_seconds", total}, {"threads", threads},
+                  {"processes", group.world_size()}});
       std::filesystem::path path(report);
       if (named.size() > 1) path = path.parent_path() / (select_name + "_" + path.filename().string());
       std::ofstream f(path);
