@@ -505,7 +505,11 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
       ids.push_back(c * s.ipc + k);  // image k of class c gets the same noise stream in every method
     }
   const auto t0 = clock_type::now();
-  say(cb, fmt::format("{}: {} images ({} per class), {} steps, CFG {}", stage, local.size(), s.ipc, s.steps, s.cfg_scale));
+  say(cb, fmt::format("{}: {} images ({} per class), {} {} steps, CFG {}{}", stage, local.size(), s.ipc, s.steps, s.method,
+                      s.cfg_scale,
+                      s.cfg_interval.size() == 2
+                          ? fmt::format(" on timesteps [{}, {}]", s.cfg_interval[0], s.cfg_interval[1])
+                          : std::string()));
   torch::Tensor latents =
       sampler.sample(torch::tensor(dit, torch::kInt64), torch::tensor(ids, torch::kInt64), staged(cb, stage)).to(torch::kCPU);
   // Decode in chunks; images in [-1, 1] -> uint8 as torchvision save_image.
