@@ -140,8 +140,9 @@ int main(int argc, char** argv) {
       named.emplace_back(fashion && train_dir.empty() ? "all" : "folder", train);
     }
     std::vector<mdd::EvalSet> sets;
+    std::vector<mdd::ResolvedEval> resolved;  // per set, for the log line and its report
     for (const auto& [name, set] : named) {
-      const auto r = mdd::Evaluator(o).resolve(set, test);
+      const auto& r = resolved.emplace_back(mdd::Evaluator(o).resolve(set, test));
       if (group.is_main())
         std::fprintf(stderr, "%s: protocol %s, %s norm %s, %lld train / %lld test images, %lld epochs, batch %lld, lr %g\n",
                      name.c_str(), r.protocol.c_str(), r.net.c_str(), r.norm.c_str(), (long long)set.images.size(0),
@@ -155,7 +156,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < named.size(); ++i) {
       const auto& [select_name, set] = named[i];
       const auto& res = results[i];
-      const auto r = mdd::Evaluator(o).resolve(set, test);
+      const auto& r = resolved[i];
       std::printf("%s%stop-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
                   named.size() > 1 ? select_name.c_str() : "", named.size() > 1 ? ": " : "", res.mean, res.std,
                   res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);

@@ -158,7 +158,7 @@ using WorkPtr = decltype(std::declval<c10d::ProcessGroupGloo&>().allreduce(std::
 class PendingWork {
  public:
   std::shared_ptr<GroupBackend> backend;
-  const char* op = "all_reduce (async)";
+  const char* op = "all_reduce";
   torch::Tensor target, buffer;
 #ifdef MDD_HAVE_C10D_GLOO
   WorkPtr work;
@@ -278,43 +278,33 @@ void ProcessGroup::all_reduce_sum(std::vector<torch::Tensor>& tensors) {
     if (!t.defined()) throw Error("dist: all_reduce of an undefined tensor");
   if (!backend_ || tensors.empty()) return;
 #ifdef MDD_HAVE_C10D_GLOO
-  // One collective per dtype over a flat host buffer: Gloo reduces lists of same-typed, same-shaped
+  // One collective per dtype over a flat buffer: c10d reduces lists of same-typed, same-shaped
   // tensors only, and one large message beats many small ones (gradients arrive as hundreds).
   std::vector<bool> done(tensors.size(), false);
   for (size_t first = 0; first < tensors.size(); ++first) {
     if (done[first]) continue;
     const auto dtype = tensors[first].scalar_type();
     std::vector<size_t> group;
-    std::vector<torch::Tensor> flat;
     for (size_t k = first; k < tensors.size(); ++k)
       if (!done[k] && tensors[k].scalar_type() == dtype) {
         group.push_back(k);
         done[k] = true;
       }
-    std::vector<at::Tensor> buffer;
-#ifdef MDD_HAVE_C10D_NCCL
-    // All on one GPU: reduce there through NCCL, no host round trip.
+    // Flattened where they all live (NCCL can then reduce on the GPU), else on the host;
+    // all_reduce_sum_async picks the backend for the buffer's device.
     const auto dev = tensors[group[0]].device();
-    const bool on_gpu = backend_->nccl && dev.is_cuda() &&
-                        std::all_of(group.begin(), group.end(), [&](size_t k) { return tensors[k].device() == dev; });
-    if (on_gpu) {
-      std::vector<torch::Tensor> flat_dev;
-      for (size_t k : group) flat_dev.push_back(tensors[k].detach().reshape({-1}));
-      buffer.push_back(group.size() == 1 ? flat_dev[0].contiguous().clone() : torch::cat(flat_dev));
-      backend_->run("all_reduce (NCCL)", [&] { return backend_->nccl->allreduce(buffer); });
-    }
-#endif
-    if (buffer.empty()) {
-      for (size_t k : group) flat.push_back(tensors[k].detach().to(torch::kCPU).reshape({-1}));
-      buffer.push_back(group.size() == 1 ? flat[0].contiguous().clone() : torch::cat(flat));
-      backend_->run("all_reduce", [&] { return backend_->gloo->allreduce(buffer); });
-    }
+    const bool one_device =
+        std::all_of(group.begin(), group.end(), [&](size_t k) { return tensors[k].device() == dev; });
+    std::vector<torch::Tensor> flat;
+    for (size_t k : group) flat.push_back((one_device ? tensors[k].detach() : tensors[k].detach().cpu()).reshape({-1}));
+    torch::Tensor buffer = group.size() == 1 ? flat[0].contiguous().clone() : torch::cat(flat);
+    all_reduce_sum_async(buffer).wait();
     int64_t offset = 0;
     for (size_t k : group) {
       torch::Tensor& t = tensors[k];
       const int64_t n = t.numel();
       torch::NoGradGuard no_grad;
-      t.copy_(buffer[0].narrow(0, offset, n).view(t.sizes()));
+      t.copy_(buffer.narrow(0, offset, n).view(t.sizes()));
       offset += n;
     }
   }
@@ -333,7 +323,7 @@ Work ProcessGroup::all_reduce_sum_async(torch::Tensor tensor) {
 #ifdef MDD_HAVE_C10D_NCCL
   if (backend_->nccl && tensor.is_cuda()) {
     buf.push_back(tensor.is_contiguous() ? tensor.detach() : tensor.detach().contiguous());
-    p->op = "all_reduce (async, NCCL)";
+    p->op = "all_reduce (NCCL)";
   }
 #endif
   if (buf.empty()) {
