@@ -1,5 +1,6 @@
 // Augmentation ops, coreset selection, MMD and the evaluator on tiny synthetic data.
 #include <cmath>
+#include <limits>
 
 #include "mdd/eval/augment.h"
 #include "mdd/eval/evaluator.h"
@@ -124,6 +125,31 @@ TEST(Selection, HerdingAndKCenterKnownAnswers) {
   auto k0 = mdd::select_kcenter(f.slice(0, 0, 5), y.slice(0, 0, 5), 3);
   EXPECT_EQ(std::vector<int64_t>(k0.data_ptr<int64_t>(), k0.data_ptr<int64_t>() + 3), (std::vector<int64_t>{3, 2, 1}));
   EXPECT_THROW(mdd::select_herding(f, y, 3), mdd::Error);  // class 1 has only 2 samples
+}
+
+TEST(Selection, HerdingTowardGivenTargets) {
+  // Same points; targets: class 0 -> 7, class 1 -> 100.
+  auto f = torch::tensor({0.0, 10.0, -10.0, 1.0, 5.0, 100.0, 101.0}).view({-1, 1});
+  auto y = torch::tensor({0, 0, 0, 0, 0, 1, 1}, torch::kLong);
+  auto targets = torch::tensor({7.0, 100.0}).view({2, 1});
+  // Class 0 toward 7: 5 first (|5-7| = 2), then 10 ((5 + 10) / 2 = 7.5); class 1: 100, then 101.
+  auto h = mdd::select_herding(f, y, 2, targets);
+  EXPECT_EQ(std::vector<int64_t>(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel()),
+            (std::vector<int64_t>{4, 1, 5, 6}));
+  // The class means as targets give plain herding.
+  auto means = mdd::class_means(f, y, 2);
+  EXPECT_NEAR(means[0][0].item<double>(), 1.2, 1e-12);
+  EXPECT_NEAR(means[1][0].item<double>(), 100.5, 1e-12);
+  EXPECT_TRUE(torch::equal(mdd::select_herding(f, y, 2, means), mdd::select_herding(f, y, 2)));
+  // Bad targets: wrong width, too few classes, NaN; a class without samples; NaN features.
+  EXPECT_THROW(mdd::select_herding(f, y, 2, torch::zeros({2, 3})), mdd::Error);
+  EXPECT_THROW(mdd::select_herding(f, y, 2, torch::zeros({1, 1})), mdd::Error);
+  EXPECT_THROW(mdd::select_herding(f, y, 2, torch::full({2, 1}, std::nan(""))), mdd::Error);
+  EXPECT_THROW(mdd::select_herding(f, y, 2, torch::Tensor()), mdd::Error);
+  EXPECT_THROW(mdd::class_means(f, y, 3), mdd::Error);
+  auto bad = f.clone();
+  bad[2][0] = std::numeric_limits<double>::infinity();
+  EXPECT_THROW(mdd::select_herding(bad, y, 2), mdd::Error);
 }
 
 TEST(Selection, RandomAndFirst) {

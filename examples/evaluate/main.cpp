@@ -3,6 +3,7 @@
 //   mdd_evaluate --train <distilled_root> --test <imagenet>/val --protocol idc --net resnet_ap10
 //   mdd_evaluate --fashion-mnist --ipc 10 --select random --protocol dc --repeats 3
 //   mdd_evaluate --fashion-mnist --train <distilled_fmnist> --protocol dc --repeats 3
+//   mdd_evaluate --fashion-mnist --train <generated_fmnist> --ipc 10 --select first,herding --protocol dc
 //
 // Image folders are `<root>/<class>/*.png|jpg`; the test folder uses the training set's classes.
 #include <algorithm>
@@ -47,6 +48,11 @@ int main(int argc, char** argv) {
   app.add_option("--select", select, "coreset: random | first | herding | kcenter, or a comma list (reports get a <method>_ prefix)")->capture_default_str();
   app.add_option("--feature-epochs", feature_epochs,
                  "herding/kcenter: epochs of the full-data network whose embeddings are used")->capture_default_str();
+  std::string herding_target = "set";
+  app.add_option("--herding-target", herding_target,
+                 "herding toward each class's mean over the set it selects from (set) or over the real Fashion-MNIST "
+                 "train split (real; e.g. to keep the generated candidates that best match the real data)")
+      ->check(CLI::IsMember({"set", "real"}))->capture_default_str();
   app.add_option("--protocol", protocol, "idc | dc")->capture_default_str();
   app.add_option("--net", net, "convnet<d> | resnet_ap<d> | resnet<d> (default: protocol's)");
   app.add_option("--norm", norm, "instance | batch | none (default instance)");
@@ -88,10 +94,14 @@ int main(int argc, char** argv) {
     }
     // DC's FashionMNIST statistics (utils.py get_dataset), for the train split and distilled folders alike.
     if (fashion) o.mean({0.2861}).std({0.3530});
+    const bool needs_features =
+        std::any_of(methods.begin(), methods.end(), [](const std::string& m) { return m == "herding" || m == "kcenter"; });
+    if (herding_target == "real" && !fashion) throw mdd::Error("--herding-target real needs --fashion-mnist");
+    mdd::LabeledImages real;  // the Fashion-MNIST train split, when a selection needs it
+    torch::Tensor real_features;
     if (fashion && !train_dir.empty()) {
       // A distilled Fashion-MNIST set (e.g. mdd_distill's samples/<method>/): labels follow the
       // dataset's class order, not the folders' alphabetical one.
-      if (ipc > 0) throw mdd::Error("--ipc selects from the Fashion-MNIST train split; it cannot be combined with --train");
       if (!test_dir.empty()) throw mdd::Error("--fashion-mnist tests on its test split; drop --test");
       test = mdd::load_fashion_mnist(fmnist_dir, "test");
       std::vector<std::string> dirs;
@@ -102,25 +112,12 @@ int main(int argc, char** argv) {
       if (train.images.size(1) != 28 || train.images.size(2) != 28)
         throw mdd::Error(train_dir + ": Fashion-MNIST images are 28x28; this folder holds " +
                          std::to_string(train.images.size(1)) + "x" + std::to_string(train.images.size(2)));
+      // --ipc selects from the folder (e.g. a generated set sampled with more images per class than kept).
+      if (ipc > 0 && needs_features) real = mdd::load_fashion_mnist(fmnist_dir, "train");
     } else if (fashion) {
       train = mdd::load_fashion_mnist(fmnist_dir, "train");
       test = mdd::load_fashion_mnist(fmnist_dir, "test");
-      if (ipc > 0) {
-        const bool needs_features = std::any_of(methods.begin(), methods.end(),
-                                                [](const std::string& m) { return m == "herding" || m == "kcenter"; });
-        if (needs_features) {
-          // Penultimate embeddings of a ConvNet trained on the full training set.
-          auto fo = o;
-          fo.epochs(feature_epochs).repeats(1).eval_every(0);
-          mdd::Evaluator fe(fo);
-          double best = 0, last = 0;
-          auto fnet = fe.train_once(train, test, seed + 1000, &best, &last, progress);
-          const auto r = fe.resolve(train, test);
-          features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
-          rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
-          if (group.is_main()) std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
-        }
-      }
+      if (ipc > 0 && needs_features) real = train;
     } else {
       if (train_dir.empty() || test_dir.empty()) throw mdd::Error("give --train and --test, or --fashion-mnist");
       const int64_t size = load_size > 0 ? load_size : (protocol == "idc" ? 224 : 0);
@@ -131,11 +128,30 @@ int main(int argc, char** argv) {
       test = te.load(tf, threads, progress);
       train.class_names = tr.classes();
     }
+    if (fashion && ipc > 0 && needs_features) {
+      // Penultimate embeddings of a ConvNet trained on the full real training set.
+      auto fo = o;
+      fo.epochs(feature_epochs).repeats(1).eval_every(0);
+      mdd::Evaluator fe(fo);
+      double best = 0, last = 0;
+      auto fnet = fe.train_once(real, test, seed + 1000, &best, &last, progress);
+      const auto r = fe.resolve(real, test);
+      real_features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(real.images, r));
+      features = train_dir.empty() ? real_features : mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
+      rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
+      if (group.is_main()) std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
+    }
     // Every set to evaluate, with its name: one per --select method, or the one training set.
     std::vector<std::pair<std::string, mdd::LabeledImages>> named;
     if (fashion && ipc > 0) {
-      for (const auto& m : methods)
-        named.emplace_back(m, mdd::subset(train, mdd::select_coreset(m, features, train.labels, ipc, seed)));
+      const auto targets = herding_target == "real" && real_features.defined()
+                               ? mdd::class_means(real_features, real.labels, static_cast<int64_t>(test.class_names.size()))
+                               : torch::Tensor();
+      for (const auto& m : methods) {
+        const auto idx = m == "herding" && targets.defined() ? mdd::select_herding(features, train.labels, ipc, targets)
+                                                             : mdd::select_coreset(m, features, train.labels, ipc, seed);
+        named.emplace_back(m, mdd::subset(train, idx));
+      }
     } else {
       named.emplace_back(fashion && train_dir.empty() ? "all" : "folder", train);
     }
@@ -166,6 +182,7 @@ int main(int argc, char** argv) {
                   {"batch_size", r.batch_size}, {"lr", r.lr}, {"augment", r.augment},
                   {"mean_std_norm", {r.mean, r.std}}, {"train_images", set.images.size(0)},
                   {"test_images", test.images.size(0)}, {"select", select_name}, {"ipc", ipc}, {"seed", seed},
+                  {"herding_target", herding_target},
                   {"best", res.best}, {"last", res.last}, {"mean", res.mean}, {"std", res.std},
                   {"last_mean", res.last_mean}, {"last_std", res.last_std},
                   {"eval_seconds", res.seconds},  // wall time of the pool of all sets' repeats

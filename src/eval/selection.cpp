@@ -1,5 +1,8 @@
 #include "mdd/eval/selection.h"
 
+#include <limits>
+#include <vector>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
@@ -60,30 +63,80 @@ torch::Tensor select_first(const torch::Tensor& labels, int64_t per_class) {
   return picked.empty() ? torch::empty({0}, torch::kLong) : torch::cat(picked);
 }
 
-torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class) {
+namespace {
+
+/// Greedy herding of one class's features `f` [n, D] toward `mu` [D]; returns positions into f.
+std::vector<int64_t> herd(const torch::Tensor& f, const torch::Tensor& mu, int64_t per_class) {
+  auto sum = torch::zeros_like(mu);
+  auto available = torch::ones({f.size(0)}, torch::kBool);
+  std::vector<int64_t> chosen;
+  for (int64_t k = 0; k < per_class; ++k) {
+    // Distance of the would-be mean (sum + f_i) / (k + 1) to the target mean, for every i.
+    auto cand = (sum.unsqueeze(0) + f) / static_cast<double>(k + 1);
+    auto dist = (cand - mu.unsqueeze(0)).pow(2).sum(1);
+    dist.masked_fill_(available.logical_not(), std::numeric_limits<double>::infinity());
+    const int64_t best = dist.argmin().item<int64_t>();
+    chosen.push_back(best);
+    available[best] = false;
+    sum += f[best];
+  }
+  return chosen;
+}
+
+torch::Tensor herding_impl(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class,
+                           const torch::Tensor& targets) {
   check_labels(labels, per_class);
   check_features(features, labels);
   auto feats = features.detach().cpu().to(torch::kFloat64);
+  torch::Tensor tgt;
+  if (targets.defined()) {
+    const int64_t num_classes = labels.numel() == 0 ? 0 : labels.max().item<int64_t>() + 1;
+    if (targets.dim() != 2 || targets.size(1) != features.size(1) || targets.size(0) < num_classes) {
+      throw Error(fmt::format("herding: targets must be [C, {}] with C >= {} classes, got {}", features.size(1),
+                              num_classes, targets.sizes().vec()));
+    }
+    tgt = targets.detach().cpu().to(torch::kFloat64);
+    if (!torch::isfinite(tgt).all().item<bool>()) throw Error("herding: targets hold NaN or Inf");
+  }
+  if (!torch::isfinite(feats).all().item<bool>()) throw Error("herding: features hold NaN or Inf");
   std::vector<torch::Tensor> picked;
   for (auto& idx : class_members(labels.cpu(), per_class)) {
     auto f = feats.index_select(0, idx);  // [n, D]
-    auto mu = f.mean(0);
-    auto sum = torch::zeros_like(mu);
-    auto available = torch::ones({f.size(0)}, torch::kBool);
+    auto mu = tgt.defined() ? tgt[labels[idx[0]].item<int64_t>()] : f.mean(0);
     std::vector<int64_t> chosen;
-    for (int64_t k = 0; k < per_class; ++k) {
-      // Distance of the would-be mean (sum + f_i) / (k + 1) to the class mean, for every i.
-      auto cand = (sum.unsqueeze(0) + f) / static_cast<double>(k + 1);
-      auto dist = (cand - mu.unsqueeze(0)).pow(2).sum(1);
-      dist.masked_fill_(available.logical_not(), std::numeric_limits<double>::infinity());
-      const int64_t best = dist.argmin().item<int64_t>();
-      chosen.push_back(idx[best].item<int64_t>());
-      available[best] = false;
-      sum += f[best];
-    }
+    for (int64_t i : herd(f, mu, per_class)) chosen.push_back(idx[i].item<int64_t>());
     picked.push_back(torch::tensor(chosen, torch::kLong));
   }
   return picked.empty() ? torch::empty({0}, torch::kLong) : torch::cat(picked);
+}
+
+}  // namespace
+
+torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class) {
+  return herding_impl(features, labels, per_class, torch::Tensor());
+}
+
+torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class,
+                             const torch::Tensor& targets) {
+  if (!targets.defined()) throw Error("herding: targets must be defined (use the 3-argument overload for class means)");
+  return herding_impl(features, labels, per_class, targets);
+}
+
+torch::Tensor class_means(const torch::Tensor& features, const torch::Tensor& labels, int64_t num_classes) {
+  if (!labels.defined() || labels.dim() != 1 || labels.scalar_type() != torch::kLong) {
+    throw Error("class_means: labels must be int64 [N]");
+  }
+  check_features(features, labels);
+  if (num_classes < 1) throw Error(fmt::format("class_means: num_classes must be >= 1, got {}", num_classes));
+  auto f = features.detach().cpu().to(torch::kFloat64);
+  auto l = labels.cpu();
+  auto out = torch::empty({num_classes, f.size(1)}, torch::kFloat64);
+  for (int64_t c = 0; c < num_classes; ++c) {
+    auto idx = torch::nonzero(l == c).view({-1});
+    if (idx.numel() == 0) throw Error(fmt::format("class_means: class {} has no samples", c));
+    out[c] = f.index_select(0, idx).mean(0);
+  }
+  return out;
 }
 
 torch::Tensor select_kcenter(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class) {

@@ -28,6 +28,16 @@ MDD_API torch::Tensor select_first(const torch::Tensor& labels, int64_t per_clas
 /// `features` [N, D] (e.g. the penultimate embedding of a trained network, `EvalNetImpl::embed`).
 MDD_API torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class);
 
+/// Herding toward given per-class targets instead of each class's own mean: `targets` [C, D], row c
+/// the target of label c. With the mean embedding of the *real* images of each class as targets and
+/// generated images as candidates, it keeps the candidates whose mean best matches the real data
+/// (see `class_means`). Non-finite features or targets throw mdd::Error.
+MDD_API torch::Tensor select_herding(const torch::Tensor& features, const torch::Tensor& labels, int64_t per_class,
+                                     const torch::Tensor& targets);
+
+/// Mean feature per class, [num_classes, D] in float64; a class without samples throws mdd::Error.
+MDD_API torch::Tensor class_means(const torch::Tensor& features, const torch::Tensor& labels, int64_t num_classes);
+
 /// K-Center greedy (farthest-first traversal, Sener & Savarese 2018) per class: start from the
 /// sample closest to the class mean (deterministic), then repeatedly add the sample whose L2
 /// distance to its nearest selected sample is largest.
