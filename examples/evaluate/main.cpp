@@ -136,7 +136,9 @@ int main(int argc, char** argv) {
       double best = 0, last = 0;
       auto fnet = fe.train_once(real, test, seed + 1000, &best, &last, progress);
       const auto r = fe.resolve(real, test);
-      real_features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(real.images, r));
+      // The real split's embeddings only where they are used: as the set selected from, or for its class means.
+      if (train_dir.empty() || herding_target == "real")
+        real_features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(real.images, r));
       features = train_dir.empty() ? real_features : mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
       rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
       if (group.is_main()) std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
