@@ -13,6 +13,7 @@
 #include "mdd/eval/evaluator.h"
 #include "mdd/models/dit.h"
 #include "mdd/util/error.h"
+#include "mdd/util/threads.h"
 #include "dist_spawn.h"
 
 using namespace mdd;
@@ -25,7 +26,9 @@ namespace {
 constexpr int64_t kImages = 10;
 
 torch::Tensor sample_with(ProcessGroup pg) {
-  torch::set_num_threads(1);  // the same kernels and blocking in every process
+  // The same kernels and blocking in every process: LibTorch's threads and the BLAS library's
+  // (OpenBLAS splits a product differently with 1 or 2 threads on some CPUs).
+  mdd::set_num_threads(1);
   DiT m(DiTOptions(8, 2, 1, 32, 2, 2).num_classes(3));
   auto gen = at::detail::createCPUGenerator(5);
   m->initialize_weights(gen);

@@ -12,6 +12,7 @@
 #include "mdd/diffusion/sampler.h"
 #include "mdd/dist/process_group.h"
 #include "mdd/eval/evaluator.h"
+#include "mdd/eval/selection.h"
 #include "mdd/io/image.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/io/state_dict.h"
@@ -292,7 +293,8 @@ DistillConfig tiny_config(const std::string& root) {
               "num_heads": 2, "num_classes": 3},
     "pretrain": {"steps": 4, "batch_size": 6, "lr": 0.001, "ckpt_every": 2},
     "finetune": {"steps": 4, "batch_size": 6, "gamma_blocks": 1, "memory_size": 4, "ckpt_every": 2},
-    "sample": {"ipc": 2, "steps": "5", "cfg_scale": 2.0, "batch_size": 4, "guidance": "all"},
+    "sample": {"ipc": 2, "steps": "5", "cfg_scale": 2.0, "batch_size": 4, "guidance": "all",
+               "candidates": 2},
     "evaluate": {"protocol": "dc", "repeats": 2, "epochs": 2, "methods": ["random", "dit", "difffit", "minimax"]}
   })");
   c.data.root = root + "/images";
@@ -410,6 +412,90 @@ struct LogLines {
   }
   void clear() { lines.clear(); }
 };
+
+// Candidate selection (`sample.candidates` > 1): ipc images per class are kept out of
+// candidates * ipc generated ones; the base draw (the streams of a run without candidates) is among
+// the candidates; herding toward the real class means brings the kept images' mean embedding closer
+// to the real one than the base draw; a re-run reuses the kept set without training the feature
+// network again.
+TEST(Pipeline, SamplingKeepsTheBestCandidates) {
+  const std::string root = mdd_test::tmp_dir("pipeline_candidates");
+  write_band_images(root + "/images", 3, 8, /*stride=*/2, /*rows=*/3, /*seed=*/5);
+  DistillConfig c = tiny_config(root);
+  c.output_dir = root + "/out";
+  c.sample.candidates = 1;
+  const PipelineData data = load_pipeline_data(c);
+  const std::string weights = run_pretrain(c, data);
+  const LabeledImages base = run_sample(c, data, weights, root + "/base");
+  const auto base_st = io::load_safetensors(root + "/base/samples.safetensors").tensors;
+  ASSERT_TRUE(base_st.count("stream_ids"));
+  EXPECT_TRUE(torch::equal(base_st.at("stream_ids"), torch::arange(6, torch::kInt64)));
+
+  c.sample.candidates = 4;
+  c.sample.select = "herding";
+  LogLines log;
+  const LabeledImages kept = run_sample(c, data, weights, root + "/kept", "sample", log.callbacks());
+  EXPECT_EQ(log.count("training the selection feature network"), 1);
+  ASSERT_EQ(kept.images.size(0), 6);
+  EXPECT_TRUE(torch::equal(kept.labels, torch::tensor({0, 0, 1, 1, 2, 2}, torch::kInt64)));
+  const auto st = io::load_safetensors(root + "/kept/samples.safetensors").tensors;
+  const auto ids = st.at("stream_ids");
+  ASSERT_EQ(ids.numel(), 6);
+  EXPECT_EQ(std::get<0>(torch::_unique(ids)).numel(), 6) << "a candidate kept twice";
+  EXPECT_GE(ids.min().item<int64_t>(), 0);
+  EXPECT_LT(ids.max().item<int64_t>(), 3 * 2 * 4);
+  for (int64_t i = 0; i < 6; ++i) {
+    const int64_t id = ids[i].item<int64_t>(), cls = kept.labels[i].item<int64_t>();
+    if (id < 6) {
+      // A base-draw candidate: the same image a run without candidates produced (batching differs).
+      EXPECT_EQ(id / 2, cls);
+      EXPECT_TRUE(torch::allclose(st.at("latents")[i], base_st.at("latents")[id], 1e-4, 1e-4)) << id;
+    } else {
+      EXPECT_EQ((id - 6) / 6, cls) << "extra candidates of class c follow the base ids: 6 + c * ipc * 3 + j";
+    }
+  }
+  for (int cl = 0; cl < 3; ++cl)
+    for (int k = 0; k < 2; ++k)
+      EXPECT_TRUE(fs::exists(root + "/kept/cls" + std::to_string(cl) + "/" + std::to_string(k) + ".png"));
+  const auto sc = nlohmann::json::parse(std::ifstream(root + "/kept/sample_config.json"));
+  EXPECT_EQ(sc["selection"]["candidates"], 4);
+  EXPECT_EQ(sc["selection"]["kept_stream_ids"].size(), 6u);
+
+  // The same feature network, trained through the public evaluator (protocol, 1 epoch, seed + 1000).
+  EvalOptions fo;
+  fo.protocol(c.evaluate.protocol).epochs(c.sample.select_epochs).repeats(1).eval_every(0);
+  const Evaluator fe(fo);
+  double best = 0, last = 0;
+  auto net = fe.train_once(data.train, data.test, c.sample.seed + 1000, &best, &last);
+  const auto r = fe.resolve(data.train, data.test);
+  const auto real_means = class_means(Evaluator::embed(net, Evaluator::prepare(data.train.images, r)), data.train.labels, 3);
+  auto gap = [&](const LabeledImages& set) {
+    const auto f = Evaluator::embed(net, Evaluator::prepare(set.images, r)).to(torch::kFloat64);
+    double total = 0;
+    for (int64_t cl = 0; cl < 3; ++cl)
+      total += (f.index({set.labels == cl}).mean(0) - real_means[cl]).norm().item<double>();
+    return total;
+  };
+  EXPECT_LT(gap(kept), gap(base)) << "herding must move the kept set toward the real class means";
+
+  // Re-run: reused as it is, no feature network trained.
+  log.clear();
+  const LabeledImages again = run_sample(c, data, weights, root + "/kept", "sample", log.callbacks());
+  EXPECT_EQ(log.count("reusing"), 1);
+  EXPECT_EQ(log.count("training the selection feature network"), 0);
+  EXPECT_TRUE(torch::equal(again.images, kept.images));
+
+  // Random selection needs no feature network; bad values name the key.
+  c.sample.select = "random";
+  log.clear();
+  EXPECT_EQ(run_sample(c, data, weights, root + "/random", "sample", log.callbacks()).images.size(0), 6);
+  EXPECT_EQ(log.count("training the selection feature network"), 0);
+  EXPECT_NE(error_of([&] { apply_override(c, "sample.candidates=0"); }).find("sample.candidates"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "sample.select=best"); }).find("sample.select"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "sample.select_epochs=0"); }).find("sample.select_epochs"),
+            std::string::npos);
+}
+
 
 // A two-class 8x8 image-folder run on a VAE codec with 2x4x4 latents, sized to finish in seconds. The
 // caller names the VAE (codec.encoder) or sets up the vae section; the run validates the result.

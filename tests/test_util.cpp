@@ -1,5 +1,6 @@
 // mdd/util/host_allocator.h: the settings are really in force (a freed large block stays in the
 // process instead of going back to the kernel), and the environment switch turns them off.
+// mdd/util/threads.h: LibTorch's and OpenBLAS's thread counts follow set_num_threads.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -9,7 +10,11 @@
 #include <malloc.h>
 #endif
 
+#include <torch/torch.h>
+
+#include "mdd/util/error.h"
 #include "mdd/util/host_allocator.h"
+#include "mdd/util/threads.h"
 
 TEST(HostAllocator, EnvironmentSwitchLeavesTheAllocatorAlone) {
   ::setenv("MDD_HOST_ALLOCATOR", "default", 1);
@@ -42,4 +47,19 @@ TEST(HostAllocator, FreedLargeBlocksStayInTheProcess) {
   const auto after = mallinfo2();
   EXPECT_GE(after.fordblks, before.fordblks + (16u << 20)) << "the freed blocks went back to the kernel";
 #endif
+}
+
+// set_num_threads sets LibTorch's threads and, where OpenBLAS runs the products, OpenBLAS's.
+TEST(Threads, SetsTorchAndBlasThreads) {
+  const int before = torch::get_num_threads();
+  const auto s = mdd::set_num_threads(1);
+  EXPECT_EQ(s.torch_threads, 1);
+  EXPECT_EQ(torch::get_num_threads(), 1);
+  if (s.blas_threads != -1) {
+    EXPECT_EQ(s.blas_threads, 1);
+    EXPECT_EQ(mdd::blas_num_threads(), 1);
+  }
+  EXPECT_THROW(mdd::set_num_threads(0), mdd::Error);
+  mdd::set_num_threads(before);
+  EXPECT_EQ(torch::get_num_threads(), before);
 }

@@ -20,6 +20,7 @@
 #include "mdd/pipeline/config.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/util/error.h"
+#include "mdd/util/threads.h"
 
 namespace mdd_examples {
 
@@ -77,7 +78,7 @@ struct PipelineCli {
     if (!device.empty()) mdd::apply_override(c, "device=\"" + device + "\"");
     if (threads >= 0) c.threads = threads;
     if (c.threads <= 0 && group.world_size() > 1) c.threads = threads_per_local_rank();
-    if (c.threads > 0) torch::set_num_threads(int(c.threads));
+    if (c.threads > 0) mdd::set_num_threads(int(c.threads));  // the BLAS pool too
     if (group.world_size() > 1 && is_main())
       std::fprintf(stderr, "%d processes (rank 0 of %lld here), %d threads each\n", int(group.world_size()),
                    (long long)group.world_size(), torch::get_num_threads());

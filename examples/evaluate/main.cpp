@@ -28,6 +28,7 @@
 #include "mdd/eval/selection.h"
 #include "mdd/pipeline/distill.h"
 #include "mdd/util/error.h"
+#include "mdd/util/threads.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Evaluate a training set (e.g. a distilled one) by training fresh classifiers on it"};
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
     mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
     if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
     if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
-    torch::set_num_threads(static_cast<int>(threads));
+    mdd::set_num_threads(static_cast<int>(threads));
     o.protocol(protocol).net(net).norm(norm).width(width).epochs(epochs).eval_every(eval_every).batch_size(batch)
         .repeats(repeats).seed(seed).device(device);
     mdd_examples::ProgressPrinter printer;

@@ -22,6 +22,7 @@
 #include "mdd/eval/proxy.h"
 #include "mdd/io/safetensors.h"
 #include "mdd/util/error.h"
+#include "mdd/util/threads.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Score generated Fashion-MNIST sets with the generator proxy"};
@@ -38,7 +39,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   mdd_examples::tune_host_allocator();
   try {
-    torch::set_num_threads(static_cast<int>(threads));
+    mdd::set_num_threads(static_cast<int>(threads));
     const auto train = mdd::load_fashion_mnist(fmnist_dir, "train");
     const auto test = mdd::load_fashion_mnist(fmnist_dir, "test");
     std::unique_ptr<mdd::GeneratorProxy> proxy;

@@ -27,6 +27,7 @@
 #include "mdd/io/image.h"
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
+#include "mdd/util/threads.h"
 
 namespace {
 // ", communication N s" of a report window (several ranks).
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
     mdd::dist::ProcessGroup group(mdd::dist::DistOptions::from_env());
     if (group.is_main()) mdd_examples::tune_host_allocator(); else mdd::tune_host_allocator();
     if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
-    torch::set_num_threads(static_cast<int>(threads));
+    mdd::set_num_threads(static_cast<int>(threads));
     namespace fs = std::filesystem;
     fs::create_directories(out);
     const auto train = mdd::load_fashion_mnist(fmnist_dir, "train");

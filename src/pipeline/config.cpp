@@ -139,6 +139,9 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("sample.seed", field(c.sample.seed));
   add("sample.entry", field(c.sample.entry));
   add("sample.precision", field(c.sample.precision));
+  add("sample.candidates", field(c.sample.candidates));
+  add("sample.select", field(c.sample.select));
+  add("sample.select_epochs", field(c.sample.select_epochs));
   add("evaluate.protocol", field(c.evaluate.protocol));
   add("evaluate.repeats", field(c.evaluate.repeats));
   add("evaluate.methods", field(c.evaluate.methods));
@@ -272,6 +275,7 @@ void validate_config(const DistillConfig& c) {
   parses("sample.guidance", [&] { parse_cfg_guidance(c.sample.guidance.c_str()); });
   parses("sample.method", [&] { parse_sampling_method(c.sample.method); });
   one_of("sample.entry", c.sample.entry, {"", io::kEmaEntry, io::kModelEntry});
+  one_of("sample.select", c.sample.select, {"herding", "kcenter", "random"});
   for (auto [k, v] : {std::pair<const char*, const std::string*>{"pretrain.precision", &c.pretrain.precision},
                       {"finetune.precision", &c.finetune.precision}, {"sample.precision", &c.sample.precision},
                       {"vae.precision", &c.vae.precision}})
@@ -311,7 +315,10 @@ void validate_config(const DistillConfig& c) {
     fail("vae.decoder_steps", "needs vae.steps > 0: decoder-only fine-tuning follows the joint training (to tune the "
                               "decoder of an existing VAE use mdd_train_vae --init DIR --decoder-only)");
   // Rules of the pipeline itself (no component owns these keys).
+  if (c.sample.candidates < 1 || c.sample.candidates > 1000)
+    fail("sample.candidates", fmt::format("must be in [1, 1000] (generated images per kept image), got {}", c.sample.candidates));
   for (auto [k, v] : {std::pair<const char*, int64_t>{"sample.ipc", c.sample.ipc},
+                      {"sample.select_epochs", c.sample.select_epochs},
                       {"evaluate.full_set_epochs", c.evaluate.full_set_epochs}})
     if (v <= 0) fail(k, "must be > 0");
   for (auto [k, v] : {std::pair<const char*, int64_t>{"threads", c.threads}, {"data.threads", c.data.threads}})

@@ -29,6 +29,7 @@
 #include "mdd/train/vae_trainer.h"
 #include "mdd/util/error.h"
 #include "pipeline/config_json.h"
+#include "pipeline/candidate_selection.h"
 #include "pipeline/config_options.h"
 #include "pipeline/report.h"
 #include "pipeline/stage_cache.h"
@@ -462,17 +463,30 @@ std::string run_finetune(const DistillConfig& config, const PipelineData& data, 
                        group);
 }
 
-LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
-                         const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb,
-                         const dist::ProcessGroup& group) {
+namespace {
+
+LabeledImages sample_with(const DistillConfig& config, const PipelineData& data, const std::string& weights,
+                          const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb,
+                          const dist::ProcessGroup& group, const detail::SelectionSpaceFn& selection_space) {
   const auto& s = config.sample;
   const int64_t nclass = int64_t(data.class_dirs.size());
+  const int64_t per_class = s.ipc * s.candidates;  // images generated per class
+  const bool selects = s.candidates > 1;
   const json resolved = detail::config_json(config);
   json sig = {{"weights", weights}, {"stamp", file_content_stamp(weights)}, {"sample", resolved["sample"]},
               {"codec", resolved["codec"]}, {"model", model_json(config.model)}};
   // Later keys join the signature only when set, so samples of earlier runs keep being reused.
   if (s.cfg_interval.empty()) sig["sample"].erase("cfg_interval");
   if (s.eta == 0.0) sig["sample"].erase("eta");
+  if (!selects) {
+    for (const char* k : {"candidates", "select", "select_epochs"}) sig["sample"].erase(k);
+  } else {
+    if (s.select == "random") sig["sample"].erase("select_epochs");
+    // The feature network is trained on the real split under the evaluation protocol.
+    if (s.select != "random") sig["select_features"] = {{"protocol", config.evaluate.protocol},
+                                                        {"image_size", config.evaluate.image_size},
+                                                        {"data", resolved["data"]}};
+  }
   add_codec_identity(sig, config.codec);
   const std::string st_path = (fs::path(out_dir) / "samples.safetensors").string();
   if (auto st = detail::load_stage_output(st_path, sig.dump(), cb.log)) {
@@ -499,14 +513,16 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   Sampler sampler(fn, so);
   std::vector<int64_t> local, dit, ids;
   for (int64_t c = 0; c < nclass; ++c)
-    for (int64_t k = 0; k < s.ipc; ++k) {
+    for (int64_t k = 0; k < per_class; ++k) {
       local.push_back(c);
       dit.push_back(data.model_labels[c]);
-      ids.push_back(c * s.ipc + k);  // image k of class c gets the same noise stream in every method
+      // Image k of class c gets the same noise stream in every method (and with or without candidates).
+      ids.push_back(detail::candidate_stream_id(c, k, s.ipc, s.candidates, nclass));
     }
   const auto t0 = clock_type::now();
-  say(cb, fmt::format("{}: {} images ({} per class), {} {} steps, CFG {}{}", stage, local.size(), s.ipc, s.steps, s.method,
-                      s.cfg_scale,
+  say(cb, fmt::format("{}: {} images ({} per class{}), {} {} steps, CFG {}{}", stage, local.size(), per_class,
+                      selects ? fmt::format(": {} candidates for each of {} kept", s.candidates, s.ipc) : "", s.steps,
+                      s.method, s.cfg_scale,
                       s.cfg_interval.size() == 2
                           ? fmt::format(" on timesteps [{}, {}]", s.cfg_interval[0], s.cfg_interval[1])
                           : std::string()));
@@ -526,16 +542,46 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   }
   torch::Tensor images = torch::cat(imgs, 0);
   torch::Tensor labels = torch::tensor(local, torch::kInt64);
+  torch::Tensor stream_ids = torch::tensor(ids, torch::kInt64);
+  torch::Tensor model_labels = torch::tensor(dit, torch::kInt64);
+  json selection = nullptr;
+  if (selects) {
+    // Rank 0 selects (it alone trains the feature network); the others receive its choice.
+    torch::Tensor keep = torch::zeros({nclass * s.ipc}, torch::kInt64);
+    std::shared_ptr<const detail::SelectionSpace> space;
+    on_main(group, stage + ": selecting among the candidates", [&] {
+      const auto t_sel = clock_type::now();
+      keep = detail::select_candidates(s, images, labels, [&] { return space = selection_space(); });
+      selection = {{"candidates", s.candidates}, {"method", s.select}, {"seconds", seconds_since(t_sel)}};
+      if (space)
+        selection["feature_network"] = {{"protocol", config.evaluate.protocol}, {"epochs", space->epochs},
+                                        {"test_accuracy", space->test_accuracy}, {"train_seconds", space->seconds}};
+    });
+    dist::ProcessGroup(group).broadcast(keep, 0);  // a handle: the copy shares the group
+    if (keep.numel() != nclass * s.ipc) throw Error(stage + ": the selection returned the wrong number of images");
+    say(cb, fmt::format("{}: kept {} of {} images per class by {}{}", stage, s.ipc, per_class, s.select,
+                        s.select == "herding" ? " toward the real class means" : ""));
+    images = images.index_select(0, keep);
+    latents = latents.index_select(0, keep);
+    labels = labels.index_select(0, keep);
+    stream_ids = stream_ids.index_select(0, keep);
+    model_labels = model_labels.index_select(0, keep);
+    if (selection.is_object()) selection["kept_stream_ids"] = std::vector<int64_t>(
+        stream_ids.data_ptr<int64_t>(), stream_ids.data_ptr<int64_t>() + stream_ids.numel());
+  }
   on_main(group, stage + ": writing " + out_dir, [&] {
+  // <class>/<k>.png, k = the image's place in its class (its stream id without candidates).
+  std::vector<int64_t> written(size_t(nclass), 0);
+  const auto label_of = labels.accessor<int64_t, 1>();
   for (int64_t i = 0; i < images.size(0); ++i) {
-    const int64_t c = local[i], k = ids[i] - c * s.ipc;
+    const int64_t c = label_of[i], k = written[size_t(c)]++;
     const fs::path p = fs::path(out_dir) / data.class_dirs[c] / fmt::format("{}.png", k);
     fs::create_directories(p.parent_path());
     write_png(p.string(), images[i]);
   }
   io::save_safetensors(st_path,
-                       {{"latents", latents.contiguous()}, {"labels", labels},
-                        {"model_labels", torch::tensor(dit, torch::kInt64)}, {"images", images.contiguous()}},
+                       {{"latents", latents.contiguous()}, {"labels", labels}, {"model_labels", model_labels},
+                        {"images", images.contiguous()}, {"stream_ids", stream_ids}},
                        {{"format", "mdd-samples"}, {"signature", sig.dump()}});
   {
     std::vector<torch::Tensor> rows;
@@ -544,7 +590,12 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   }
   write_text_file_atomic((fs::path(out_dir) / "sample_config.json").string(),
              json({{"weights", weights}, {"sample", resolved["sample"]}, {"model", resolved["model"]}, {"codec", resolved["codec"]},
-                   {"seeds", {{"seed", s.seed}, {"rule", "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
+                   {"seeds", {{"seed", s.seed},
+                              {"rule", selects ? "candidate j of class c uses stream id c*ipc+j for j < ipc, else "
+                                                 "nclass*ipc + c*ipc*(candidates-1) + (j-ipc): "
+                                                 "splitmix64(seed ^ splitmix64(id))"
+                                               : "image k of class c uses stream id c*ipc+k: splitmix64(seed ^ splitmix64(id))"}}},
+                   {"selection", selection},
                    {"seconds", seconds_since(t0)}})
                  .dump(2) + "\n");
   });
@@ -554,6 +605,14 @@ LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, 
   out.labels = labels;
   out.class_names = data.train.class_names;
   return out;
+}
+
+}  // namespace
+
+LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
+                         const std::string& out_dir, const std::string& stage, const PipelineCallbacks& cb,
+                         const dist::ProcessGroup& group) {
+  return sample_with(config, data, weights, out_dir, stage, cb, group, detail::lazy_selection_space(config, data, cb));
 }
 
 namespace {
@@ -700,9 +759,13 @@ std::string run_distill(const DistillConfig& config_in, const DistillRunOptions&
       weights[v] = timed("finetune_" + v, [&] { return finetune_with(config, [&] { return train_data; }, base, v, cb, group); });
 
   std::map<std::string, LabeledImages> sets;
+  // One feature network for the candidate selection of every method (trained when first needed).
+  const auto selection_space = detail::lazy_selection_space(config, data, cb);
   for (const auto& kv : weights) {
     const std::string dir = (out / (kv.first == "minimax" ? "samples" : "samples-" + kv.first)).string();
-    sets[kv.first] = timed("sample_" + kv.first, [&] { return run_sample(config, data, kv.second, dir, "sample-" + kv.first, cb, group); });
+    sets[kv.first] = timed("sample_" + kv.first, [&] {
+      return sample_with(config, data, kv.second, dir, "sample-" + kv.first, cb, group, selection_space);
+    });
   }
   const int64_t ipc = config.sample.ipc;
   const torch::Tensor random_idx = select_random(data.train.labels, ipc, config.evaluate.seed);

@@ -167,6 +167,16 @@ struct MDD_API SampleConfig {
   std::string entry = "";
   /// "fp32", "bf16", "fp16" (CUDA) or "auto".
   std::string precision = "fp32";
+  /// Generated candidates per kept image: > 1 samples `candidates * ipc` images per class and keeps
+  /// `ipc` of them by `select` (1 = keep every sample, no selection). The first `ipc` candidates of
+  /// a class are the images a run without candidates draws (same noise streams).
+  int64_t candidates = 1;
+  /// How the kept images are chosen among the candidates: "herding" (toward the mean embedding of
+  /// the real images of the class), "kcenter" (spread over the candidates) or "random" (seeded).
+  std::string select = "herding";
+  /// herding / kcenter: epochs of the feature network (the `evaluate.protocol` network trained on
+  /// the real training split, once per run) whose penultimate embedding the selection works in.
+  int64_t select_epochs = 1;
 };
 
 /// Evaluation of the distilled sets.
