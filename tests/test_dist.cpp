@@ -238,6 +238,40 @@ TEST(Dist, ADeadPeerIsAnErrorNotAHang) {
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 16.0);
 }
 
+// Rank 1 of Dist.ALongBarrierOutlastsTheGroupTimeout: waits in barrier(60 s) while rank 0 works
+// past the group's 3 s timeout, then checks that the group still runs collectives.
+TEST(DistChild, LongWait) {
+  if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of Dist.ALongBarrierOutlastsTheGroupTimeout";
+  ProcessGroup pg(DistOptions::from_env().timeout(std::chrono::seconds(3)));
+  const auto t0 = std::chrono::steady_clock::now();
+  pg.barrier(std::chrono::seconds(60));
+  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 5.0) std::_Exit(5);
+  std::vector<torch::Tensor> ts{torch::ones({4})};
+  pg.all_reduce_sum(ts);
+  if (ts[0][0].item<float>() != 2.0f) std::_Exit(6);
+}
+
+// The barrier with its own limit (`on_main` waits with it while rank 0 encodes a dataset alone)
+// holds past the group's collective timeout: with Gloo's barrier the waiting rank failed after
+// DistOptions::timeout (the demo's latents took longer than 5 minutes on a loaded machine).
+TEST(Dist, ALongBarrierOutlastsTheGroupTimeout) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  const int port = free_port();
+  const pid_t kid = spawn_rank("DistChild.LongWait", 1, 2, port);
+  ASSERT_GT(kid, 0);
+  try {
+    ProcessGroup pg(DistOptions().rank(0).world_size(2).master_port(port).timeout(std::chrono::seconds(3)));
+    std::this_thread::sleep_for(std::chrono::seconds(7));  // "a long job alone", over twice the timeout
+    pg.barrier(std::chrono::seconds(60));
+    std::vector<torch::Tensor> ts{torch::ones({4})};
+    pg.all_reduce_sum(ts);
+    EXPECT_EQ(ts[0][0].item<float>(), 2.0f);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  EXPECT_EQ(wait_child(kid, 60), 0) << "rank 1 failed (5: did not wait, 6: the group was broken after the wait)";
+}
+
 TEST(Dist, ARankThatNeverComesTimesOut) {
   if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
   const auto t0 = std::chrono::steady_clock::now();

@@ -125,6 +125,7 @@ class GroupBackend {
 #endif
   std::chrono::milliseconds timeout{0};
   int64_t rank = 0, world_size = 1;
+  int64_t long_barriers = 0;  // barriers with their own timeout so far (their store keys' sequence)
 
   // Runs one collective; any failure (a peer gone, a timeout) becomes an mdd::Error naming it.
   template <typename F>
@@ -411,9 +412,20 @@ void ProcessGroup::barrier(std::chrono::milliseconds timeout) {
   if (timeout.count() <= 0) throw Error("dist: barrier timeout must be positive");
   if (!backend_) return;
 #ifdef MDD_HAVE_C10D_GLOO
-  c10d::BarrierOptions bo;
-  bo.timeout = timeout;
-  backend_->run("barrier", [&] { return backend_->gloo->barrier(bo); }, timeout);
+  // Not a Gloo barrier: Gloo waits at most its context's timeout (DistOptions::timeout) whatever
+  // BarrierOptions says (LibTorch 1.13 ignores it), so ranks waiting while rank 0 encoded a dataset
+  // for longer than 5 minutes failed. Through the store each rank sets its own key of this barrier
+  // and waits for all of them; rank 0 hosts the store, so its exit still ends the wait at once.
+  // Every rank calls the barriers in the same order, so the counters agree.
+  const int64_t seq = backend_->long_barriers++;
+  std::vector<std::string> keys;
+  for (int64_t r = 0; r < world_size_; ++r) keys.push_back(fmt::format("mdd-long-barrier/{}/{}", seq, r));
+  try {
+    backend_->store->set(keys[size_t(rank_)], std::vector<uint8_t>{1});
+    backend_->store->wait(keys, timeout);
+  } catch (const std::exception& e) {
+    throw backend_->failure("barrier", timeout, e);
+  }
 #endif
 }
 

@@ -122,8 +122,10 @@ class MDD_API ProcessGroup {
   /// Returns once every rank has called it.
   void barrier();
   /// The same with its own time limit instead of `DistOptions::timeout`: for waiting while one
-  /// rank does a long job alone (encoding a dataset, training the codec). A peer that exits still
-  /// ends the wait at once with an error.
+  /// rank does a long job alone (encoding a dataset, training the codec). It waits through the
+  /// rendezvous store, not a collective, so the limit holds even past `DistOptions::timeout`. Rank 0
+  /// exiting ends the others' wait at once with an error; another rank that exits leaves rank 0
+  /// waiting until the limit or until the launcher (`--nproc`, torchrun) stops it.
   void barrier(std::chrono::milliseconds timeout);
   /// Throws `mdd::Error` on every rank unless all ranks pass the same `text` (e.g. the resolved
   /// config): the message names `what` and the first rank that differs.
