@@ -485,6 +485,15 @@ TEST(Pipeline, SamplingKeepsTheBestCandidates) {
   EXPECT_EQ(log.count("training the selection feature network"), 0);
   EXPECT_TRUE(torch::equal(again.images, kept.images));
 
+  // Another candidate count in the same run folder: the feature network cached under
+  // <output_dir>/cache is reused, not trained again.
+  c.sample.candidates = 3;
+  log.clear();
+  EXPECT_EQ(run_sample(c, data, weights, root + "/kept3", "sample", log.callbacks()).images.size(0), 6);
+  EXPECT_EQ(log.count("training the selection feature network"), 0);
+  EXPECT_EQ(log.count("reusing the selection feature network"), 1);
+  EXPECT_TRUE(fs::exists(c.output_dir + "/cache/select_features.safetensors"));
+
   // Random selection needs no feature network; bad values name the key.
   c.sample.select = "random";
   log.clear();

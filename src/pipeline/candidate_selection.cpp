@@ -1,13 +1,21 @@
 #include "pipeline/candidate_selection.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
 #include <mutex>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
+#include "mdd/data/latent_cache.h"
 #include "mdd/eval/selection.h"
+#include "mdd/io/safetensors.h"
+#include "mdd/io/state_dict.h"
+#include "mdd/models/eval_nets.h"
 #include "mdd/util/error.h"
 #include "pipeline/config_options.h"
+#include "pipeline/stage_cache.h"
 
 namespace mdd::detail {
 
@@ -36,6 +44,38 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     EvalOptions o = eval_options_of(config, /*full_set=*/false);
     o.epochs(config.sample.select_epochs).repeats(1).eval_every(0);
     const Evaluator fe(o);
+    // A seed of its own, apart from the evaluation repeats' seeds (evaluate.seed + r).
+    const uint64_t seed = config.sample.seed + 1000;
+    // The network depends only on the real data and these settings: kept under cache/ so that
+    // re-runs, other IPCs and other sample settings in the same folder do not train it again.
+    const std::string cache = (std::filesystem::path(config.output_dir) / "cache" / "select_features.safetensors").string();
+    const nlohmann::json sig = {{"protocol", config.evaluate.protocol}, {"image_size", config.evaluate.image_size},
+                                {"epochs", config.sample.select_epochs}, {"seed", seed},
+                                {"train", dataset_fingerprint(train)}, {"check", dataset_fingerprint(check)}};
+    const LogFn log = cb.log ? LogFn(cb.log) : LogFn();
+    if (auto st = load_stage_output(cache, sig.dump(), log)) {
+      auto s = std::make_shared<SelectionSpace>();
+      s->resolved = fe.resolve(train, check);
+      const auto& r = s->resolved;
+      s->net = make_eval_net(r.net, r.num_classes, r.image_size, r.norm, r.width, r.in_channels);
+      io::TensorMap weights = st->tensors;
+      const auto means = weights.find("real_means");
+      if (means != weights.end()) {
+        s->real_means = means->second.to(torch::kFloat64);
+        weights.erase(means);
+        const auto report = load_state_dict(*as_eval_net(s->net), weights, /*strict=*/false);
+        if (report.ok()) {
+          as_eval_net(s->net)->eval();
+          s->epochs = config.sample.select_epochs;
+          const auto acc = st->metadata.find("test_accuracy");
+          s->test_accuracy = acc == st->metadata.end() ? 0.0 : std::atof(acc->second.c_str());
+          if (cb.log) cb.log("sample: reusing the selection feature network " + cache);
+          state->space = s;
+          return state->space;
+        }
+      }
+      if (cb.log) cb.log("sample: " + cache + " does not fit this network; training it again");
+    }
     if (cb.log)
       cb.log(fmt::format("sample: training the selection feature network ({} protocol, {} epoch{} on {} real images)",
                          config.evaluate.protocol, config.sample.select_epochs, config.sample.select_epochs == 1 ? "" : "s",
@@ -50,16 +90,21 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     }
     double best = 0, last = 0;
     auto s = std::make_shared<SelectionSpace>();
-    // A seed of its own, apart from the evaluation repeats' seeds (evaluate.seed + r).
-    s->net = fe.train_once(train, check, config.sample.seed + 1000, &best, &last, progress);
+    s->net = fe.train_once(train, check, seed, &best, &last, progress);
     s->resolved = fe.resolve(train, check);
     const auto features = Evaluator::embed(s->net, Evaluator::prepare(train.images, s->resolved));
     s->real_means = class_means(features, train.labels, static_cast<int64_t>(train.class_names.size()));
     s->test_accuracy = last;
     s->epochs = config.sample.select_epochs;
     s->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    io::TensorMap weights = state_dict(*as_eval_net(s->net));
+    weights["real_means"] = s->real_means;
+    std::filesystem::create_directories(std::filesystem::path(cache).parent_path());
+    io::save_safetensors(cache, weights, {{"format", "mdd-select-features"}, {"signature", sig.dump()},
+                                          {"test_accuracy", fmt::format("{:.4f}", last)}});
     if (cb.log)
-      cb.log(fmt::format("sample: selection feature network ready: {:.2f}% test accuracy ({:.0f} s)", last, s->seconds));
+      cb.log(fmt::format("sample: selection feature network ready: {:.2f}% test accuracy ({:.0f} s), saved to {}", last,
+                         s->seconds, cache));
     state->space = s;
     return state->space;
   };
