@@ -8,6 +8,7 @@
 ///   config.json                         the resolved config of the last run
 ///   vae/pretrained/, vae/checkpoints/   the codec, when the run trains it (`vae.steps` > 0)
 ///   cache/latents.safetensors           encoder posteriors of the training images (and mirrors)
+///   cache/select_features.safetensors   the feature network of `sample.candidates` > 1 (herding/kcenter)
 ///   pretrain/ema.safetensors            pre-trained DiT (EMA) when the pipeline pre-trains
 ///   <variant>/checkpoints/, <variant>/ema.safetensors   fine-tuning ("difffit", "minimax")
 ///   samples/<class>/<k>.png             the distilled set (minimax); samples-<method>/ for others
@@ -102,6 +103,9 @@ MDD_API std::string run_finetune(const DistillConfig& config, const PipelineData
 /// Samples `sample.ipc` images per class from `weights` (EMA) into `out_dir` (`<class>/<k>.png`,
 /// samples.safetensors, sample_config.json, grid.png = up to 20 per class) and returns them as a labelled set. Reuses an existing
 /// samples.safetensors written with the same weights and settings.
+/// With `sample.candidates` K > 1 it generates K x ipc images per class and keeps ipc of them by
+/// `sample.select` (herding toward the real class means in the embedding of a network trained on
+/// `data.train`, cached in `<output_dir>/cache`); sample_config.json lists the kept stream ids.
 /// With a `group` of several ranks the batches are shared (bit-identical to one process), every
 /// rank returns the whole set and rank 0 writes the files.
 MDD_API LabeledImages run_sample(const DistillConfig& config, const PipelineData& data, const std::string& weights,
