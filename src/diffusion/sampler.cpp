@@ -228,6 +228,11 @@ torch::Tensor Sampler::gather_batches(dist::ProcessGroup& pg, const std::vector<
   const int64_t slots = (num_batches + world - 1) / world;
   torch::Tensor local = torch::zeros({slots * B, ls[0], ls[1], ls[2]}, torch::kFloat32);
   for (size_t j = 0; j < outs.size(); ++j) local.narrow(0, int64_t(j) * B, outs[j].size(0)).copy_(outs[j]);
+  // Shares are unequal (1 batch on 2 ranks leaves one idle), so a rank may wait a whole batch's
+  // compute time for the others: wait through the barrier with its own limit, so that the collective
+  // timeout (DistOptions::timeout) bounds only the transfer. Without it a rank waiting longer than 5
+  // minutes for a slow batch failed (seen: IPC 1 sampling on a loaded 2-core machine).
+  pg.barrier(std::chrono::hours(72));
   const torch::Tensor all = pg.all_gather(local);  // [world * slots * B, ...]
   std::vector<torch::Tensor> ordered;
   ordered.reserve(size_t(num_batches));
