@@ -66,7 +66,6 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
         const auto report = load_state_dict(*as_eval_net(s->net), weights, /*strict=*/false);
         if (report.ok()) {
           as_eval_net(s->net)->eval();
-          s->epochs = config.sample.select_epochs;
           const auto acc = st->metadata.find("test_accuracy");
           s->test_accuracy = acc == st->metadata.end() ? 0.0 : std::atof(acc->second.c_str());
           if (cb.log) cb.log("sample: reusing the selection feature network " + cache);
@@ -95,7 +94,6 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     const auto features = Evaluator::embed(s->net, Evaluator::prepare(train.images, s->resolved));
     s->real_means = class_means(features, train.labels, static_cast<int64_t>(train.class_names.size()));
     s->test_accuracy = last;
-    s->epochs = config.sample.select_epochs;
     s->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     io::TensorMap weights = state_dict(*as_eval_net(s->net));
     weights["real_means"] = s->real_means;
@@ -117,14 +115,17 @@ int64_t candidate_stream_id(int64_t c, int64_t j, int64_t ipc, int64_t candidate
 
 torch::Tensor select_candidates(const SampleConfig& s, const torch::Tensor& images_u8, const torch::Tensor& labels,
                                 const SelectionSpaceFn& space) {
-  if (s.select == "random") return select_random(labels, s.ipc, s.seed);
-  if (s.select != "herding" && s.select != "kcenter")
-    throw Error("sample.select is \"" + s.select + "\"; expected herding, kcenter or random");
-  const auto sp = space();
-  torch::nn::AnyModule net = sp->net;  // embed() takes a mutable module; the copy shares the network
-  const auto features = Evaluator::embed(net, Evaluator::prepare(images_u8, sp->resolved));
+  // Only herding has a target of its own (the real class means); kcenter and random are the
+  // coreset dispatch's (random needs no features, so no network is trained for it).
+  torch::Tensor features;
+  std::shared_ptr<const SelectionSpace> sp;
+  if (s.select != "random") {
+    sp = space();
+    torch::nn::AnyModule net = sp->net;  // embed() takes a mutable module; the copy shares the network
+    features = Evaluator::embed(net, Evaluator::prepare(images_u8, sp->resolved));
+  }
   if (s.select == "herding") return select_herding(features, labels, s.ipc, sp->real_means);
-  return select_kcenter(features, labels, s.ipc);
+  return select_coreset(s.select, features, labels, s.ipc, s.seed);
 }
 
 }  // namespace mdd::detail

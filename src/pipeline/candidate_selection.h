@@ -24,7 +24,6 @@ struct SelectionSpace {
   ResolvedEval resolved;
   torch::Tensor real_means;  ///< [C, D] float64, row c = mean embedding of real class c
   double test_accuracy = 0;  ///< of the feature network (on the test split, or a train slice without one)
-  int64_t epochs = 0;
   double seconds = 0;
 };
 

@@ -554,7 +554,7 @@ LabeledImages sample_with(const DistillConfig& config, const PipelineData& data,
       keep = detail::select_candidates(s, images, labels, [&] { return space = selection_space(); });
       selection = {{"candidates", s.candidates}, {"method", s.select}, {"seconds", seconds_since(t_sel)}};
       if (space)
-        selection["feature_network"] = {{"protocol", config.evaluate.protocol}, {"epochs", space->epochs},
+        selection["feature_network"] = {{"protocol", config.evaluate.protocol}, {"epochs", s.select_epochs},
                                         {"test_accuracy", space->test_accuracy}, {"train_seconds", space->seconds}};
     });
     dist::ProcessGroup(group).broadcast(keep, 0);  // a handle: the copy shares the group
