@@ -494,6 +494,24 @@ TEST(Pipeline, SamplingKeepsTheBestCandidates) {
   EXPECT_EQ(log.count("reusing the selection feature network"), 1);
   EXPECT_TRUE(fs::exists(c.output_dir + "/cache/select_features.safetensors"));
 
+  // The feature network on a per-class subset of the real images: its own cache entry, recorded
+  // in the sample config; a count above the smallest class means all images (the cached network).
+  EXPECT_EQ(sc["selection"]["feature_network"]["images"], data.train.images.size(0));
+  c.sample.select_per_class = 3;
+  log.clear();
+  run_sample(c, data, weights, root + "/part", "sample", log.callbacks());
+  EXPECT_EQ(log.count("training the selection feature network (dc protocol, 1 epoch on 3 per class, 9 of " +
+                      std::to_string(data.train.images.size(0)) + " real images)"), 1);
+  const auto sc_part = nlohmann::json::parse(std::ifstream(root + "/part/sample_config.json"));
+  EXPECT_EQ(sc_part["selection"]["feature_network"]["images"], 9);
+  c.sample.select_per_class = 1000;
+  log.clear();
+  run_sample(c, data, weights, root + "/all", "sample", log.callbacks());
+  EXPECT_EQ(log.count("reusing the selection feature network"), 1);
+  EXPECT_NE(error_of([&] { apply_override(c, "sample.select_per_class=-1"); }).find("sample.select_per_class"),
+            std::string::npos);
+  c.sample.select_per_class = 0;
+
   // Random selection needs no feature network; bad values name the key.
   c.sample.select = "random";
   log.clear();
@@ -565,6 +583,7 @@ TEST(Pipeline, TwoProcessesMatchOne) {
     ADD_FAILURE() << e.what();
   }
   EXPECT_EQ(mdd_test::wait_child(kid, 120), 0) << "rank 1 failed";
+  EXPECT_EQ(torch::get_num_threads(), 1) << "the borrowed threads were not given back";
   torch::set_num_threads(threads);
   ASSERT_TRUE(two.is_object());
   // Random real images do not depend on any training: exactly equal, in the right place.
@@ -573,6 +592,13 @@ TEST(Pipeline, TwoProcessesMatchOne) {
     ASSERT_TRUE(two["results"].contains(m)) << m;
     EXPECT_EQ(two["results"][m]["runs"].size(), 2u) << m;
   }
+  // Rank 0 trained the selection's feature network alone, with its own thread and the one of
+  // the rank that waited meanwhile (both on this machine).
+  auto selection_of = [&](const std::string& out) {
+    return nlohmann::json::parse(std::ifstream(root + "/" + out + "/samples/sample_config.json"))["selection"];
+  };
+  EXPECT_EQ(selection_of("out1")["threads"], 1);
+  EXPECT_EQ(selection_of("out2")["threads"], 2);
   // Training on 2 ranks sums gradients in another order (differences ~1e-6), so the generated
   // images agree to well under a grey level before rounding.
   for (const char* set : {"samples-dit", "samples-difffit", "samples"}) {

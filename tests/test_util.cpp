@@ -63,3 +63,27 @@ TEST(Threads, SetsTorchAndBlasThreads) {
   mdd::set_num_threads(before);
   EXPECT_EQ(torch::get_num_threads(), before);
 }
+
+// A rank that works alone borrows the waiting ranks' threads and must give them back: after the
+// scope both LibTorch and OpenBLAS run the counts they ran before (a leaked count would
+// oversubscribe the cores for the rest of the run and change results where BLAS splits differ).
+TEST(Threads, ScopedThreadsRestoreBothCounts) {
+  const int before = torch::get_num_threads();
+  mdd::set_num_threads(1);
+  {
+    mdd::ScopedNumThreads borrowed(3);
+    EXPECT_EQ(torch::get_num_threads(), 3);
+    if (mdd::blas_num_threads() != -1) EXPECT_EQ(mdd::blas_num_threads(), 3);
+    {
+      mdd::ScopedNumThreads inner(2);
+      EXPECT_EQ(torch::get_num_threads(), 2);
+    }
+    EXPECT_EQ(torch::get_num_threads(), 3);
+    if (mdd::blas_num_threads() != -1) EXPECT_EQ(mdd::blas_num_threads(), 3);
+  }
+  EXPECT_EQ(torch::get_num_threads(), 1);
+  if (mdd::blas_num_threads() != -1) EXPECT_EQ(mdd::blas_num_threads(), 1);
+  EXPECT_THROW(mdd::ScopedNumThreads(0), mdd::Error);
+  EXPECT_EQ(torch::get_num_threads(), 1);
+  mdd::set_num_threads(before);
+}

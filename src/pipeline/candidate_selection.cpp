@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <mutex>
+#include <string>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -41,17 +42,28 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
       check.class_names = train.class_names;
     }
     const auto t0 = std::chrono::steady_clock::now();
+    // A seed of its own, apart from the evaluation repeats' seeds (evaluate.seed + r).
+    const uint64_t seed = config.sample.seed + 1000;
+    // sample.select_per_class: a seeded random subset, the same count from every class (at most
+    // the smallest class's count), instead of all real images.
+    const int64_t nclass = static_cast<int64_t>(train.class_names.size());
+    const int64_t smallest = torch::bincount(train.labels.cpu(), {}, nclass).min().item<int64_t>();
+    const int64_t per_class = std::min(config.sample.select_per_class, smallest);
+    const bool part = config.sample.select_per_class > 0 && per_class * nclass < train.images.size(0);
+    const int64_t n_train = part ? per_class * nclass : train.images.size(0);
     EvalOptions o = eval_options_of(config, /*full_set=*/false);
     o.epochs(config.sample.select_epochs).repeats(1).eval_every(0);
     const Evaluator fe(o);
-    // A seed of its own, apart from the evaluation repeats' seeds (evaluate.seed + r).
-    const uint64_t seed = config.sample.seed + 1000;
     // The network depends only on the real data and these settings: kept under cache/ so that
     // re-runs, other IPCs and other sample settings in the same folder do not train it again.
-    const std::string cache = (std::filesystem::path(config.output_dir) / "cache" / "select_features.safetensors").string();
-    const nlohmann::json sig = {{"protocol", config.evaluate.protocol}, {"image_size", config.evaluate.image_size},
-                                {"epochs", config.sample.select_epochs}, {"seed", seed},
-                                {"train", dataset_fingerprint(train)}, {"check", dataset_fingerprint(check)}};
+    // (A subset's network has a file of its own, so switching back and forth trains neither again.)
+    const std::string cache = (std::filesystem::path(config.output_dir) / "cache" /
+                               (part ? fmt::format("select_features_{}pc.safetensors", per_class) : "select_features.safetensors"))
+                                  .string();
+    nlohmann::json sig = {{"protocol", config.evaluate.protocol}, {"image_size", config.evaluate.image_size},
+                          {"epochs", config.sample.select_epochs}, {"seed", seed},
+                          {"train", dataset_fingerprint(train)}, {"check", dataset_fingerprint(check)}};
+    if (part) sig["train_per_class"] = per_class;  // caches of all-image runs stay valid
     const LogFn log = cb.log ? LogFn(cb.log) : LogFn();
     if (auto st = load_stage_output(cache, sig.dump(), log)) {
       auto s = std::make_shared<SelectionSpace>();
@@ -68,6 +80,7 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
           as_eval_net(s->net)->eval();
           const auto acc = st->metadata.find("test_accuracy");
           s->test_accuracy = acc == st->metadata.end() ? 0.0 : std::atof(acc->second.c_str());
+          s->train_images = n_train;
           if (cb.log) cb.log("sample: reusing the selection feature network " + cache);
           state->space = s;
           return state->space;
@@ -78,7 +91,8 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     if (cb.log)
       cb.log(fmt::format("sample: training the selection feature network ({} protocol, {} epoch{} on {} real images)",
                          config.evaluate.protocol, config.sample.select_epochs, config.sample.select_epochs == 1 ? "" : "s",
-                         train.images.size(0)));
+                         part ? fmt::format("{} per class, {} of {}", per_class, n_train, train.images.size(0))
+                                                        : std::to_string(n_train)));
     ProgressFn progress;
     if (cb.progress) {
       progress = [p = cb.progress](const Progress& e) {
@@ -89,7 +103,12 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     }
     double best = 0, last = 0;
     auto s = std::make_shared<SelectionSpace>();
-    s->net = fe.train_once(train, check, seed, &best, &last, progress);
+    if (part) {
+      s->net = fe.train_once(subset(train, select_random(train.labels, per_class, seed)), check, seed, &best, &last, progress);
+    } else {
+      s->net = fe.train_once(train, check, seed, &best, &last, progress);
+    }
+    s->train_images = n_train;
     s->resolved = fe.resolve(train, check);
     const auto features = Evaluator::embed(s->net, Evaluator::prepare(train.images, s->resolved));
     s->real_means = class_means(features, train.labels, static_cast<int64_t>(train.class_names.size()));

@@ -25,7 +25,9 @@ struct SelectionSpace {
   torch::Tensor real_means;  ///< [C, D] float64, row c = mean embedding of real class c
   double test_accuracy = 0;  ///< of the feature network (on the test split, or a train slice without one)
   double seconds = 0;
+  int64_t train_images = 0;  ///< real images the network was trained on (`sample.select_per_class` or all)
 };
+
 
 /// Builds the space on first call and returns the same one afterwards (one feature network per
 /// run, shared by every sampled method). `config` and `data` must outlive the returned function.

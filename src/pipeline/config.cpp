@@ -142,6 +142,7 @@ std::vector<std::pair<std::string, Field>> fields(DistillConfig& c) {
   add("sample.candidates", field(c.sample.candidates));
   add("sample.select", field(c.sample.select));
   add("sample.select_epochs", field(c.sample.select_epochs));
+  add("sample.select_per_class", field(c.sample.select_per_class));
   add("evaluate.protocol", field(c.evaluate.protocol));
   add("evaluate.repeats", field(c.evaluate.repeats));
   add("evaluate.methods", field(c.evaluate.methods));
@@ -321,7 +322,8 @@ void validate_config(const DistillConfig& c) {
                       {"sample.select_epochs", c.sample.select_epochs},
                       {"evaluate.full_set_epochs", c.evaluate.full_set_epochs}})
     if (v <= 0) fail(k, "must be > 0");
-  for (auto [k, v] : {std::pair<const char*, int64_t>{"threads", c.threads}, {"data.threads", c.data.threads}})
+  for (auto [k, v] : {std::pair<const char*, int64_t>{"threads", c.threads}, {"data.threads", c.data.threads},
+                      {"sample.select_per_class", c.sample.select_per_class}})
     if (v < 0) fail(k, "must be >= 0");
   if (c.model.num_classes < c.data.nclass) fail("model.num_classes", "is smaller than data.nclass");
   if (c.evaluate.methods.empty()) fail("evaluate.methods", "must list at least one method");

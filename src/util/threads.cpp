@@ -33,4 +33,14 @@ int blas_num_threads() {
   return get ? get() : -1;
 }
 
+ScopedNumThreads::ScopedNumThreads(int n) : torch_threads_(at::get_num_threads()), blas_threads_(blas_num_threads()) {
+  set_num_threads(n);
+}
+
+ScopedNumThreads::~ScopedNumThreads() {
+  at::set_num_threads(torch_threads_);
+  if (blas_threads_ > 0)
+    if (const SetFn set = openblas_set()) set(blas_threads_);
+}
+
 }  // namespace mdd

@@ -177,6 +177,10 @@ struct MDD_API SampleConfig {
   /// herding / kcenter: epochs of the feature network (the `evaluate.protocol` network trained on
   /// the real training split, once per run) whose penultimate embedding the selection works in.
   int64_t select_epochs = 1;
+  /// herding / kcenter: real training images per class the feature network trains on (seeded
+  /// random, at most the smallest class's count; 0 = all images). The real class means are taken
+  /// over all images either way. Training it is a solo job of rank 0 that sampling waits for.
+  int64_t select_per_class = 0;
 };
 
 /// Evaluation of the distilled sets.

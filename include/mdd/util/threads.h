@@ -28,4 +28,19 @@ MDD_API ThreadSettings set_num_threads(int n);
 /// OpenBLAS's current thread count in this process, or -1 where OpenBLAS is not loaded.
 MDD_API int blas_num_threads();
 
+/// Sets the threads as `set_num_threads(n)` for the lifetime of the object and restores LibTorch's
+/// and OpenBLAS's previous counts when it ends. For a rank that works alone while the other ranks on
+/// its machine wait (their cores are idle then): it borrows their threads for that job only.
+class MDD_API ScopedNumThreads {
+ public:
+  explicit ScopedNumThreads(int n);
+  ~ScopedNumThreads();
+  ScopedNumThreads(const ScopedNumThreads&) = delete;
+  ScopedNumThreads& operator=(const ScopedNumThreads&) = delete;
+
+ private:
+  int torch_threads_ = 0;
+  int blas_threads_ = -1;
+};
+
 }  // namespace mdd
