@@ -103,11 +103,8 @@ SelectionSpaceFn lazy_selection_space(const DistillConfig& config, const Pipelin
     }
     double best = 0, last = 0;
     auto s = std::make_shared<SelectionSpace>();
-    if (part) {
-      s->net = fe.train_once(subset(train, select_random(train.labels, per_class, seed)), check, seed, &best, &last, progress);
-    } else {
-      s->net = fe.train_once(train, check, seed, &best, &last, progress);
-    }
+    const LabeledImages fit = part ? subset(train, select_random(train.labels, per_class, seed)) : train;  // tensor handles
+    s->net = fe.train_once(fit, check, seed, &best, &last, progress);
     s->train_images = n_train;
     s->resolved = fe.resolve(train, check);
     const auto features = Evaluator::embed(s->net, Evaluator::prepare(train.images, s->resolved));

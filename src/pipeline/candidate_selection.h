@@ -28,7 +28,6 @@ struct SelectionSpace {
   int64_t train_images = 0;  ///< real images the network was trained on (`sample.select_per_class` or all)
 };
 
-
 /// Builds the space on first call and returns the same one afterwards (one feature network per
 /// run, shared by every sampled method). `config` and `data` must outlive the returned function.
 using SelectionSpaceFn = std::function<std::shared_ptr<const SelectionSpace>()>;

@@ -515,11 +515,9 @@ LabeledImages sample_with(const DistillConfig& config, const PipelineData& data,
   if (!selects) {
     for (const char* k : {"candidates", "select", "select_epochs", "select_per_class"}) sig["sample"].erase(k);
   } else {
-    if (s.select == "random") {
-      sig["sample"].erase("select_epochs");
-      sig["sample"].erase("select_per_class");
-    }
-    if (s.select_per_class == 0) sig["sample"].erase("select_per_class");  // runs made before the key stay valid
+    if (s.select == "random") sig["sample"].erase("select_epochs");
+    // Random needs no feature network; 0 keeps the samples of runs made before the key valid.
+    if (s.select == "random" || s.select_per_class == 0) sig["sample"].erase("select_per_class");
     // The feature network is trained on the real split under the evaluation protocol.
     if (s.select != "random") sig["select_features"] = {{"protocol", config.evaluate.protocol},
                                                         {"image_size", config.evaluate.image_size},
