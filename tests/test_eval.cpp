@@ -262,6 +262,29 @@ TEST(Evaluator, IdcRecipeRunsWithAugmentation) {
   EXPECT_EQ(dc.batch_size, 256);
 }
 
+// The paper's recipe at a grey set's own size (the README's idc column: ConvNet-3 at 28 px with the
+// dataset's one-channel statistics): the images are replicated to RGB, the statistics to three
+// channels, and crops/tests run at image_size rather than 224.
+TEST(Evaluator, IdcRecipeAtTheSetsOwnSizeOnGreyImages) {
+  auto train = toy_set(4, 1), test = toy_set(4, 2);
+  auto opts = mdd::EvalOptions().protocol("idc").net("convnet2").width(8).image_size(16).epochs(2).eval_every(1)
+                  .mean({0.2861}).std({0.3530});
+  mdd::Evaluator ev(opts);
+  auto r = ev.resolve(train, test);
+  EXPECT_EQ(r.in_channels, 3);
+  EXPECT_EQ(r.image_size, 16);
+  EXPECT_EQ(r.mean, (std::vector<double>(3, 0.2861)));
+  EXPECT_EQ(r.std, (std::vector<double>(3, 0.3530)));
+  const auto x = mdd::Evaluator::prepare(test.images, r);
+  EXPECT_EQ(x.sizes(), (std::vector<int64_t>{12, 3, 16, 16}));
+  auto res = ev.run(train, test);
+  ASSERT_EQ(res.best.size(), 1u);
+  EXPECT_GE(res.best[0], res.last[0]);
+  // Three statistics for one channel are refused, not broadcast.
+  EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().protocol("dc").mean({0.1, 0.2, 0.3}).std({1, 1, 1})).resolve(train, test),
+               mdd::Error);
+}
+
 TEST(Evaluator, BadOptionsThrow) {
   auto train = toy_set(2, 1), test = toy_set(2, 2);
   EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().protocol("imagenet")), mdd::Error);

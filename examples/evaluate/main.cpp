@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Evaluate a training set (e.g. a distilled one) by training fresh classifiers on it"};
   std::string train_dir, test_dir, fmnist_dir = "/usr/share/datasets/fashion-mnist", report, select = "random";
   bool fashion = false;
-  int64_t ipc = 0, feature_epochs = 5, threads = 2, load_size = 0;
+  int64_t ipc = 0, feature_epochs = 5, threads = 2, load_size = 0, image_size = 0;
   mdd::EvalOptions o;
   std::string protocol = "idc", net, norm, device = "cpu";
   int64_t epochs = 0, repeats = 1, width = 0, batch = 0, eval_every = 0;
@@ -55,6 +55,12 @@ int main(int argc, char** argv) {
                  "train split (real; e.g. to keep the generated candidates that best match the real data)")
       ->check(CLI::IsMember({"set", "real"}))->capture_default_str();
   app.add_option("--protocol", protocol, "idc | dc")->capture_default_str();
+  std::string feature_protocol = "dc";
+  app.add_option("--feature-protocol", feature_protocol,
+                 "herding/kcenter: protocol the full-data feature network trains under (dc: ConvNet-3 at the "
+                 "stored size, so a Herding set is the same whichever --protocol evaluates it; with --protocol "
+                 "the same, --net/--norm/--width/--image-size apply to it too)")
+      ->check(CLI::IsMember({"idc", "dc"}))->capture_default_str();
   app.add_option("--net", net, "convnet<d> | resnet_ap<d> | resnet<d> (default: protocol's)");
   app.add_option("--norm", norm, "instance | batch | none (default instance)");
   app.add_option("--width", width, "base width (0 = reference)");
@@ -64,6 +70,11 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "training runs (seeds seed, seed+1, ...)")->capture_default_str();
   app.add_option("--seed", seed, "base seed")->capture_default_str();
   app.add_option("--size", load_size, "image folders: Resize+CenterCrop size at load (0 = idc: 224, dc: as stored)");
+  app.add_option("--image-size", image_size,
+                 "training/test size of the classifier (idc: RandomResizedCrop / Resize+CenterCrop to it; 0 = "
+                 "protocol: idc 224, dc as stored); e.g. --fashion-mnist --protocol idc --net convnet3 --image-size 28 "
+                 "runs the paper's recipe at Fashion-MNIST's own size")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--device", device, "cpu | cuda:0 ...")->capture_default_str();
   app.add_option("--report", report, "write a JSON report here");
@@ -80,7 +91,7 @@ int main(int argc, char** argv) {
     if (group.world_size() > 1 && app.count("--threads") == 0) threads = mdd_examples::threads_per_local_rank();
     mdd::set_num_threads(static_cast<int>(threads));
     o.protocol(protocol).net(net).norm(norm).width(width).epochs(epochs).eval_every(eval_every).batch_size(batch)
-        .repeats(repeats).seed(seed).device(device);
+        .repeats(repeats).seed(seed).device(device).image_size(image_size);
     mdd_examples::ProgressPrinter printer;
     const mdd::ProgressFn progress = group.is_main() ? printer.callback() : mdd::ProgressFn();
     const auto t0 = std::chrono::steady_clock::now();
@@ -131,7 +142,9 @@ int main(int argc, char** argv) {
     }
     if (fashion && ipc > 0 && needs_features) {
       // Penultimate embeddings of a ConvNet trained on the full real training set.
-      auto fo = o;
+      // Under its own protocol when that differs, so --protocol changes how sets are judged, not which are chosen.
+      auto fo = feature_protocol == protocol ? o : mdd::EvalOptions().protocol(feature_protocol).seed(seed).device(device);
+      if (fashion) fo.mean({0.2861}).std({0.3530});
       fo.epochs(feature_epochs).repeats(1).eval_every(0);
       mdd::Evaluator fe(fo);
       double best = 0, last = 0;
@@ -141,7 +154,7 @@ int main(int argc, char** argv) {
       if (train_dir.empty() || herding_target == "real")
         real_features = mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(real.images, r));
       features = train_dir.empty() ? real_features : mdd::Evaluator::embed(fnet, mdd::Evaluator::prepare(train.images, r));
-      rep["feature_net"] = {{"epochs", feature_epochs}, {"test_acc", last}};
+      rep["feature_net"] = {{"epochs", feature_epochs}, {"protocol", fo.protocol()}, {"test_acc", last}};
       if (group.is_main()) std::fprintf(stderr, "feature network (%lld epochs on the full set): %.2f%%\n", (long long)feature_epochs, last);
     }
     // Every set to evaluate, with its name: one per --select method, or the one training set.
@@ -181,7 +194,7 @@ int main(int argc, char** argv) {
                   res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
       if (report.empty()) continue;
       nlohmann::json out = rep;
-      out.update({{"protocol", r.protocol}, {"net", r.net}, {"norm", r.norm}, {"epochs", r.epochs},
+      out.update({{"protocol", r.protocol}, {"net", r.net}, {"norm", r.norm}, {"image_size", r.image_size}, {"epochs", r.epochs},
                   {"batch_size", r.batch_size}, {"lr", r.lr}, {"augment", r.augment},
                   {"mean_std_norm", {r.mean, r.std}}, {"train_images", set.images.size(0)},
                   {"test_images", test.images.size(0)}, {"select", select_name}, {"ipc", ipc}, {"seed", seed},
