@@ -143,8 +143,10 @@ int main(int argc, char** argv) {
     if (fashion && ipc > 0 && needs_features) {
       // Penultimate embeddings of a ConvNet trained on the full real training set.
       // Under its own protocol when that differs, so --protocol changes how sets are judged, not which are chosen.
-      auto fo = feature_protocol == protocol ? o : mdd::EvalOptions().protocol(feature_protocol).seed(seed).device(device);
-      if (fashion) fo.mean({0.2861}).std({0.3530});
+      // The dataset statistics (set above) hold for either protocol.
+      auto fo = feature_protocol == protocol
+                    ? o
+                    : mdd::EvalOptions().protocol(feature_protocol).seed(seed).device(device).mean(o.mean()).std(o.std());
       fo.epochs(feature_epochs).repeats(1).eval_every(0);
       mdd::Evaluator fe(fo);
       double best = 0, last = 0;
