@@ -1,7 +1,9 @@
 // Sharded sampling and evaluation: 2 and 3 ranks over loopback Gloo return exactly the
 // single-process latents (each rank denoises whole batches of the single-process sequence; every
 // rank gets all of them) and the single-process evaluation repeats (each rank runs its share).
+#include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -15,6 +17,7 @@
 #include "mdd/util/error.h"
 #include "mdd/util/threads.h"
 #include "dist_spawn.h"
+#include "test_util.h"
 
 using namespace mdd;
 using mdd::dist::DistOptions;
@@ -75,9 +78,9 @@ struct EvalCase {
     d.labels = d.labels.index_select(0, torch::randperm(d.labels.size(0), at::detail::createCPUGenerator(seed)));
     return d;
   }
-  std::vector<EvalResult> run(const ProcessGroup& pg) const {
+  std::vector<EvalResult> run(const ProcessGroup& pg, const std::string& repeat_dir = "") const {
     torch::set_num_threads(1);
-    return evaluate_sets({EvalSet{&train_a, a, "a"}, EvalSet{&train_b, b, "b"}}, test, pg);
+    return evaluate_sets({EvalSet{&train_a, a, "a"}, EvalSet{&train_b, b, "b"}}, test, pg, {}, repeat_dir);
   }
 };
 
@@ -137,6 +140,59 @@ TEST(DistEval, ShardedRepeatsEqualOneProcess) {
       EXPECT_DOUBLE_EQ(sharded[k].std, one[k].std);
     }
   }
+  torch::set_num_threads(threads);
+}
+
+// The other rank of the resume test: the kept repeats come from the parent's folder.
+TEST(DistEvalChild, Resume) {
+  if (!std::getenv("MDD_DIST_CHILD")) GTEST_SKIP() << "helper of DistEval.ResumesFromKeptRepeats";
+  ProcessGroup pg(DistOptions::from_env());
+  const EvalCase c;
+  const auto resumed = c.run(pg, std::getenv("MDD_TEST_REPEAT_DIR"));
+  if (!same_repeats(resumed, c.run(ProcessGroup())) || resumed[0].reused != 2 || resumed[1].reused != 1) std::_Exit(4);
+}
+
+// A folder with 3 of the 5 repeats kept: 2 ranks share only the 2 missing ones, every rank returns
+// the single-process result, and the folder is whole again.
+TEST(DistEval, ResumesFromKeptRepeats) {
+  if (!dist::distributed_available()) GTEST_SKIP() << "built without c10d/Gloo (MDD_WITH_DIST)";
+  namespace fs = std::filesystem;
+  const int threads = torch::get_num_threads();
+  const EvalCase c;
+  const std::string dir = mdd_test::tmp_dir("dist_eval_resume");
+  const std::vector<EvalResult> one = c.run(ProcessGroup(), dir);
+  auto files = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const std::vector<std::string> all = files();
+  ASSERT_EQ(all.size(), 5u);
+  // Set a keeps seeds 5 and 7 (its second repeat is missing), set b keeps seed 11 (its second is missing).
+  int removed = 0;
+  for (const auto& n : all) {
+    if (n.rfind("a-s6-", 0) == 0 || n.rfind("b-s12-", 0) == 0) {
+      fs::remove(fs::path(dir) / n);
+      ++removed;
+    }
+  }
+  ASSERT_EQ(removed, 2);
+  const int port = mdd_test::free_port();
+  const pid_t kid = mdd_test::spawn_rank("DistEvalChild.Resume", 1, 2, port, {"MDD_TEST_REPEAT_DIR=" + dir});
+  std::vector<EvalResult> resumed;
+  try {
+    ProcessGroup pg(DistOptions().rank(0).world_size(2).master_port(port).timeout(std::chrono::seconds(20)));
+    resumed = c.run(pg, dir);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  EXPECT_EQ(mdd_test::wait_child(kid, 60), 0) << "the other rank failed or disagreed";
+  ASSERT_EQ(resumed.size(), 2u);
+  EXPECT_TRUE(same_repeats(resumed, one));
+  EXPECT_EQ(resumed[0].reused, 2);
+  EXPECT_EQ(resumed[1].reused, 1);
+  EXPECT_EQ(files(), all) << "each rank wrote the repeat it ran";
   torch::set_num_threads(threads);
 }
 

@@ -1,6 +1,10 @@
 // Augmentation ops, coreset selection, MMD and the evaluator on tiny synthetic data.
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+
+#include <nlohmann/json.hpp>
 
 #include "mdd/eval/augment.h"
 #include "mdd/eval/evaluator.h"
@@ -283,6 +287,97 @@ TEST(Evaluator, IdcRecipeAtTheSetsOwnSizeOnGreyImages) {
   // Three statistics for one channel are refused, not broadcast.
   EXPECT_THROW(mdd::Evaluator(mdd::EvalOptions().protocol("dc").mean({0.1, 0.2, 0.3}).std({1, 1, 1})).resolve(train, test),
                mdd::Error);
+}
+
+// evaluate_sets with a repeat folder: every finished repeat is kept and reused on the next call, so
+// an interrupted evaluation resumes; files of other recipes, seeds or data, damaged files and
+// impossible values are never reused.
+TEST(Evaluator, RepeatFolderResumesAndIgnoresForeignFiles) {
+  namespace fs = std::filesystem;
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(1);
+  auto train = toy_set(6, 1), test = toy_set(10, 2);
+  // Shuffled labels: each seed learns something else, so a repeat run with the wrong seed shows.
+  train.labels = train.labels.index_select(0, torch::randperm(train.labels.size(0), gen(9)));
+  const auto opts = mdd::EvalOptions().protocol("dc").net("convnet2").width(8).epochs(3).repeats(3).seed(5).batch_size(8);
+  const std::vector<mdd::EvalSet> sets{mdd::EvalSet{&train, opts, "toy set/1"}};
+  const std::string dir = mdd_test::tmp_dir("eval_repeats") + "/repeats";
+  const mdd::EvalResult fresh = mdd::evaluate_sets(sets, test).front();
+  ASSERT_FALSE(fresh.best[0] == fresh.best[1] && fresh.best[1] == fresh.best[2]) << "seeds must give different repeats";
+
+  auto run = [&](int* events = nullptr) {
+    return mdd::evaluate_sets(sets, test, {}, [&](const mdd::Progress& p) {
+             if (events && p.step == p.total) ++*events;
+           }, dir).front();
+  };
+  auto file_of = [&](uint64_t seed) {
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind("toy_set_1-s" + std::to_string(seed) + "-", 0) == 0) return e.path().string();
+    }
+    return std::string();
+  };
+  auto read = [](const std::string& path) {
+    std::ifstream in(path);
+    return nlohmann::json::parse(in);
+  };
+  auto write = [](const std::string& path, const std::string& text) { std::ofstream(path) << text; };
+
+  const mdd::EvalResult first = run();
+  EXPECT_EQ(first.best, fresh.best);
+  EXPECT_EQ(first.last, fresh.last);
+  EXPECT_EQ(first.reused, 0);
+  int files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) files += e.path().extension() == ".json";
+  EXPECT_EQ(files, 3);
+  for (uint64_t s : {5, 6, 7}) ASSERT_FALSE(file_of(s).empty()) << "no file for seed " << s;
+
+  // All kept: nothing is trained again, and progress still ends every repeat.
+  int events = 0;
+  const mdd::EvalResult again = run(&events);
+  EXPECT_EQ(again.reused, 3);
+  EXPECT_EQ(again.best, fresh.best);
+  EXPECT_EQ(events, 3);
+
+  // A stored value is what comes back (it is not recomputed) ...
+  nlohmann::json j = read(file_of(6));
+  j["best"] = 12.5;
+  write(file_of(6), j.dump());
+  // ... a cut-short run left seed 7 undone, and seed 5's file is damaged: both run again.
+  fs::remove(file_of(7));
+  write(file_of(5), "{\"signature\": {\"format\": ");
+  const mdd::EvalResult resumed = run();
+  EXPECT_EQ(resumed.reused, 1);
+  EXPECT_EQ(resumed.best[0], fresh.best[0]);
+  EXPECT_EQ(resumed.best[1], 12.5);
+  EXPECT_EQ(resumed.best[2], fresh.best[2]);
+  EXPECT_EQ(resumed.last[2], fresh.last[2]);
+  EXPECT_EQ(read(file_of(5))["best"].get<double>(), fresh.best[0]) << "the damaged file is rewritten";
+  EXPECT_EQ(read(file_of(7))["best"].get<double>(), fresh.best[2]);
+
+  // Another seed's file under this seed's name, and values no accuracy can have: ignored.
+  const std::string seed5 = file_of(5);
+  fs::copy_file(seed5, file_of(6), fs::copy_options::overwrite_existing);
+  nlohmann::json bad = read(file_of(7));
+  bad["best"] = 250.0;
+  write(file_of(7), bad.dump());
+  const mdd::EvalResult checked = run();
+  EXPECT_EQ(checked.reused, 1);
+  EXPECT_EQ(checked.best, fresh.best);
+
+  // Another recipe or other data reuse nothing from this folder.
+  const auto longer = mdd::EvalOptions(opts).epochs(4);
+  EXPECT_EQ(mdd::evaluate_sets({mdd::EvalSet{&train, longer, "toy set/1"}}, test, {}, {}, dir).front().reused, 0);
+  auto other = train;
+  other.images = other.images.clone();
+  other.images[0][0][0][0] = other.images[0][0][0][0].item<int64_t>() ^ 1;
+  EXPECT_EQ(mdd::evaluate_sets({mdd::EvalSet{&other, opts, "toy set/1"}}, test, {}, {}, dir).front().reused, 0);
+
+  // A folder that cannot be written is an error, not a silently lost repeat.
+  const std::string blocker = mdd_test::tmp_dir("eval_repeats_blocked") + "/file";
+  write(blocker, "x");
+  EXPECT_THROW(mdd::evaluate_sets(sets, test, {}, {}, blocker + "/repeats"), mdd::Error);
+  torch::set_num_threads(threads);
 }
 
 TEST(Evaluator, BadOptionsThrow) {

@@ -350,6 +350,27 @@ TEST(Pipeline, TinyEndToEndAndReuse) {
   for (const auto& l : lines) reused += l.find("reusing") != std::string::npos;
   EXPECT_GE(reused, 1 + 2 + 3 + 4) << "pretrain, 2 fine-tunes, 3 sample sets, 4 evaluations";
 
+  // Every finished evaluation repeat was kept: an evaluation cut short (here: its result and one of
+  // its repeats gone) runs only the missing repeat and gives the same result.
+  int repeat_files = 0;
+  std::string minimax_repeat;
+  for (const auto& e : fs::directory_iterator(c.output_dir + "/eval/repeats")) {
+    ++repeat_files;
+    if (e.path().filename().string().rfind("evaluate-minimax-s", 0) == 0) minimax_repeat = e.path().string();
+  }
+  EXPECT_EQ(repeat_files, 4 * 2) << "4 evaluations x 2 repeats";
+  ASSERT_FALSE(minimax_repeat.empty());
+  fs::remove(minimax_repeat);
+  fs::remove(c.output_dir + "/eval/minimax.json");
+  lines.clear();
+  const std::string again_path = run_distill(c, {}, cb);
+  std::ifstream again_in(again_path);
+  const nlohmann::json again = nlohmann::json::parse(again_in);
+  EXPECT_EQ(again["results"]["minimax"]["runs"], r["results"]["minimax"]["runs"]);
+  int partly = 0;
+  for (const auto& l : lines) partly += l.find("evaluate-minimax: 1 of 2 repeats reused") != std::string::npos;
+  EXPECT_EQ(partly, 1);
+
   // A longer fine-tune continues from the last checkpoint instead of starting over.
   c.finetune.steps = 6;
   lines.clear();

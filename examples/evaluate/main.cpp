@@ -32,7 +32,7 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"Evaluate a training set (e.g. a distilled one) by training fresh classifiers on it"};
-  std::string train_dir, test_dir, fmnist_dir = "/usr/share/datasets/fashion-mnist", report, select = "random";
+  std::string train_dir, test_dir, fmnist_dir = "/usr/share/datasets/fashion-mnist", report, repeat_dir, select = "random";
   bool fashion = false;
   int64_t ipc = 0, feature_epochs = 5, threads = 2, load_size = 0, image_size = 0;
   mdd::EvalOptions o;
@@ -78,6 +78,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str();
   app.add_option("--device", device, "cpu | cuda:0 ...")->capture_default_str();
   app.add_option("--report", report, "write a JSON report here");
+  app.add_option("--repeat-dir", repeat_dir,
+                 "keep each finished repeat here and reuse those already there: a cut-short run resumes when started again");
   int nproc = 1;
   app.add_option("--nproc", nproc, "run N local processes that share the repeats (under torchrun/srun leave it at 1)")
       ->check(CLI::Range(1, 1024));
@@ -184,13 +186,16 @@ int main(int argc, char** argv) {
       sets.push_back(mdd::EvalSet{&set, o, named.size() > 1 ? name : "evaluate"});
     }
     // All sets' repeats form one pool over the processes (--select a,b with --nproc N keeps every rank busy).
-    const auto results = mdd::evaluate_sets(sets, test, group, progress);
+    const auto results = mdd::evaluate_sets(sets, test, group, progress, repeat_dir);
     const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!group.is_main()) return 0;
     for (size_t i = 0; i < named.size(); ++i) {
       const auto& [select_name, set] = named[i];
       const auto& res = results[i];
       const auto& r = resolved[i];
+      if (res.reused > 0)
+        std::fprintf(stderr, "%s%s%lld of %lld repeats reused from %s\n", named.size() > 1 ? select_name.c_str() : "",
+                     named.size() > 1 ? ": " : "", (long long)res.reused, (long long)res.best.size(), repeat_dir.c_str());
       std::printf("%s%stop-1 (best) %.2f +- %.2f   last %.2f +- %.2f   (%lld repeats, %.1f s train+test, %.1f s total)\n",
                   named.size() > 1 ? select_name.c_str() : "", named.size() > 1 ? ": " : "", res.mean, res.std,
                   res.last_mean, res.last_std, (long long)res.best.size(), res.seconds, total);
@@ -203,7 +208,8 @@ int main(int argc, char** argv) {
                   {"herding_target", herding_target},
                   {"best", res.best}, {"last", res.last}, {"mean", res.mean}, {"std", res.std},
                   {"last_mean", res.last_mean}, {"last_std", res.last_std},
-                  {"eval_seconds", res.seconds},  // wall time of the pool of all sets' repeats
+                  {"eval_seconds", res.seconds},  // wall time of the pool of all sets' repeats (this run's)
+                  {"reused_repeats", res.reused}, {"repeat_dir", repeat_dir},
                   {"sets_in_pool", named.size()}, {"total_seconds", total}, {"threads", threads},
                   {"processes", group.world_size()}});
       std::filesystem::path path(report);

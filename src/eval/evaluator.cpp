@@ -1,17 +1,24 @@
 #include "mdd/eval/evaluator.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
+#include <optional>
+#include <utility>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "mdd/data/latent_cache.h"
 #include "mdd/eval/augment.h"
 #include "mdd/models/eval_nets.h"
 #include "mdd/util/error.h"
 #include "util/enum_names.h"
+#include "util/file_util.h"
 
 namespace mdd {
 namespace {
@@ -308,54 +315,184 @@ EvalResult Evaluator::run(const LabeledImages& train, const LabeledImages& test,
   return evaluate_sets({EvalSet{&train, options_, "evaluate"}}, test, group, progress).front();
 }
 
+namespace {
+
+using json = nlohmann::json;
+
+// One repeat's file in a repeat folder: where it lives and what it must have been computed from.
+struct RepeatKey {
+  std::string path;
+  json signature;
+};
+
+// Everything the repeat's accuracies depend on: the data (by content), the recipe after the preset
+// (so "0 = the protocol's value" and the explicit value are the same repeat), the device type (CPU
+// and CUDA kernels round differently) and the seed. Thread counts and test batch sizes are left out:
+// they change no accuracy beyond the last digits of a float sum.
+json repeat_signature(const ResolvedEval& r, const EvalOptions& o, const std::string& train_fp,
+                      const std::string& test_fp, uint64_t seed) {
+  return {{"format", "mdd-eval-repeat-1"}, {"train", train_fp}, {"test", test_fp}, {"seed", seed},
+          {"device", c10::DeviceTypeName(torch::Device(o.device()).type(), /*lower_case=*/true)},
+          {"protocol", r.protocol}, {"net", r.net}, {"norm", r.norm}, {"augment", r.augment}, {"width", r.width},
+          {"image_size", r.image_size}, {"in_channels", r.in_channels}, {"batch_size", r.batch_size},
+          {"epochs", r.epochs}, {"eval_every", r.eval_every}, {"ipc", r.ipc}, {"num_classes", r.num_classes},
+          {"lr", r.lr}, {"momentum", r.momentum}, {"weight_decay", r.weight_decay}, {"milestones", r.milestones},
+          {"gamma", r.gamma}, {"reset_momentum", r.reset_momentum}, {"mean", r.mean}, {"std", r.std}};
+}
+
+// A file name a person can read ("<label>-s<seed>-") and that no label can turn into a path.
+std::string repeat_file_name(const std::string& label, uint64_t seed, const json& signature) {
+  std::string name;
+  for (char c : label.substr(0, 64)) name += (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') ? c : '_';
+  uint64_t h = 0xCBF29CE484222325ull;  // FNV-1a of the signature: distinct recipes get distinct files
+  for (unsigned char c : signature.dump()) h = (h ^ c) * 0x100000001B3ull;
+  return fmt::format("{}-s{}-{:016x}.json", name.empty() ? "set" : name, seed, h);
+}
+
+// The stored [best, last] of a repeat, or nothing when the file is absent, unreadable, another
+// recipe's, or holds values no accuracy can have.
+std::optional<std::pair<double, double>> read_repeat(const RepeatKey& key) {
+  const std::string text = read_cache_text(key.path, uint64_t(1) << 20);
+  if (text.empty()) return std::nullopt;
+  try {
+    const json j = json::parse(text);
+    if (j.at("signature") != key.signature) return std::nullopt;
+    const double best = j.at("best").get<double>(), last = j.at("last").get<double>();
+    auto ok = [](double a) { return std::isfinite(a) && a >= 0 && a <= 100; };
+    if (!ok(best) || !ok(last)) return std::nullopt;
+    return std::make_pair(best, last);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
 std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
-                                      const dist::ProcessGroup& group_in, const ProgressFn& progress) {
+                                      const dist::ProcessGroup& group, const ProgressFn& progress) {
+  return evaluate_sets(sets, test, group, progress, "");
+}
+
+std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
+                                      const dist::ProcessGroup& group_in, const ProgressFn& progress,
+                                      const std::string& repeat_dir) {
   dist::ProcessGroup group = group_in;  // a handle: copies share the group (one process: all no-ops)
   std::vector<Evaluator> evaluators;
+  std::vector<ResolvedEval> resolved;
   std::vector<int64_t> first;  // first job index of each set
   int64_t total = 0;
   for (size_t k = 0; k < sets.size(); ++k) {
     if (sets[k].train == nullptr) throw Error(fmt::format("evaluate_sets: set {} has no training images", k));
     evaluators.emplace_back(sets[k].options);
-    evaluators.back().resolve(*sets[k].train, test);  // validate before any work (every rank fails alike)
+    resolved.push_back(evaluators.back().resolve(*sets[k].train, test));  // validate before any work (every rank fails alike)
     first.push_back(total);
     total += sets[k].options.repeats();
   }
+  auto set_of = [&](int64_t j) {
+    size_t k = 0;
+    while (k + 1 < sets.size() && j >= first[k + 1]) ++k;
+    return k;
+  };
+  auto stage_of = [&](size_t k, int64_t rep) { return fmt::format("{} {}/{}", sets[k].label, rep + 1, sets[k].options.repeats()); };
   const auto t0 = std::chrono::steady_clock::now();
   // [best, last] of every job; the rows a rank did not run stay 0, so the sum over ranks is the
   // whole table.
   torch::Tensor table = torch::zeros({total, 2}, torch::kFloat64);
-  size_t k = 0;
-  for (int64_t j = group.rank(); j < total; j += group.world_size()) {
-    while (k + 1 < sets.size() && j >= first[k + 1]) ++k;
-    const int64_t rep = j - first[k], reps = sets[k].options.repeats();
+  std::vector<RepeatKey> keys(static_cast<size_t>(total));
+  std::vector<int64_t> pending;  // jobs still to run, the same list on every rank
+  std::vector<char> reused(static_cast<size_t>(total), 0);
+  if (!repeat_dir.empty()) {
+    const std::string test_fp = dataset_fingerprint(test);
+    // [count, best, last] per job over the ranks that found it: summed, so a file on any rank's disk counts.
+    torch::Tensor found = torch::zeros({total, 3}, torch::kFloat64);
+    for (size_t k = 0; k < sets.size(); ++k) {
+      const std::string train_fp = dataset_fingerprint(*sets[k].train);
+      for (int64_t rep = 0; rep < sets[k].options.repeats(); ++rep) {
+        const int64_t j = first[k] + rep;
+        const uint64_t seed = sets[k].options.seed() + static_cast<uint64_t>(rep);
+        RepeatKey& key = keys[static_cast<size_t>(j)];
+        key.signature = repeat_signature(resolved[k], sets[k].options, train_fp, test_fp, seed);
+        key.path = (std::filesystem::path(repeat_dir) / repeat_file_name(sets[k].label, seed, key.signature)).string();
+        if (const auto r = read_repeat(key)) {
+          found[j][0] = 1.0;
+          found[j][1] = r->first;
+          found[j][2] = r->second;
+        }
+      }
+    }
+    std::vector<torch::Tensor> f{found};
+    group.all_reduce_sum(f);
+    found = f[0];
+    for (int64_t j = 0; j < total; ++j) {
+      const double n = found[j][0].item<double>();
+      if (n > 0) {
+        // Every rank that found it read the same signature; their values agree up to the device's rounding.
+        table[j][0] = found[j][1].item<double>() / n;
+        table[j][1] = found[j][2].item<double>() / n;
+        reused[static_cast<size_t>(j)] = 1;
+        const size_t k = set_of(j);
+        if (progress && group.rank() == 0) {
+          // The same step count as a run repeat's last event (dc trains one pass more than its epochs).
+          const ResolvedEval& r = resolved[k];
+          const int64_t passes = parse_eval_protocol(r.protocol) == EvalProtocol::kDc ? r.epochs + 1 : r.epochs;
+          progress(Progress{stage_of(k, j - first[k]), passes, passes, 0.0});
+        }
+      } else {
+        pending.push_back(j);
+      }
+    }
+    // Ranks other than 0 keep zeros in reused rows, so the final sum counts each once.
+    if (group.rank() != 0) {
+      for (int64_t j = 0; j < total; ++j)
+        if (reused[static_cast<size_t>(j)]) table[j].zero_();
+    }
+  } else {
+    for (int64_t j = 0; j < total; ++j) pending.push_back(j);
+  }
+  for (size_t i = static_cast<size_t>(group.rank()); i < pending.size(); i += static_cast<size_t>(group.world_size())) {
+    const int64_t j = pending[i];
+    const size_t k = set_of(j);
+    const int64_t rep = j - first[k];
     ProgressFn p;
     if (progress) {
-      p = [&progress, stage = fmt::format("{} {}/{}", sets[k].label, rep + 1, reps)](const Progress& e) {
+      p = [&progress, stage = stage_of(k, rep)](const Progress& e) {
         Progress q = e;
         q.stage = stage;
         progress(q);
       };
     }
     double best = 0, last = 0;
-    evaluators[k].train_once(*sets[k].train, test, sets[k].options.seed() + static_cast<uint64_t>(rep), &best, &last, p);
+    const uint64_t seed = sets[k].options.seed() + static_cast<uint64_t>(rep);
+    const auto r0 = std::chrono::steady_clock::now();
+    evaluators[k].train_once(*sets[k].train, test, seed, &best, &last, p);
     table[j][0] = best;
     table[j][1] = last;
+    if (!repeat_dir.empty()) {
+      const RepeatKey& key = keys[static_cast<size_t>(j)];
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+      write_text_file_atomic(key.path, json({{"signature", key.signature}, {"best", best}, {"last", last},
+                                             {"seconds", std::round(s * 10) / 10}})
+                                           .dump(2) + "\n");
+    }
   }
   // A repeat can take far longer than the group's default timeout, and ranks finish at different
   // times: wait without a limit that a slow repeat could hit (a rank that exits still ends it).
   group.barrier(std::chrono::hours(72));
   std::vector<torch::Tensor> t{table};
   group.all_reduce_sum(t);
+  table = t[0];
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::vector<EvalResult> out;
   for (size_t s = 0; s < sets.size(); ++s) {
     std::vector<double> best, last;
+    int64_t n_reused = 0;
     for (int64_t rep = 0; rep < sets[s].options.repeats(); ++rep) {
       best.push_back(table[first[s] + rep][0].item<double>());
       last.push_back(table[first[s] + rep][1].item<double>());
+      n_reused += reused[static_cast<size_t>(first[s] + rep)];
     }
     out.push_back(summarize_eval(std::move(best), std::move(last), seconds));
+    out.back().reused = n_reused;
   }
   return out;
 }

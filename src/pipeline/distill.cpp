@@ -686,6 +686,12 @@ EvalJob eval_job(const DistillConfig& config, const LabeledImages& train, const 
   return job;
 }
 
+// Where the evaluations keep their finished repeats (`evaluate_sets`): an interrupted evaluation
+// stage resumes from them, like the training stages resume from their checkpoints.
+std::string repeat_dir_of(const DistillConfig& config) {
+  return (fs::path(config.output_dir) / "eval" / "repeats").string();
+}
+
 void store_eval(const EvalJob& job, const EvalResult& r, const PipelineCallbacks& cb, const dist::ProcessGroup& group) {
   on_main(group, "evaluate-" + job.name + ": writing " + job.path, [&] {
     write_text_file_atomic(job.path, json({{"signature", job.sig}, {"result", eval_json(r)}}).dump(2) + "\n");
@@ -715,8 +721,11 @@ std::map<std::string, EvalResult> evaluate_pool(const DistillConfig& config,
   if (todo.empty()) return out;
   say(cb, fmt::format("evaluate: {} sets x {} repeats shared by {} processes", todo.size(), config.evaluate.repeats,
                       group.world_size()));
-  const std::vector<EvalResult> results = evaluate_sets(todo_sets, test, group, cb.progress);
+  const std::vector<EvalResult> results = evaluate_sets(todo_sets, test, group, cb.progress, repeat_dir_of(config));
   for (size_t k = 0; k < todo.size(); ++k) {
+    if (results[k].reused > 0)
+      say(cb, fmt::format("evaluate-{}: {} of {} repeats reused from {}", todo[k].name, results[k].reused,
+                          results[k].best.size(), repeat_dir_of(config)));
     store_eval(todo[k], results[k], cb, group);
     out[todo[k].name] = results[k];
   }
@@ -734,7 +743,12 @@ EvalResult run_evaluate(const DistillConfig& config, const LabeledImages& train,
   }
   const auto& e = config.evaluate;
   say(cb, fmt::format("evaluate-{}: {} images, protocol {}, {} repeats", name, train.images.size(0), e.protocol, e.repeats));
-  EvalResult r = Evaluator(job.options).run(train, test, group, staged(cb, "evaluate-" + name));  // repeats shared by the ranks
+  // Repeats shared by the ranks; each finished one is kept, so a cut-short evaluation resumes.
+  EvalResult r =
+      evaluate_sets({EvalSet{&train, job.options, "evaluate-" + name}}, test, group, staged(cb, "evaluate-" + name),
+                    repeat_dir_of(config))
+          .front();
+  if (r.reused > 0) say(cb, fmt::format("evaluate-{}: {} of {} repeats reused from {}", name, r.reused, r.best.size(), repeat_dir_of(config)));
   store_eval(job, r, cb, group);
   return r;
 }

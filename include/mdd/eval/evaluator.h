@@ -76,6 +76,7 @@ struct MDD_API EvalResult {
   double mean = 0, std = 0;
   double last_mean = 0, last_std = 0;
   double seconds = 0;  ///< wall time of all repeats
+  int64_t reused = 0;  ///< repeats taken from an earlier run's repeat folder (`evaluate_sets`), not run again
 };
 
 /// An EvalResult from per-repeat best/last accuracies (mean, population std) and a wall time.
@@ -151,6 +152,20 @@ struct MDD_API EvalSet {
 /// options or data before any training starts.
 MDD_API std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
                                               const dist::ProcessGroup& group = {}, const ProgressFn& progress = {});
+
+/// `evaluate_sets` that keeps every finished repeat, so an evaluation cut short (an `idc` repeat can
+/// take hours) resumes where it stopped instead of starting again. The rank that runs a repeat writes
+/// it at once, atomically, to `repeat_dir` as one small JSON file (`<label>-s<seed>-<key>.json`);
+/// before any training, repeats already there are reused and only the others are shared among the
+/// ranks. A file is reused only when its signature matches: the fingerprints of the training and
+/// test sets, the resolved recipe, the device type and the repeat's seed. A damaged, foreign or
+/// out-of-range file is ignored and its repeat runs again (and overwrites it). Files any rank finds
+/// count, so ranks on separate disks resume too. `EvalResult::reused` says how many were reused;
+/// progress reports a reused repeat as one finished event. An empty `repeat_dir` keeps nothing
+/// (the overload above). Throws mdd::Error when a finished repeat cannot be written.
+MDD_API std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
+                                              const dist::ProcessGroup& group, const ProgressFn& progress,
+                                              const std::string& repeat_dir);
 
 /// `Evaluator(options).run(train, test, progress)`.
 MDD_API EvalResult evaluate(const LabeledImages& train, const LabeledImages& test, const EvalOptions& options = {},
