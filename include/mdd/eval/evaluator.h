@@ -162,7 +162,8 @@ MDD_API std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, 
 /// out-of-range file is ignored and its repeat runs again (and overwrites it). Files any rank finds
 /// count, so ranks on separate disks resume too. `EvalResult::reused` says how many were reused;
 /// progress reports a reused repeat as one finished event. An empty `repeat_dir` keeps nothing
-/// (the overload above). Throws mdd::Error when a finished repeat cannot be written.
+/// (the overload above). Collective like the overload above: every rank passes the same sets and
+/// the same `repeat_dir`. Throws mdd::Error when a finished repeat cannot be written.
 MDD_API std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const LabeledImages& test,
                                               const dist::ProcessGroup& group, const ProgressFn& progress,
                                               const std::string& repeat_dir);
