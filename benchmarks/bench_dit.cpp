@@ -6,6 +6,7 @@
 
 #include "mdd/models/difffit.h"
 #include "mdd/models/dit.h"
+#include "mdd/util/precision.h"
 
 namespace {
 
@@ -86,5 +87,39 @@ void BM_DiT_S2_DiffFitForwardBackward(benchmark::State& state) {
 BENCHMARK(BM_DiT_S2_DiffFitForwardBackward)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 
 }  // namespace
+
+// No-grad forward through the fused CPU kernels (DiTOptions::fused, the default) against the module
+// path, in fp32 and under bf16 autocast. Args: {model: 0 = the Fashion-MNIST demo's latent DiT
+// (7x7x4, patch 1, width 96, depth 4) at batch 200 = one CFG step of 100 images, 1 = DiT-S/2 at
+// batch 8; fused: 0/1; precision: 0 = fp32, 1 = bf16}. Compare rows of one run:
+//   bench_models --benchmark_filter=DiTInference --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
+void BM_DiTInference(benchmark::State& state) {
+  const bool demo = state.range(0) == 0, fused = state.range(1) != 0;
+  const auto precision = state.range(2) != 0 ? mdd::Precision::kBF16 : mdd::Precision::kFP32;
+  mdd::DiTOptions o = demo ? mdd::DiTOptions(7, 1, 4, 96, 4, 4).num_classes(10) : mdd::dit_options("DiT-S/2", kLatent, 1000);
+  mdd::DiT model(o.fused(fused));
+  model->initialize_weights(at::detail::createCPUGenerator(1));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters())
+      if (p.requires_grad()) p.add_(torch::randn(p.sizes(), at::detail::createCPUGenerator(2)) * 0.02);
+  }
+  model->eval();
+  const int64_t batch = demo ? 200 : kBatch, size = o.input_size();
+  auto gen = at::detail::createCPUGenerator(0);
+  const auto x = torch::randn({batch, 4, size, size}, gen);
+  const auto t = torch::randint(0, 1000, {batch}, gen, torch::kLong);
+  const auto y = torch::randint(0, o.num_classes() + 1, {batch}, gen, torch::kLong);
+  torch::NoGradGuard no_grad;
+  mdd::AutocastGuard autocast(torch::kCPU, precision);
+  for (auto _ : state) benchmark::DoNotOptimize(model->forward(x, t, y));
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetLabel(std::string(demo ? "demo b200 " : "S/2 b8 ") + (fused ? "fused " : "module ") +
+                 mdd::describe_precision(precision, torch::kCPU));
+}
+BENCHMARK(BM_DiTInference)
+    ->ArgsProduct({{0, 1}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 
 BENCHMARK_MAIN();

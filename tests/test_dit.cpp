@@ -17,6 +17,8 @@
 #include "mdd/diffusion/guidance.h"
 #include "mdd/util/precision.h"
 #include "mdd/util/error.h"
+#include "models/fused_dit.h"  // the kernels, for their own tests
+#include "util/cpu_kernels.h"
 #include "test_util.h"
 
 namespace {
@@ -103,8 +105,11 @@ TEST(DiT, GoldenSmallEveryTapAndOutput) {
   auto out = model->forward_with_taps(io.at("x"), io.at("t"), io.at("y"), taps);
   ASSERT_EQ(taps.blocks.size(), 2u);
   check_all_taps("dit_small", taps, io);
-  // The plain forward is the same computation.
-  EXPECT_TRUE(torch::equal(model->forward(io.at("x"), io.at("t"), io.at("y")), out));
+  // The plain forward of a model without the fused kernels is the same computation.
+  auto plain = mdd::DiT(manifest_options("dit_small").fused(false));
+  mdd::load_state_dict(*plain, golden("dit_small.weights.safetensors"), /*strict=*/true);
+  plain->eval();
+  EXPECT_TRUE(torch::equal(plain->forward(io.at("x"), io.at("t"), io.at("y")), out));
 }
 
 TEST(DiT, GoldenSmallForwardWithCfg) {
@@ -624,4 +629,190 @@ TEST(DiT, Bf16TrainingForwardMatchesGoldenAndFp32Gradients) {
   EXPECT_GT(cos, 0.995) << "bf16 vs fp32 gradient cosine " << cos;
   EXPECT_NEAR(rel, 1.0, 0.02);
   RecordProperty("dit_small/bf16_grad_cosine", std::to_string(cos));
+}
+
+// ------------------------------------------------------------------ fused CPU inference
+
+// The fused path (a no-grad CPU forward, the default) against the golden outputs at their own
+// tolerances, for the plain and the DiffFit model, and against the module path (fused off).
+TEST(DiTFused, GoldenOutputsAtTheirTolerances) {
+  for (const std::string name : {"dit_small", "dit_difffit"}) {
+    SCOPED_TRACE(name);
+    const auto weights = golden(name + ".weights.safetensors");
+    auto make = [&](bool fused) {
+      auto m = mdd::DiT(manifest_options("dit_small").fused(fused));
+      if (name == "dit_difffit") mdd::apply_difffit(m);
+      mdd::load_state_dict(*m, weights, /*strict=*/true);
+      m->eval();
+      return m;
+    };
+    auto fused = make(true), plain = make(false);
+    torch::NoGradGuard no_grad;
+    const auto io = golden(name + ".io.safetensors");
+    const auto t = io.at("t"), y = io.at("y");
+    ASSERT_EQ(mdd::detail::fused_dit_mode(torch::zeros({1, 1, 4}), torch::zeros({4})), mdd::detail::FusedDiTMode::kFP32);
+    const auto out = fused->forward(io.at("x"), t, y);
+    EXPECT_TRUE(AllClose(out, io.at("out"), atol_of(name, "out")));
+    RecordProperty(name + "/out_fused", fmt_err(mdd_test::max_abs_diff(out, io.at("out")), atol_of(name, "out")));
+    EXPECT_TRUE(AllClose(out, plain->forward(io.at("x"), t, y), atol_of(name, "out")));
+    EXPECT_FALSE(torch::equal(out, plain->forward(io.at("x"), t, y))) << "the fused path did not run";
+    const double s = io.at("cfg_scale").item<double>();
+    EXPECT_TRUE(AllClose(fused->forward_with_cfg(io.at("cfg_x"), io.at("cfg_t"), io.at("cfg_y"), s), io.at("cfg_out"),
+                         atol_of(name, "cfg_out")));
+  }
+}
+
+// Recording autograd, a tap request or fused(false) all take the module path; bf16 autocast
+// takes the bf16 fused path, within the bf16 tolerance of the fp32 golden output.
+TEST(DiTFused, ModeSelectionAndBf16Path) {
+  using mdd::detail::FusedDiTMode;
+  const auto x = torch::zeros({2, 3, 8}), w = torch::zeros({8, 8});
+  EXPECT_EQ(mdd::detail::fused_dit_mode(x, w), FusedDiTMode::kNone) << "grad mode is on by default";
+  {
+    torch::NoGradGuard ng;
+    EXPECT_EQ(mdd::detail::fused_dit_mode(x, w), FusedDiTMode::kFP32);
+    EXPECT_EQ(mdd::detail::fused_dit_mode(x.to(torch::kFloat64), w), FusedDiTMode::kNone);
+    EXPECT_EQ(mdd::detail::fused_dit_mode(x, w.to(torch::kBFloat16)), FusedDiTMode::kNone);
+    mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+    EXPECT_EQ(mdd::detail::fused_dit_mode(x, w), FusedDiTMode::kBF16);
+  }
+  auto model = small_model();
+  mdd::load_state_dict(*model, golden("dit_small.weights.safetensors"), /*strict=*/true);
+  model->eval();
+  const auto io = golden("dit_small.io.safetensors");
+  const auto ref = io.at("out");
+  const double scale = ref.abs().max().item<double>();
+  torch::NoGradGuard ng;
+  torch::Tensor out16;
+  {
+    mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+    out16 = model->forward(io.at("x"), io.at("t"), io.at("y"));
+  }
+  EXPECT_EQ(out16.scalar_type(), torch::kBFloat16) << "as the module path's under autocast";
+  const double max_err = mdd_test::max_abs_diff(out16.to(torch::kFloat32), ref);
+  EXPECT_LE(max_err, 0.03 * scale) << "max err " << max_err << " scale " << scale;
+  EXPECT_GT(max_err, 0.0) << "bf16 changed nothing: did it run?";
+  RecordProperty("dit_small/out_fused_bf16", fmt_err(max_err, 0.03 * scale));
+}
+
+namespace {
+// Random DiT-shaped inputs; the generator keeps them the same in every run.
+torch::Tensor rnd(std::vector<int64_t> shape, uint64_t seed, double sd = 1.0) {
+  auto g = at::detail::createCPUGenerator(seed);
+  return torch::randn(shape, g) * sd;
+}
+}  // namespace
+
+TEST(DiTFused, ExpApproxAndBf16RoundingMatchReference) {
+  double worst = 0;
+  for (double v = -87.0; v <= 88.0; v += 0.0137) {
+    const float x = static_cast<float>(v);
+    const double ref = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(mdd::detail::exp_approx(x) - ref) / ref);
+  }
+  EXPECT_LT(worst, 5e-7) << "relative error of exp_approx";
+  EXPECT_EQ(mdd::detail::exp_approx(-1000.0F), mdd::detail::exp_approx(-87.0F));
+  EXPECT_TRUE(std::isfinite(mdd::detail::exp_approx(1000.0F)));
+  // float -> bf16 rounding: every value the same as c10::BFloat16's, NaN stays NaN.
+  const auto vals = rnd({4096}, 5, 30.0);
+  for (int64_t i = 0; i < vals.numel(); ++i) {
+    const float f = vals[i].item<float>();
+    EXPECT_EQ(mdd::detail::float_to_bf16_bits(f), c10::BFloat16(f).x) << f;
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(std::isnan(mdd::detail::bf16_bits_to_float(mdd::detail::float_to_bf16_bits(nan))));
+}
+
+TEST(DiTFused, KernelsMatchTheModuleOps) {
+  const int64_t B = 3, N = 49, D = 96, H = 4;
+  const auto x = rnd({B, N, D}, 1, 2.0) + 0.5;
+  const auto mod = rnd({B, 6 * D}, 2, 0.3);
+  const auto shift = mod.narrow(1, 0, D), scale = mod.narrow(1, D, D);  // strided rows, as in the block
+  const auto ref_ln = torch::layer_norm(x, {D}, {}, {}, 1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+  EXPECT_TRUE(AllClose(mdd::detail::ln_modulate(x, shift, scale, 1e-6, torch::kFloat32), ref_ln, 2e-5));
+  // bf16 output: the float result rounded once.
+  EXPECT_TRUE(torch::equal(mdd::detail::ln_modulate(x, shift, scale, 1e-6, torch::kBFloat16),
+                           mdd::detail::ln_modulate(x, shift, scale, 1e-6, torch::kFloat32).to(torch::kBFloat16)) ||
+              AllClose(mdd::detail::ln_modulate(x, shift, scale, 1e-6, torch::kBFloat16).to(torch::kFloat32), ref_ln,
+                       0.02));
+
+  // GELU over a wide range, including where tanh saturates.
+  auto h = torch::linspace(-12, 12, 20001);
+  const auto ref_gelu = torch::gelu(h, "tanh");
+  auto got = mdd::detail::gelu_tanh_(h.clone());
+  // Absolute error against 1 + |x| (PyTorch returns exactly 0 below x = -5.06, where 1 + tanh(u)
+  // rounds to 0; the exp form gives the true value there, ~1e-7).
+  EXPECT_LT(((got - ref_gelu).abs() / (h.abs() + 1)).max().item<double>(), 1e-6);
+  auto h16 = h.to(torch::kBFloat16);
+  const auto ref16 = torch::gelu(h16.to(torch::kFloat32), "tanh");
+  const auto got16 = mdd::detail::gelu_tanh_(h16.clone()).to(torch::kFloat32);
+  EXPECT_LE((got16 - ref16).abs().max().item<double>(), 0.008 * 12) << "one bf16 rounding";
+
+  // Attention with DiffFit gammas, against softmax(q k^T / sqrt(hd)) v on the module's layout.
+  const auto qkv = rnd({B, N, 3 * D}, 3, 1.5);
+  const auto gamma = 1 + rnd({3 * D}, 4, 0.2);
+  auto ref_attn = [&](const torch::Tensor& qkv_f, const torch::Tensor& g) {
+    auto p = (g.defined() ? qkv_f * g : qkv_f).reshape({B, N, 3, H, D / H}).permute({2, 0, 3, 1, 4});
+    auto s = torch::matmul(p[0], p[1].transpose(-2, -1)) / std::sqrt(double(D / H));
+    return torch::matmul(s.softmax(-1), p[2]).transpose(1, 2).reshape({B, N, D});
+  };
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, gamma, torch::kFloat32), ref_attn(qkv, gamma), 2e-5));
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, torch::Tensor(), torch::kFloat32),
+                       ref_attn(qkv, torch::Tensor()), 2e-5));
+  const auto qkv16 = qkv.to(torch::kBFloat16);
+  const auto a16 = mdd::detail::attention_from_qkv(qkv16, H, gamma, torch::kBFloat16);
+  ASSERT_EQ(a16.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(AllClose(a16.to(torch::kFloat32), ref_attn(qkv16.to(torch::kFloat32), gamma), 0.02));
+  // One token: the output is v itself.
+  const auto one = rnd({2, 1, 3 * D}, 6);
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(one, H, torch::Tensor(), torch::kFloat32), one.narrow(2, 2 * D, D),
+                       1e-6));
+
+  // Gated residual with both gammas, and with none.
+  const auto a = rnd({B, N, D}, 7), g1 = 1 + rnd({D}, 8, 0.1), g2 = 1 + rnd({D}, 9, 0.1);
+  const auto gate = mod.narrow(1, 2 * D, D);
+  EXPECT_TRUE(AllClose(mdd::detail::gated_residual(x, gate, g1, a, g2), x + g1 * gate.unsqueeze(1) * (g2 * a), 1e-6));
+  EXPECT_TRUE(AllClose(mdd::detail::gated_residual(x, gate, torch::Tensor(), a.to(torch::kBFloat16), torch::Tensor()),
+                       x + gate.unsqueeze(1) * a.to(torch::kBFloat16).to(torch::kFloat32), 1e-6));
+  // Wrong shapes are errors, not reads out of bounds.
+  EXPECT_THROW(mdd::detail::gated_residual(x, gate.narrow(0, 0, 2), g1, a, g2), mdd::Error);
+  EXPECT_THROW(mdd::detail::attention_from_qkv(qkv.narrow(2, 0, 3 * D - 3), H, gamma, torch::kFloat32), mdd::Error);
+  EXPECT_THROW(mdd::detail::ln_modulate(x, shift.narrow(1, 0, D - 1), scale, 1e-6, torch::kFloat32), mdd::Error);
+}
+
+// A DiT-S/2-shaped block with random (non-zero adaLN) weights and DiffFit gammas: fused vs module
+// path, float32 and bf16 autocast, and a model cloned from a fused one keeps the setting.
+TEST(DiTFused, RandomWideBlockMatchesModulePath) {
+  torch::manual_seed(11);
+  auto block = mdd::DiTBlock(384, 6, 4.0);
+  block->enable_gammas();
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : block->parameters()) p.copy_(rnd(p.sizes().vec(), 12 + p.numel() % 97, 0.05) + (p.dim() == 1 ? 1.0 : 0.0));
+  }
+  const auto x = rnd({2, 256, 384}, 13), c = rnd({2, 384}, 14);
+  torch::NoGradGuard ng;
+  block->set_fused(false);
+  const auto ref = block->forward(x, c);
+  block->set_fused(true);
+  const auto out = block->forward(x, c);
+  const double scale = (ref - x).abs().max().item<double>();
+  EXPECT_LE(mdd_test::max_abs_diff(out, ref), 2e-5 * std::max(1.0, scale));
+  torch::Tensor out16, ref16;
+  {
+    mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+    out16 = block->forward(x, c);
+    block->set_fused(false);
+    ref16 = block->forward(x, c);
+    block->set_fused(true);
+  }
+  EXPECT_EQ(out16.scalar_type(), torch::kFloat32) << "the residual stream stays float32";
+  const double err16 = mdd_test::max_abs_diff(out16, ref), err_mod16 = mdd_test::max_abs_diff(ref16.to(torch::kFloat32), ref);
+  EXPECT_GT(err16, 0.0);
+  // No worse than the module path under the same autocast (plus slack for a different rounding).
+  EXPECT_LE(err16, 1.5 * err_mod16 + 1e-3 * scale) << "fused bf16 " << err16 << " module bf16 " << err_mod16;
+  auto copy = std::dynamic_pointer_cast<mdd::DiTBlockImpl>(block->clone());
+  EXPECT_TRUE(copy->fused());
+  block->set_fused(false);
+  EXPECT_FALSE(std::dynamic_pointer_cast<mdd::DiTBlockImpl>(block->clone())->fused());
 }

@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "mdd/util/error.h"
+#include "util/fnv.h"
 
 #ifdef MDD_HAVE_C10D_GLOO
 // c10d's headers (and the Gloo headers they include) stay in this one translation unit: the public
@@ -60,15 +61,8 @@ void check_options(const DistOptions& o) {
   }
 }
 
-// FNV-1a: a hash that is the same in every process and build (std::hash need not be).
-int64_t stable_hash(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return static_cast<int64_t>(h);
-}
+// The same in every process and build (std::hash need not be).
+int64_t stable_hash(const std::string& s) { return static_cast<int64_t>(fnv1a64(s)); }
 
 }  // namespace
 

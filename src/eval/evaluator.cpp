@@ -19,6 +19,7 @@
 #include "mdd/util/error.h"
 #include "util/enum_names.h"
 #include "util/file_util.h"
+#include "util/fnv.h"
 
 namespace mdd {
 namespace {
@@ -344,9 +345,8 @@ json repeat_signature(const ResolvedEval& r, const EvalOptions& o, const std::st
 std::string repeat_file_name(const std::string& label, uint64_t seed, const json& signature) {
   std::string name;
   for (char c : label.substr(0, 64)) name += (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') ? c : '_';
-  uint64_t h = 0xCBF29CE484222325ull;  // FNV-1a of the signature: distinct recipes get distinct files
-  for (unsigned char c : signature.dump()) h = (h ^ c) * 0x100000001B3ull;
-  return fmt::format("{}-s{}-{:016x}.json", name.empty() ? "set" : name, seed, h);
+  // A stable hash of the signature: distinct recipes get distinct files.
+  return fmt::format("{}-s{}-{:016x}.json", name.empty() ? "set" : name, seed, fnv1a64(signature.dump()));
 }
 
 // The stored [best, last] of a repeat, or nothing when the file is absent, unreadable, another
@@ -426,9 +426,12 @@ std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const La
     for (int64_t j = 0; j < total; ++j) {
       const double n = found[j][0].item<double>();
       if (n > 0) {
-        // Every rank that found it read the same signature; their values agree up to the device's rounding.
-        table[j][0] = found[j][1].item<double>() / n;
-        table[j][1] = found[j][2].item<double>() / n;
+        // Every rank that found it read the same signature; their values agree up to the device's
+        // rounding. Only rank 0 fills the row, so the final sum over ranks counts it once.
+        if (group.rank() == 0) {
+          table[j][0] = found[j][1].item<double>() / n;
+          table[j][1] = found[j][2].item<double>() / n;
+        }
         reused[static_cast<size_t>(j)] = 1;
         const size_t k = set_of(j);
         if (progress && group.rank() == 0) {
@@ -440,11 +443,6 @@ std::vector<EvalResult> evaluate_sets(const std::vector<EvalSet>& sets, const La
       } else {
         pending.push_back(j);
       }
-    }
-    // Ranks other than 0 keep zeros in reused rows, so the final sum counts each once.
-    if (group.rank() != 0) {
-      for (int64_t j = 0; j < total; ++j)
-        if (reused[static_cast<size_t>(j)]) table[j].zero_();
     }
   } else {
     for (int64_t j = 0; j < total; ++j) pending.push_back(j);

@@ -12,6 +12,7 @@
 #include <torch/version.h>
 
 #include "mdd/util/error.h"
+#include "models/fused_dit.h"
 #include "util/torch_compat.h"
 
 namespace mdd {
@@ -284,6 +285,10 @@ void DiTBlockImpl::enable_gammas() {
 }
 
 torch::Tensor DiTBlockImpl::forward(const torch::Tensor& x_in, const torch::Tensor& c, DiTBlockTaps* taps) {
+  if (fused_ && !taps) {
+    const auto mode = detail::fused_dit_mode(x_in, attn->qkv->weight);
+    if (mode != detail::FusedDiTMode::kNone) return detail::fused_block_forward(*this, x_in, c, mode);
+  }
   auto mod_all = adaLN_modulation->forward(c);
   // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
   auto mod = mod_all.chunk(6, 1);
@@ -314,7 +319,11 @@ void FinalLayerImpl::reset() {
       "adaLN_modulation", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(hidden_size_, 2 * hidden_size_)));
 }
 
-torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
+torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c, bool allow_fused) {
+  if (fused_ && allow_fused) {
+    const auto mode = detail::fused_dit_mode(x, linear->weight);
+    if (mode != detail::FusedDiTMode::kNone) return detail::fused_final_forward(*this, x, c, mode);
+  }
   auto mod = adaLN_modulation->forward(c).chunk(2, 1);  // shift first, then scale
   return linear->forward(modulate(layer_norm_no_affine(x), mod[0], mod[1]));
 }
@@ -363,9 +372,11 @@ void DiTImpl::reset() {
   for (int64_t i = 0; i < o.depth(); ++i) {
     DiTBlock b(o.hidden_size(), o.num_heads(), o.mlp_ratio());
     if (size_t(i) < gammas.size() && gammas[size_t(i)]) b->enable_gammas();
+    b->set_fused(o.fused());
     blocks->push_back(b);
   }
   final_layer = register_module("final_layer", FinalLayer(o.hidden_size(), o.patch_size(), o.out_channels()));
+  final_layer->set_fused(o.fused());
   // No initialize_weights() here: clone() calls reset() on the copy and then overwrites every value,
   // so initialising here would be wasted work and extra global-RNG draws per EMA copy. The
   // constructor initialises.
@@ -484,7 +495,7 @@ torch::Tensor DiTImpl::forward_impl(const torch::Tensor& x_in, const torch::Tens
   // clone() replaces the list's modules).
   for (size_t i = 0; i < blocks->size(); ++i)
     x = blocks->ptr<DiTBlockImpl>(i)->forward(x, c, taps ? &taps->blocks[i] : nullptr);
-  x = final_layer->forward(x, c);
+  x = final_layer->forward(x, c, /*allow_fused=*/taps == nullptr);
   auto out = unpatchify(x);
   if (taps) {
     taps->final_layer_out = x;

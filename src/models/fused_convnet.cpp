@@ -8,21 +8,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "mdd/util/error.h"
-
-// The plane loops are written so that the compiler vectorises them (8 independent accumulators
-// instead of one running sum, which it may not reorder without -ffast-math). Distribution builds
-// target baseline x86-64, so on GCC/Linux the range kernels are also compiled for Haswell
-// (AVX2 + FMA) and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MDD_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define MDD_CPU_CLONES
-#endif
-#if defined(__GNUC__)
-#define MDD_INLINE inline __attribute__((always_inline))
-#else
-#define MDD_INLINE inline
-#endif
+#include "util/cpu_kernels.h"
 
 namespace mdd::detail {
 namespace {
@@ -30,20 +16,6 @@ namespace {
 using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int kLanes = 8;
-
-MDD_INLINE float lane_sum(const float* p, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) acc[k] += p[i + k];
-  }
-  float s = 0;
-  for (; i < n; ++i) s += p[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
 
 /// sum over `rows` rows of dot(p row, q row), `cols` wide, rows `ps` / `qs` floats apart.
 MDD_INLINE float lane_dot_rows(const float* p, int64_t ps, const float* q, int64_t qs, int64_t rows, int64_t cols) {
@@ -56,21 +28,6 @@ MDD_INLINE float lane_dot_rows(const float* p, int64_t ps, const float* q, int64
     }
     for (; i < cols; ++i) s += p[i] * q[i];
   }
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-
-MDD_INLINE float lane_sq_dev(const float* p, int64_t n, float mean) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const float d = p[i + k] - mean;
-      acc[k] += d * d;
-    }
-  }
-  float s = 0;
-  for (; i < n; ++i) s += (p[i] - mean) * (p[i] - mean);
   for (int k = 0; k < kLanes; ++k) s += acc[k];
   return s;
 }

@@ -57,6 +57,10 @@ struct MDD_API DiTOptions {
   TORCH_ARG(int64_t, num_classes) = 1000;
   /// true: the output has 2C channels (eps, then the variance interpolation v); false: C (eps).
   TORCH_ARG(bool, learn_sigma) = true;
+  /// CPU inference (no autograd recording; float32, or CPU bf16 autocast) runs each block and the
+  /// final layer through fused kernels: the same maths with a different float summation order,
+  /// about twice as fast at small widths (docs/performance.md). false: always the module path.
+  TORCH_ARG(bool, fused) = true;
 
 };
 
@@ -219,6 +223,10 @@ class MDD_API DiTBlockImpl : public torch::nn::Cloneable<DiTBlockImpl> {
   void enable_gammas();
   /// True once `enable_gammas` ran.
   bool has_gammas() const { return gammas_; }
+  /// Whether CPU inference may take the fused kernels (see `DiTOptions::fused`; default true).
+  void set_fused(bool fused) { fused_ = fused; }
+  /// See `set_fused`.
+  bool fused() const { return fused_; }
   /// Keys `attn.*`, `mlp.*`.
   DiTAttention attn{nullptr};
   /// Key `mlp.*`.
@@ -234,6 +242,7 @@ class MDD_API DiTBlockImpl : public torch::nn::Cloneable<DiTBlockImpl> {
   int64_t hidden_size_, num_heads_;
   double mlp_ratio_;
   bool gammas_ = false;
+  bool fused_ = true;
 };
 /// Module holder for `DiTBlockImpl`.
 TORCH_MODULE(DiTBlock);
@@ -245,8 +254,13 @@ class MDD_API FinalLayerImpl : public torch::nn::Cloneable<FinalLayerImpl> {
   FinalLayerImpl(int64_t hidden_size, int64_t patch_size, int64_t out_channels);
   /// (Re)creates the submodules with fresh parameters.
   void reset() override;
-  /// x [N, T, D], c [N, D] -> [N, T, p*p*out_channels].
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c);
+  /// x [N, T, D], c [N, D] -> [N, T, p*p*out_channels]. `allow_fused` false forces the module path
+  /// (`DiT::forward_with_taps` passes it, so that every tap comes from the module path).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c, bool allow_fused = true);
+  /// Whether CPU inference may take the fused kernels (see `DiTOptions::fused`; default true).
+  void set_fused(bool fused) { fused_ = fused; }
+  /// See `set_fused`.
+  bool fused() const { return fused_; }
   /// Key `final_layer.linear`.
   torch::nn::Linear linear{nullptr};
   /// Keys `final_layer.adaLN_modulation.0` (SiLU) and `.1` (Linear(D, 2D); shift first).
@@ -254,6 +268,7 @@ class MDD_API FinalLayerImpl : public torch::nn::Cloneable<FinalLayerImpl> {
 
  private:
   int64_t hidden_size_, patch_size_, out_channels_;
+  bool fused_ = true;
 };
 /// Module holder for `FinalLayerImpl`.
 TORCH_MODULE(FinalLayer);
