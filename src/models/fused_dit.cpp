@@ -100,7 +100,9 @@ constexpr int64_t kCols = 16;
 #if defined(__GNUC__)
 // Every function taking or returning VecF is inlined into its caller's clone, so the calling
 // convention GCC warns about (-Wpsabi: AVX-512 vectors passed without AVX-512) never applies.
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float VecF __attribute__((vector_size(kCols * sizeof(float))));
 MDD_INLINE VecF vzero() { return VecF{}; }
 MDD_INLINE VecF vload(const float* p) {

@@ -59,7 +59,8 @@ struct MDD_API DiTOptions {
   TORCH_ARG(bool, learn_sigma) = true;
   /// CPU inference (no autograd recording; float32, or CPU bf16 autocast) runs each block and the
   /// final layer through fused kernels: the same maths with a different float summation order,
-  /// about twice as fast at small widths (docs/performance.md). false: always the module path.
+  /// 1.2-1.7x faster in float32 and about 2x with bf16 autocast (docs/performance.md). false:
+  /// always the module path (training, taps, CUDA and fp16 autocast take it in any case).
   TORCH_ARG(bool, fused) = true;
 
 };
