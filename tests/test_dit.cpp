@@ -756,16 +756,16 @@ TEST(DiTFused, KernelsMatchTheModuleOps) {
     auto s = torch::matmul(p[0], p[1].transpose(-2, -1)) / std::sqrt(double(D / H));
     return torch::matmul(s.softmax(-1), p[2]).transpose(1, 2).reshape({B, N, D});
   };
-  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, gamma, torch::kFloat32), ref_attn(qkv, gamma), 2e-5));
-  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, torch::Tensor(), torch::kFloat32),
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, gamma), ref_attn(qkv, gamma), 2e-5));
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, torch::Tensor()),
                        ref_attn(qkv, torch::Tensor()), 2e-5));
   const auto qkv16 = qkv.to(torch::kBFloat16);
-  const auto a16 = mdd::detail::attention_from_qkv(qkv16, H, gamma, torch::kBFloat16);
+  const auto a16 = mdd::detail::attention_from_qkv(qkv16, H, gamma);
   ASSERT_EQ(a16.scalar_type(), torch::kBFloat16);
   EXPECT_TRUE(AllClose(a16.to(torch::kFloat32), ref_attn(qkv16.to(torch::kFloat32), gamma), 0.02));
   // One token: the output is v itself.
   const auto one = rnd({2, 1, 3 * D}, 6);
-  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(one, H, torch::Tensor(), torch::kFloat32), one.narrow(2, 2 * D, D),
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(one, H, torch::Tensor()), one.narrow(2, 2 * D, D),
                        1e-6));
 
   // Gated residual with both gammas, and with none.
@@ -776,7 +776,7 @@ TEST(DiTFused, KernelsMatchTheModuleOps) {
                        x + gate.unsqueeze(1) * a.to(torch::kBFloat16).to(torch::kFloat32), 1e-6));
   // Wrong shapes are errors, not reads out of bounds.
   EXPECT_THROW(mdd::detail::gated_residual(x, gate.narrow(0, 0, 2), g1, a, g2), mdd::Error);
-  EXPECT_THROW(mdd::detail::attention_from_qkv(qkv.narrow(2, 0, 3 * D - 3), H, gamma, torch::kFloat32), mdd::Error);
+  EXPECT_THROW(mdd::detail::attention_from_qkv(qkv.narrow(2, 0, 3 * D - 3), H, gamma), mdd::Error);
   EXPECT_THROW(mdd::detail::ln_modulate(x, shift.narrow(1, 0, D - 1), scale, 1e-6, torch::kFloat32), mdd::Error);
 }
 

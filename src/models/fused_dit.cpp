@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -286,12 +287,14 @@ const float* factors_or_ones(const Tensor& t, int64_t n, std::vector<float>& one
   return keep.data_ptr<float>();
 }
 
-// Linear(in2d) in the mode's precision: bf16 weights and activations (bf16 out) or float32.
+// Linear(in2d) in the mode's precision: bf16 weights and activations (bf16 out) or float32. The
+// weights go through autocast's own cast cache, as the module path's Linear does, so a caller that
+// keeps one autocast region open over many forwards casts each weight once.
 Tensor linear_in(const Tensor& in2d, const torch::nn::Linear& l, bool bf16) {
   Tensor w = l->weight, b = l->bias;
   if (bf16) {
-    w = w.to(torch::kBFloat16);
-    if (b.defined()) b = b.to(torch::kBFloat16);
+    w = at::autocast::cached_cast(torch::kBFloat16, w, c10::DeviceType::CPU);
+    if (b.defined()) b = at::autocast::cached_cast(torch::kBFloat16, b, c10::DeviceType::CPU);
   }
   return b.defined() ? at::addmm(b, in2d, w.t()) : at::mm(in2d, w.t());
 }
@@ -344,7 +347,7 @@ Tensor gelu_tanh_(Tensor h) {
   return h;
 }
 
-Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, torch::ScalarType out_dtype) {
+Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gamma) {
   MDD_CHECK(qkv_in.defined() && qkv_in.dim() == 3 && qkv_in.device().is_cpu() &&
                 (qkv_in.scalar_type() == torch::kFloat32 || is_bf16(qkv_in)),
             "attention_from_qkv: qkv must be a float or bfloat16 CPU tensor [B, N, 3D]");
@@ -352,7 +355,6 @@ Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gam
   const int64_t B = qkv.size(0), N = qkv.size(1);
   MDD_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0,
             fmt::format("attention_from_qkv: last dim {} is not 3 x heads ({}) x head_dim", qkv.size(2), heads));
-  MDD_CHECK(out_dtype == qkv.scalar_type(), "attention_from_qkv: out_dtype must equal qkv's dtype");
   const int64_t D = qkv.size(2) / 3, hd = D / heads;
   std::vector<float> ones;
   Tensor keep;
@@ -413,7 +415,7 @@ Tensor fused_block_forward(DiTBlockImpl& block, const Tensor& x_in, const Tensor
   const DiTAttentionImpl& attn = *block.attn;
   Tensor h = ln_modulate(x, part(0), part(1), 1e-6, act);
   Tensor qkv = linear_in(h.view({B * N, D}), attn.qkv, bf16).view({B, N, 3 * D});
-  Tensor o = attention_from_qkv(qkv, attn.num_heads, attn.gamma1, act);
+  Tensor o = attention_from_qkv(qkv, attn.num_heads, attn.gamma1);
   Tensor a = linear_in(o.view({B * N, D}), attn.proj, bf16).view({B, N, D});
   const Tensor x1 = gated_residual(x, part(2), block.gamma1, a, attn.gamma2);
   h = ln_modulate(x1, part(3), part(4), 1e-6, act);

@@ -54,9 +54,8 @@ torch::Tensor gelu_tanh_(torch::Tensor h);
 /// Multi-head self-attention softmax(q k^T / sqrt(hd)) v from the qkv product [B, N, 3D] (float or
 /// bfloat16; channel s*D + h*hd + d is part s in {q, k, v}, head h, dim d). `gamma` [3D] (float,
 /// optional) scales the channels first (DiffFit's attn.gamma1). Result [B, N, D] (heads
-/// concatenated, the layout `proj` reads) in `out_dtype`.
-torch::Tensor attention_from_qkv(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& gamma,
-                                 torch::ScalarType out_dtype);
+/// concatenated, the layout `proj` reads) in qkv's dtype.
+torch::Tensor attention_from_qkv(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& gamma);
 
 /// x + (outer * gate[b]) * (inner * a): the gated residual add of a DiT block with its DiffFit
 /// gammas. x float [B, N, D]; a float or bfloat16 [B, N, D]; gate float [B, D] (strided rows ok);
