@@ -122,4 +122,44 @@ BENCHMARK(BM_DiTInference)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
 
+// Forward + backward of a DiT (what a training step spends outside the optimizer) through the
+// fused training kernels (autograd functions, DiTOptions::fused) against the module path. Args:
+// {model: 0 = the demo's pixel-space generator (28 px, patch 4, width 96, depth 4) at batch 64, as
+// side_by_side.py's demo_train_b64; 1 = DiT-S/2 at batch 8; fused: 0/1; precision: 0 = fp32,
+// 1 = bf16}. Compare rows of one run:
+//   bench_models --benchmark_filter=DiTTraining --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
+void BM_DiTTraining(benchmark::State& state) {
+  const bool demo = state.range(0) == 0, fused = state.range(1) != 0;
+  const auto precision = state.range(2) != 0 ? mdd::Precision::kBF16 : mdd::Precision::kFP32;
+  mdd::DiTOptions o = demo ? mdd::DiTOptions(28, 4, 1, 96, 4, 4).num_classes(10) : mdd::dit_options("DiT-S/2", kLatent, 1000);
+  mdd::DiT model(o.fused(fused));
+  model->initialize_weights(at::detail::createCPUGenerator(1));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.add_(torch::randn(p.sizes(), at::detail::createCPUGenerator(2)) * 0.02);
+  }
+  model->train();
+  const int64_t batch = demo ? 64 : kBatch, size = o.input_size();
+  auto gen = at::detail::createCPUGenerator(0);
+  const auto x = torch::randn({batch, o.in_channels(), size, size}, gen);
+  const auto t = torch::randint(0, 1000, {batch}, gen, torch::kLong);
+  const auto y = torch::randint(0, o.num_classes(), {batch}, gen, torch::kLong);
+  for (auto _ : state) {
+    model->zero_grad();
+    torch::Tensor out;
+    {
+      mdd::AutocastGuard autocast(torch::kCPU, precision);
+      out = model->forward(x, t, y);
+    }
+    out.to(torch::kFloat32).square().mean().backward();
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetLabel(std::string(demo ? "demo b64 " : "S/2 b8 ") + (fused ? "fused " : "module ") +
+                 mdd::describe_precision(precision, torch::kCPU));
+}
+BENCHMARK(BM_DiTTraining)
+    ->ArgsProduct({{0, 1}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+
 BENCHMARK_MAIN();

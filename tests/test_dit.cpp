@@ -2,6 +2,7 @@
 // dit_difffit, key_lists), plus shape/label errors, label dropout and presets.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -815,4 +816,163 @@ TEST(DiTFused, RandomWideBlockMatchesModulePath) {
   EXPECT_TRUE(copy->fused());
   block->set_fused(false);
   EXPECT_FALSE(std::dynamic_pointer_cast<mdd::DiTBlockImpl>(block->clone())->fused());
+}
+
+// ---- training path: the fused autograd functions against autograd through the ATen ops.
+
+namespace {
+// max |a - b| relative to the largest |b| (gradients span many scales).
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  return mdd_test::max_abs_diff(a, b) / std::max(1e-12, b.abs().max().item<double>());
+}
+
+// Gradients of sum(out * w) with respect to `inputs` (w: a fixed random upstream gradient).
+std::vector<torch::Tensor> grads_of(const torch::Tensor& out, const std::vector<torch::Tensor>& inputs, uint64_t seed) {
+  const auto w = rnd(out.sizes().vec(), seed).to(out.scalar_type());
+  auto g = torch::autograd::grad({out}, inputs, {w}, /*retain_graph=*/false, /*create_graph=*/false,
+                                 /*allow_unused=*/true);
+  return g;
+}
+
+std::vector<torch::Tensor> leaves(const std::vector<torch::Tensor>& ts) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.detach().clone().requires_grad_(true));
+  return out;
+}
+}  // namespace
+
+TEST(DiTFusedTrain, KernelGradientsMatchAutograd) {
+  const int64_t B = 3, N = 49, D = 96, H = 4;
+  {  // LayerNorm + modulate, strided shift/scale rows as in the block
+    auto in = leaves({rnd({B, N, D}, 1, 2.0) + 0.5, rnd({B, 6 * D}, 2, 0.3)});
+    auto in_ref = leaves({in[0], in[1]});
+    const auto y = mdd::detail::ln_modulate_train(in[0], in[1].narrow(1, 0, D), in[1].narrow(1, D, D), 1e-6, false);
+    const auto sh = in_ref[1].narrow(1, 0, D), sc = in_ref[1].narrow(1, D, D);
+    const auto ref = torch::layer_norm(in_ref[0], {D}, {}, {}, 1e-6) * (1 + sc.unsqueeze(1)) + sh.unsqueeze(1);
+    EXPECT_LT(rel_err(y, ref), 2e-6);
+    const auto g = grads_of(y, in, 20), gr = grads_of(ref, in_ref, 20);
+    EXPECT_LT(rel_err(g[0], gr[0]), 2e-5) << "dx";
+    EXPECT_LT(rel_err(g[1], gr[1]), 2e-5) << "dshift, dscale";
+    EXPECT_EQ(g[1].narrow(1, 2 * D, 4 * D).abs().max().item<double>(), 0.0) << "only the rows it read";
+    // bf16 output with a bf16 upstream gradient: close to the float gradients.
+    auto in16 = leaves({in[0], in[1]});
+    const auto y16 = mdd::detail::ln_modulate_train(in16[0], in16[1].narrow(1, 0, D), in16[1].narrow(1, D, D), 1e-6, true);
+    ASSERT_EQ(y16.scalar_type(), torch::kBFloat16);
+    const auto g16 = grads_of(y16, in16, 20);
+    EXPECT_LT(rel_err(g16[0], gr[0]), 0.02);
+    EXPECT_LT(rel_err(g16[1], gr[1]), 0.02);
+  }
+  {  // gated residual with both gammas; then without gammas and a bf16 branch
+    auto in = leaves({rnd({B, N, D}, 3), rnd({B, 6 * D}, 4, 0.3), 1 + rnd({D}, 5, 0.1), rnd({B, N, D}, 6),
+                      1 + rnd({D}, 7, 0.1)});
+    auto in_ref = leaves(in);
+    const auto y = mdd::detail::gated_residual_train(in[0], in[1].narrow(1, 2 * D, D), in[2], in[3], in[4]);
+    const auto ref = in_ref[0] + in_ref[2] * in_ref[1].narrow(1, 2 * D, D).unsqueeze(1) * (in_ref[4] * in_ref[3]);
+    EXPECT_LT(rel_err(y, ref), 1e-6);
+    const auto g = grads_of(y, in, 21), gr = grads_of(ref, in_ref, 21);
+    const char* names[] = {"dx", "dgate", "douter", "da", "dinner"};
+    for (size_t i = 0; i < g.size(); ++i) EXPECT_LT(rel_err(g[i], gr[i]), 2e-6) << names[i];
+    auto a16 = in[3].detach().to(torch::kBFloat16).requires_grad_(true);
+    auto x2 = in[0].detach().clone().requires_grad_(true);
+    const auto y16 = mdd::detail::gated_residual_train(x2, in[1].narrow(1, 2 * D, D), torch::Tensor(), a16, torch::Tensor());
+    const auto g16 = grads_of(y16, {x2, a16}, 22);
+    ASSERT_EQ(g16[1].scalar_type(), torch::kBFloat16) << "a's gradient in a's dtype";
+    const auto ref_da = rnd({B, N, D}, 22) * in[1].detach().narrow(1, 2 * D, D).unsqueeze(1);
+    EXPECT_LT(rel_err(g16[1].to(torch::kFloat32), ref_da), 0.01);
+  }
+  {  // GELU over a wide range
+    auto h = torch::linspace(-8, 8, 4001).requires_grad_(true);
+    auto h_ref = h.detach().clone().requires_grad_(true);
+    const auto y = mdd::detail::gelu_tanh_train(h);
+    const auto ref = torch::gelu(h_ref, "tanh");
+    EXPECT_LT(((y - ref).abs() / (h_ref.abs() + 1)).max().item<double>(), 1e-6);
+    const auto g = grads_of(y, {h}, 23)[0], gr = grads_of(ref, {h_ref}, 23)[0];
+    EXPECT_LT(mdd_test::max_abs_diff(g, gr), 2e-5 * std::max(1.0, gr.abs().max().item<double>()));
+    auto h16 = h.detach().to(torch::kBFloat16).requires_grad_(true);
+    const auto g16 = grads_of(mdd::detail::gelu_tanh_train(h16), {h16}, 23)[0];
+    ASSERT_EQ(g16.scalar_type(), torch::kBFloat16);
+    EXPECT_LT(rel_err(g16.to(torch::kFloat32), gr), 0.05);
+  }
+  // Attention: the demo's shape (head_dim 24, 49 tokens: both padded), and a tiny one (5 tokens,
+  // head_dim 16), with and without gamma.
+  for (auto [b, n, d, heads] : {std::array<int64_t, 4>{B, N, D, H}, std::array<int64_t, 4>{2, 5, 32, 2}}) {
+    for (bool with_gamma : {true, false}) {
+      auto in = leaves({rnd({b, n, 3 * d}, 8, 1.5), 1 + rnd({3 * d}, 9, 0.2)});
+      auto in_ref = leaves(in);
+      const auto gamma = with_gamma ? in[1] : torch::Tensor();
+      const auto y = mdd::detail::attention_train(in[0], heads, gamma);
+      auto p = (with_gamma ? in_ref[0] * in_ref[1] : in_ref[0]).reshape({b, n, 3, heads, d / heads}).permute({2, 0, 3, 1, 4});
+      auto s = torch::matmul(p[0], p[1].transpose(-2, -1)) / std::sqrt(double(d / heads));
+      const auto ref = torch::matmul(s.softmax(-1), p[2]).transpose(1, 2).reshape({b, n, d});
+      EXPECT_LT(rel_err(y, ref), 2e-6);
+      const auto g = grads_of(y, in, 24), gr = grads_of(ref, in_ref, 24);
+      EXPECT_LT(rel_err(g[0], gr[0]), 2e-5) << "dqkv, tokens " << n;
+      if (with_gamma) {
+        EXPECT_LT(rel_err(g[1], gr[1]), 2e-5) << "dgamma, tokens " << n;
+      } else {
+        EXPECT_FALSE(g[1].defined());
+      }
+      auto q16 = in[0].detach().to(torch::kBFloat16).requires_grad_(true);
+      const auto g16 = grads_of(mdd::detail::attention_train(q16, heads, gamma.defined() ? gamma.detach() : gamma), {q16}, 24)[0];
+      ASSERT_EQ(g16.scalar_type(), torch::kBFloat16);
+      EXPECT_LT(rel_err(g16.to(torch::kFloat32), gr[0]), 0.05) << "bf16 dqkv, tokens " << n;
+    }
+  }
+}
+
+// A DiffFit block with random weights: forward and every gradient (input, conditioning, all
+// parameters) through the fused training path against the module path, float32 and bf16.
+TEST(DiTFusedTrain, BlockAndFinalLayerGradientsMatchModulePath) {
+  for (auto [D, H, N] : {std::array<int64_t, 3>{96, 4, 49}, std::array<int64_t, 3>{128, 2, 64}}) {
+    auto block = mdd::DiTBlock(D, H, 4.0);
+    block->enable_gammas();
+    auto final_layer = mdd::FinalLayer(D, 2, 2);
+    {
+      torch::NoGradGuard ng;
+      uint64_t seed = 30;
+      for (auto& p : block->parameters()) p.copy_(rnd(p.sizes().vec(), seed++, 0.05) + (p.dim() == 1 ? 1.0 : 0.0));
+      for (auto& p : final_layer->parameters()) p.copy_(rnd(p.sizes().vec(), seed++, 0.05));
+    }
+    auto params = block->parameters();
+    for (auto& p : final_layer->parameters()) params.push_back(p);
+    auto run = [&](bool fused, bool bf16) {
+      block->set_fused(fused);
+      final_layer->set_fused(fused);
+      auto x = rnd({3, N, D}, 50).requires_grad_(true);
+      auto c = rnd({3, D}, 51).requires_grad_(true);
+      torch::Tensor out;
+      {
+        mdd::AutocastGuard ac(torch::kCPU, bf16 ? mdd::Precision::kBF16 : mdd::Precision::kFP32);
+        out = final_layer->forward(block->forward(x, c), c).to(torch::kFloat32);
+      }
+      std::vector<torch::Tensor> wrt{x, c};
+      wrt.insert(wrt.end(), params.begin(), params.end());
+      auto g = grads_of(out, wrt, 52);
+      g.insert(g.begin(), out.detach());
+      return g;
+    };
+    const auto ref = run(false, false), got = run(true, false);
+    for (size_t i = 0; i < ref.size(); ++i) EXPECT_LT(rel_err(got[i], ref[i]), 5e-5) << "D " << D << " tensor " << i;
+    const auto ref16 = run(false, true), got16 = run(true, true);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      // No further from float32 than the module path under the same autocast, with slack.
+      const double e16 = rel_err(got16[i], ref[i]), m16 = rel_err(ref16[i], ref[i]);
+      EXPECT_LT(e16, 2.0 * m16 + 0.01) << "D " << D << " tensor " << i << " fused " << e16 << " module " << m16;
+    }
+  }
+}
+
+TEST(DiTFusedTrain, ModeSelection) {
+  const auto x = torch::zeros({1, 4, 8}), w = torch::zeros({8, 8});
+  EXPECT_EQ(mdd::detail::fused_dit_train_mode(x, w), mdd::detail::FusedDiTMode::kFP32);
+  {
+    mdd::AutocastGuard ac(torch::kCPU, mdd::Precision::kBF16);
+    EXPECT_EQ(mdd::detail::fused_dit_train_mode(x, w), mdd::detail::FusedDiTMode::kBF16);
+  }
+  {
+    torch::NoGradGuard ng;
+    EXPECT_EQ(mdd::detail::fused_dit_train_mode(x, w), mdd::detail::FusedDiTMode::kNone);
+  }
+  EXPECT_EQ(mdd::detail::fused_dit_train_mode(x.to(torch::kFloat64), w), mdd::detail::FusedDiTMode::kNone);
+  EXPECT_EQ(mdd::detail::fused_dit_train_mode(x, w.to(torch::kBFloat16)), mdd::detail::FusedDiTMode::kNone);
 }

@@ -288,6 +288,8 @@ torch::Tensor DiTBlockImpl::forward(const torch::Tensor& x_in, const torch::Tens
   if (fused_ && !taps) {
     const auto mode = detail::fused_dit_mode(x_in, attn->qkv->weight);
     if (mode != detail::FusedDiTMode::kNone) return detail::fused_block_forward(*this, x_in, c, mode);
+    const auto train_mode = detail::fused_dit_train_mode(x_in, attn->qkv->weight);
+    if (train_mode != detail::FusedDiTMode::kNone) return detail::fused_block_forward_train(*this, x_in, c, train_mode);
   }
   auto mod_all = adaLN_modulation->forward(c);
   // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -323,6 +325,8 @@ torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tenso
   if (fused_ && allow_fused) {
     const auto mode = detail::fused_dit_mode(x, linear->weight);
     if (mode != detail::FusedDiTMode::kNone) return detail::fused_final_forward(*this, x, c, mode);
+    const auto train_mode = detail::fused_dit_train_mode(x, linear->weight);
+    if (train_mode != detail::FusedDiTMode::kNone) return detail::fused_final_forward_train(*this, x, c, train_mode);
   }
   auto mod = adaLN_modulation->forward(c).chunk(2, 1);  // shift first, then scale
   return linear->forward(modulate(layer_norm_no_affine(x), mod[0], mod[1]));

@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -42,6 +43,8 @@ struct LnArgs {
   const float* scale;
   int64_t mod_stride, tokens, width;
   float eps;
+  float* mean_out = nullptr;  // [rows]: the statistics the backward needs (training only)
+  float* rstd_out = nullptr;
 };
 
 template <typename Out>
@@ -56,6 +59,10 @@ MDD_INLINE void ln_modulate_rows(const LnArgs& a, Out* out, int64_t begin, int64
     // Two passes over a row that sits in L1: the mean, then the biased variance around it.
     const float mean = lane_sum(x, D) * inv_d;
     const float rstd = 1.0F / std::sqrt(lane_sq_dev(x, D, mean) * inv_d + a.eps);
+    if (a.mean_out != nullptr) {
+      a.mean_out[r] = mean;
+      a.rstd_out[r] = rstd;
+    }
     Out* o = out + r * D;
     for (int64_t d = 0; d < D; ++d) store(o, d, (x[d] - mean) * rstd * (1.0F + sc[d]) + sh[d]);
   }
@@ -90,6 +97,7 @@ struct AttnArgs {
   const float* gamma;  // [3D]: ones when the model has no DiffFit gammas
   int64_t batch, tokens, heads, head_dim;
   float scale;
+  float* stats = nullptr;  // [B * heads * N, 2]: each softmax row's max and 1 / sum (training only)
 };
 
 // Register blocking of the attention kernel: kRows query rows times kCols keys (or head dims) of
@@ -198,6 +206,10 @@ MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, floa
         const float m = lane_max(s, N);
         for (int64_t j = 0; j < N; ++j) s[j] = exp_approx(s[j] - m);
         inv[r] = 1.0F / lane_sum(s, N);
+        if (a.stats != nullptr && r < rows) {
+          a.stats[(task * N + i0 + r) * 2] = m;
+          a.stats[(task * N + i0 + r) * 2 + 1] = inv[r];
+        }
       }
       for (int64_t d0 = 0; d0 < hdp; d0 += kCols) {
         VecF a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
@@ -263,6 +275,276 @@ MDD_CPU_CLONES_AVX512 void residual_range(const ResArgs& r, const uint16_t* a, f
   residual_rows(r, a, out, begin, end);
 }
 
+// ------------------------------------------------------------------ backward kernels (training)
+//
+// The training path runs the same forward kernels (which then also keep LayerNorm's mean and
+// rstd and each softmax row's max and 1 / sum) and these backward kernels, wrapped as autograd
+// functions below. Each backward reads the forward's saved inputs, so nothing of the module
+// path's chain of elementwise intermediates is kept alive between forward and backward.
+
+// LayerNorm + modulate backward, one sample per task (its shift/scale gradients are sums over
+// that sample's tokens, so tasks never share an output). With h = (x - mean) * rstd and
+// g' = g * (1 + scale): dx = rstd * (g' - mean(g') - h * mean(g' h)), dshift = sum g,
+// dscale = sum g h.
+struct LnBackArgs {
+  const float* x;
+  const float* mean;
+  const float* rstd;
+  const float* scale;
+  int64_t mod_stride, tokens, width;
+  float* dx;
+  float* dshift;  // [B, D]
+  float* dscale;  // [B, D]
+};
+
+template <typename G>
+MDD_INLINE void ln_modulate_back_samples(const LnBackArgs& a, const G* g, float* buf, int64_t begin, int64_t end) {
+  const int64_t D = a.width, N = a.tokens;
+  const float inv_d = 1.0F / static_cast<float>(D);
+  float* xh = buf;
+  float* gh = buf + D;
+  for (int64_t b = begin; b < end; ++b) {
+    const float* sc = a.scale + b * a.mod_stride;
+    float* dsh = a.dshift + b * D;
+    float* dsc = a.dscale + b * D;
+    for (int64_t d = 0; d < D; ++d) dsh[d] = dsc[d] = 0.0F;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t r = b * N + n;
+      const float* x = a.x + r * D;
+      const G* gr = g + r * D;
+      const float mean = a.mean[r], rstd = a.rstd[r];
+      for (int64_t d = 0; d < D; ++d) {
+        const float h = (x[d] - mean) * rstd;
+        const float gd = load(gr, d);
+        dsh[d] += gd;
+        dsc[d] += gd * h;
+        xh[d] = h;
+        gh[d] = gd * (1.0F + sc[d]);
+      }
+      const float m1 = lane_sum(gh, D) * inv_d, m2 = lane_dot(gh, xh, D) * inv_d;
+      float* dx = a.dx + r * D;
+      for (int64_t d = 0; d < D; ++d) dx[d] = rstd * (gh[d] - m1 - xh[d] * m2);
+    }
+  }
+}
+
+MDD_CPU_CLONES_AVX512 void ln_modulate_back_range(const LnBackArgs& a, const float* g, float* buf, int64_t begin,
+                                                  int64_t end) {
+  ln_modulate_back_samples(a, g, buf, begin, end);
+}
+MDD_CPU_CLONES_AVX512 void ln_modulate_back_range(const LnBackArgs& a, const uint16_t* g, float* buf, int64_t begin,
+                                                  int64_t end) {
+  ln_modulate_back_samples(a, g, buf, begin, end);
+}
+
+// Gated residual backward, one sample per task: da = g * (outer * gate) * inner in a's dtype, and
+// t[b] = sum over the sample's tokens of g * a, from which the gate and gamma gradients follow as
+// small [B, D] products.
+struct ResBackArgs {
+  const float* gate;
+  const float* outer;
+  const float* inner;
+  int64_t gate_stride, tokens, width;
+  float* t;  // [B, D]
+};
+
+template <typename A>
+MDD_INLINE void residual_back_samples(const ResBackArgs& r, const float* g, const A* a, A* da, int64_t begin,
+                                      int64_t end) {
+  const int64_t D = r.width, N = r.tokens;
+  for (int64_t b = begin; b < end; ++b) {
+    const float* gt = r.gate + b * r.gate_stride;
+    float* t = r.t + b * D;
+    for (int64_t d = 0; d < D; ++d) t[d] = 0.0F;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t off = (b * N + n) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float gd = g[off + d];
+        t[d] += gd * load(a, off + d);
+        store(da, off + d, gd * (r.outer[d] * gt[d]) * r.inner[d]);
+      }
+    }
+  }
+}
+
+MDD_CPU_CLONES_AVX512 void residual_back_range(const ResBackArgs& r, const float* g, const float* a, float* da,
+                                               int64_t begin, int64_t end) {
+  residual_back_samples(r, g, a, da, begin, end);
+}
+MDD_CPU_CLONES_AVX512 void residual_back_range(const ResBackArgs& r, const float* g, const uint16_t* a, uint16_t* da,
+                                               int64_t begin, int64_t end) {
+  residual_back_samples(r, g, a, da, begin, end);
+}
+
+// GELU (tanh) out of place, and its derivative: with s = 1 / (1 + exp(-2u)), gelu = x s and
+// gelu' = s + x * 2 s (1 - s) * u', u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+template <typename T>
+MDD_INLINE void gelu_out_elems(const T* x, T* y, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = load(x, i);
+    const float u = 0.7978845608028654F * (v + 0.044715F * v * v * v);
+    store(y, i, v / (1.0F + exp_approx(-2.0F * u)));
+  }
+}
+
+template <typename T>
+MDD_INLINE void gelu_back_elems(const T* x, const T* g, T* dx, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = load(x, i);
+    const float u = 0.7978845608028654F * (v + 0.044715F * v * v * v);
+    const float s = 1.0F / (1.0F + exp_approx(-2.0F * u));
+    const float du = 0.7978845608028654F * (1.0F + 3.0F * 0.044715F * v * v);
+    store(dx, i, load(g, i) * (s + v * 2.0F * s * (1.0F - s) * du));
+  }
+}
+
+MDD_CPU_CLONES_AVX512 void gelu_out_range(const float* x, float* y, int64_t b, int64_t e) { gelu_out_elems(x, y, b, e); }
+MDD_CPU_CLONES_AVX512 void gelu_out_range(const uint16_t* x, uint16_t* y, int64_t b, int64_t e) {
+  gelu_out_elems(x, y, b, e);
+}
+MDD_CPU_CLONES_AVX512 void gelu_back_range(const float* x, const float* g, float* dx, int64_t b, int64_t e) {
+  gelu_back_elems(x, g, dx, b, e);
+}
+MDD_CPU_CLONES_AVX512 void gelu_back_range(const uint16_t* x, const uint16_t* g, uint16_t* dx, int64_t b, int64_t e) {
+  gelu_back_elems(x, g, dx, b, e);
+}
+
+// C[i, 0:Np) = sum_k A[i, k] B[k, 0:Np) for i < M, with A read at A[i * ars + k * aks] (a
+// transposed operand is a swap of strides) and B row-major [K, Np], Np a multiple of kCols; C has
+// row stride ldc >= Np. The forward's register blocking and summation order (k ascending), so
+// scores recomputed here equal the forward's bit for bit.
+MDD_INLINE void small_gemm(const float* A, int64_t ars, int64_t aks, int64_t M, int64_t K, const float* B, int64_t Np,
+                           float* C, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+    const int64_t rows = std::min(kRows, M - i0);
+    const float* a0 = A + std::min(i0 + 0, M - 1) * ars;
+    const float* a1 = A + std::min(i0 + 1, M - 1) * ars;
+    const float* a2 = A + std::min(i0 + 2, M - 1) * ars;
+    const float* a3 = A + std::min(i0 + 3, M - 1) * ars;
+    for (int64_t j0 = 0; j0 < Np; j0 += kCols) {
+      VecF c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
+      for (int64_t k = 0; k < K; ++k) {
+        const VecF b = vload(B + k * Np + j0);
+        vfma(c0, a0[k * aks], b);
+        vfma(c1, a1[k * aks], b);
+        vfma(c2, a2[k * aks], b);
+        vfma(c3, a3[k * aks], b);
+      }
+      vstore(C + (i0 + 0) * ldc + j0, c0);
+      if (rows > 1) vstore(C + (i0 + 1) * ldc + j0, c1);
+      if (rows > 2) vstore(C + (i0 + 2) * ldc + j0, c2);
+      if (rows > 3) vstore(C + (i0 + 3) * ldc + j0, c3);
+    }
+  }
+}
+
+// Floats of scratch one backward task needs (see attention_back_tasks).
+int64_t attention_back_scratch(int64_t N, int64_t hd) {
+  const int64_t Np = round_up(N, kCols), hdp = round_up(hd, kCols);
+  return 6 * N * hdp + 2 * hd * Np + 2 * N * Np;
+}
+
+// Attention backward per (sample, head). P is recomputed from q, k and the forward's row max and
+// 1 / sum (identical scores, see small_gemm); then dV = P^T dO, dP = dO V^T,
+// dS = P (dP - rowsum(P dP)), dQ = dS K, dK = dS^T Q, written into dqkv's q/k/v channels of the
+// head (times DiffFit's gamma1 and the score scale) and, for gamma1's gradient, sum(raw * grad)
+// into the task's own slice of dgamma [B, 3D] (heads own disjoint channels: no sharing).
+struct AttnBackArgs {
+  const float* gamma;
+  const float* stats;
+  int64_t batch, tokens, heads, head_dim;
+  float scale;
+  float* dgamma;  // [B, 3D]
+};
+
+template <typename T>
+MDD_INLINE void attention_back_tasks(const AttnBackArgs& a, const T* qkv, const T* dout, T* dqkv, float* buf,
+                                     int64_t begin, int64_t end) {
+  const int64_t N = a.tokens, hd = a.head_dim, D = a.heads * hd, row = 3 * D;
+  const int64_t Np = round_up(N, kCols), hdp = round_up(hd, kCols);
+  float* Qs = buf;            // [N, hdp] scaled q (gamma1 applied), zero columns past hd
+  float* Kp = Qs + N * hdp;   // [N, hdp]
+  float* dO = Kp + N * hdp;   // [N, hdp]
+  float* dQ = dO + N * hdp;   // [N, hdp]
+  float* dK = dQ + N * hdp;   // [N, hdp]
+  float* dV = dK + N * hdp;   // [N, hdp]
+  float* Kt = dV + N * hdp;   // [hd, Np], zero columns past N
+  float* Vt = Kt + hd * Np;   // [hd, Np]
+  float* P = Vt + hd * Np;    // [N, Np]
+  float* dS = P + N * Np;     // [N, Np]
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    const T* base = qkv + b * N * row;
+    const T* gbase = dout + b * N * D + h * hd;
+    const int64_t cq = h * hd, ck = D + h * hd, cv = 2 * D + h * hd;
+    const float* gq = a.gamma + cq;
+    const float* gk = a.gamma + ck;
+    const float* gv = a.gamma + cv;
+    std::fill(Qs, Qs + 3 * N * hdp, 0.0F);  // Qs, Kp, dO padding
+    std::fill(Kt, Kt + 2 * hd * Np, 0.0F);  // Kt, Vt padding
+    for (int64_t n = 0; n < N; ++n) {
+      const T* r = base + n * row;
+      for (int64_t d = 0; d < hd; ++d) Qs[n * hdp + d] = (gq[d] * load(r, cq + d)) * a.scale;
+      for (int64_t d = 0; d < hd; ++d) Kp[n * hdp + d] = gk[d] * load(r, ck + d);
+      for (int64_t d = 0; d < hd; ++d) dO[n * hdp + d] = load(gbase + n * D, d);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const T* r = base + n * row;
+      for (int64_t d = 0; d < hd; ++d) Kt[d * Np + n] = Kp[n * hdp + d];
+      for (int64_t d = 0; d < hd; ++d) Vt[d * Np + n] = gv[d] * load(r, cv + d);
+    }
+    small_gemm(Qs, hdp, 1, N, hd, Kt, Np, P, Np);  // scores
+    const float* st = a.stats + task * N * 2;
+    for (int64_t i = 0; i < N; ++i) {
+      float* p = P + i * Np;
+      const float m = st[2 * i], inv = st[2 * i + 1];
+      for (int64_t j = 0; j < N; ++j) p[j] = exp_approx(p[j] - m) * inv;
+      for (int64_t j = N; j < Np; ++j) p[j] = 0.0F;
+    }
+    small_gemm(dO, hdp, 1, N, hd, Vt, Np, dS, Np);  // dP
+    for (int64_t i = 0; i < N; ++i) {
+      const float* p = P + i * Np;
+      float* ds = dS + i * Np;
+      const float delta = lane_dot(p, ds, N);
+      for (int64_t j = 0; j < N; ++j) ds[j] = p[j] * (ds[j] - delta);
+    }
+    small_gemm(P, 1, Np, N, N, dO, hdp, dV, hdp);   // P^T dO
+    small_gemm(dS, Np, 1, N, N, Kp, hdp, dQ, hdp);  // dS K
+    small_gemm(dS, 1, Np, N, N, Qs, hdp, dK, hdp);  // dS^T Q
+    float* dgq = a.dgamma + b * row + cq;
+    float* dgk = a.dgamma + b * row + ck;
+    float* dgv = a.dgamma + b * row + cv;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* r = base + n * row;
+      T* o = dqkv + (b * N + n) * row;
+      for (int64_t d = 0; d < hd; ++d) {
+        const float dq = dQ[n * hdp + d] * a.scale;  // gradient of gamma1 * q
+        store(o, cq + d, dq * gq[d]);
+        dgq[d] += dq * load(r, cq + d);
+      }
+      for (int64_t d = 0; d < hd; ++d) {
+        const float dk = dK[n * hdp + d];
+        store(o, ck + d, dk * gk[d]);
+        dgk[d] += dk * load(r, ck + d);
+      }
+      for (int64_t d = 0; d < hd; ++d) {
+        const float dv = dV[n * hdp + d];
+        store(o, cv + d, dv * gv[d]);
+        dgv[d] += dv * load(r, cv + d);
+      }
+    }
+  }
+}
+
+MDD_CPU_CLONES_AVX512 void attention_back_range(const AttnBackArgs& a, const float* qkv, const float* dout, float* dqkv,
+                                                float* buf, int64_t begin, int64_t end) {
+  attention_back_tasks(a, qkv, dout, dqkv, buf, begin, end);
+}
+MDD_CPU_CLONES_AVX512 void attention_back_range(const AttnBackArgs& a, const uint16_t* qkv, const uint16_t* dout,
+                                                uint16_t* dqkv, float* buf, int64_t begin, int64_t end) {
+  attention_back_tasks(a, qkv, dout, dqkv, buf, begin, end);
+}
+
 // ------------------------------------------------------------------ checks and helpers
 
 void check_cpu_contiguous(const Tensor& t, const char* what, const char* name) {
@@ -310,7 +592,11 @@ FusedDiTMode fused_dit_mode(const Tensor& x, const Tensor& w) {
   return compat::autocast_dtype(c10::DeviceType::CPU) == torch::kBFloat16 ? FusedDiTMode::kBF16 : FusedDiTMode::kNone;
 }
 
-Tensor ln_modulate(const Tensor& x_in, const Tensor& shift, const Tensor& scale, double eps, torch::ScalarType out_dtype) {
+namespace {
+
+// ln_modulate; with `mean`/`rstd` (float [B * N]) defined it also keeps the row statistics.
+Tensor ln_modulate_impl(const Tensor& x_in, const Tensor& shift, const Tensor& scale, double eps,
+                        torch::ScalarType out_dtype, Tensor* mean, Tensor* rstd) {
   constexpr const char* what = "ln_modulate";
   MDD_CHECK(x_in.defined() && x_in.dim() == 3 && x_in.scalar_type() == torch::kFloat32 && x_in.device().is_cpu(),
             "ln_modulate: x must be a float CPU tensor [B, N, D]");
@@ -321,8 +607,14 @@ Tensor ln_modulate(const Tensor& x_in, const Tensor& shift, const Tensor& scale,
   check_rows(scale, B, D, what, "scale");
   MDD_CHECK(shift.stride(0) == scale.stride(0), "ln_modulate: shift and scale must share a row stride");
   Tensor out = torch::empty({B, N, D}, x.options().dtype(out_dtype));
-  const LnArgs a{x.data_ptr<float>(), shift.data_ptr<float>(), scale.data_ptr<float>(), shift.stride(0), N, D,
-                 static_cast<float>(eps)};
+  LnArgs a{x.data_ptr<float>(), shift.data_ptr<float>(), scale.data_ptr<float>(), shift.stride(0), N, D,
+           static_cast<float>(eps)};
+  if (mean != nullptr) {
+    *mean = torch::empty({B * N}, x.options());
+    *rstd = torch::empty({B * N}, x.options());
+    a.mean_out = mean->data_ptr<float>();
+    a.rstd_out = rstd->data_ptr<float>();
+  }
   if (out_dtype == torch::kBFloat16) {
     uint16_t* o = bf16_ptr_mut(out);
     at::parallel_for(0, B * N, grain_rows(D), [&](int64_t b, int64_t e) { ln_modulate_range(a, o, b, e); });
@@ -331,6 +623,12 @@ Tensor ln_modulate(const Tensor& x_in, const Tensor& shift, const Tensor& scale,
     at::parallel_for(0, B * N, grain_rows(D), [&](int64_t b, int64_t e) { ln_modulate_range(a, o, b, e); });
   }
   return out;
+}
+
+}  // namespace
+
+Tensor ln_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps, torch::ScalarType out_dtype) {
+  return ln_modulate_impl(x, shift, scale, eps, out_dtype, nullptr, nullptr);
 }
 
 Tensor gelu_tanh_(Tensor h) {
@@ -347,7 +645,11 @@ Tensor gelu_tanh_(Tensor h) {
   return h;
 }
 
-Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gamma) {
+namespace {
+
+// attention_from_qkv; with `stats` non-null also keeps each softmax row's max and 1 / sum
+// (float [B, heads, N, 2]).
+Tensor attention_impl(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, Tensor* stats) {
   MDD_CHECK(qkv_in.defined() && qkv_in.dim() == 3 && qkv_in.device().is_cpu() &&
                 (qkv_in.scalar_type() == torch::kFloat32 || is_bf16(qkv_in)),
             "attention_from_qkv: qkv must be a float or bfloat16 CPU tensor [B, N, 3D]");
@@ -359,7 +661,11 @@ Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gam
   std::vector<float> ones;
   Tensor keep;
   const float* g = factors_or_ones(gamma, 3 * D, ones, keep, "attention_from_qkv");
-  const AttnArgs a{g, B, N, heads, hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
+  AttnArgs a{g, B, N, heads, hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
+  if (stats != nullptr) {
+    *stats = torch::empty({B, heads, N, 2}, qkv.options().dtype(torch::kFloat32));
+    a.stats = stats->data_ptr<float>();
+  }
   Tensor out = torch::empty({B, N, D}, qkv.options());
   const int64_t buf_floats = attention_scratch(N, hd);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, N * N * hd));
@@ -372,6 +678,12 @@ Tensor attention_from_qkv(const Tensor& qkv_in, int64_t heads, const Tensor& gam
     }
   });
   return out;
+}
+
+}  // namespace
+
+Tensor attention_from_qkv(const Tensor& qkv, int64_t heads, const Tensor& gamma) {
+  return attention_impl(qkv, heads, gamma, nullptr);
 }
 
 Tensor gated_residual(const Tensor& x_in, const Tensor& gate, const Tensor& outer, const Tensor& a_in,
@@ -434,6 +746,228 @@ Tensor fused_final_forward(FinalLayerImpl& layer, const Tensor& x_in, const Tens
             fmt::format("FinalLayer: c must give [{}, {}] modulation rows", B, 2 * D));
   const Tensor h = ln_modulate(x, mod.narrow(1, 0, D), mod.narrow(1, D, D), 1e-6, bf16 ? torch::kBFloat16 : torch::kFloat32);
   return linear_in(h.view({B * N, D}), layer.linear, bf16).view({B, N, -1});
+}
+
+
+// ------------------------------------------------------------------ training (autograd functions)
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Autograd functions cannot take undefined tensors (LibTorch 2.x records each input's metadata),
+// so an absent optional factor travels as an empty tensor and is undefined again inside.
+Tensor to_input(const Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+Tensor from_input(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
+
+// The gradient in the dtype its kernel reads: float or bfloat16 as the output was.
+Tensor grad_as(const Tensor& g, torch::ScalarType dtype) {
+  return (g.scalar_type() == dtype ? g : g.to(dtype)).contiguous();
+}
+
+class LnModulateFn : public torch::autograd::Function<LnModulateFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& shift, const Tensor& scale, double eps,
+                        bool bf16_out) {
+    const Tensor x = x_in.contiguous();
+    Tensor mean, rstd;
+    Tensor y = ln_modulate_impl(x, shift, scale, eps, bf16_out ? torch::kBFloat16 : torch::kFloat32, &mean, &rstd);
+    ctx->save_for_backward({x, scale, mean, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &scale = saved[1], &mean = saved[2], &rstd = saved[3];
+    const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+    const Tensor g = grad_as(grads[0], is_bf16(grads[0]) ? torch::kBFloat16 : torch::kFloat32);
+    Tensor dx = torch::empty_like(x), dshift = torch::empty({B, D}, x.options()), dscale = torch::empty({B, D}, x.options());
+    const LnBackArgs a{x.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), scale.data_ptr<float>(),
+                       scale.stride(0), N, D, dx.data_ptr<float>(), dshift.data_ptr<float>(), dscale.data_ptr<float>()};
+    at::parallel_for(0, B, std::max<int64_t>(1, grain_rows(D) / std::max<int64_t>(1, N)), [&](int64_t b, int64_t e) {
+      std::vector<float> buf(static_cast<size_t>(2 * D));
+      if (is_bf16(g)) {
+        ln_modulate_back_range(a, bf16_ptr(g), buf.data(), b, e);
+      } else {
+        ln_modulate_back_range(a, g.data_ptr<float>(), buf.data(), b, e);
+      }
+    });
+    return {dx, dshift, dscale, Tensor(), Tensor()};
+  }
+};
+
+class GatedResidualFn : public torch::autograd::Function<GatedResidualFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& gate, const Tensor& outer_in,
+                        const Tensor& a_in, const Tensor& inner_in) {
+    const Tensor a = a_in.contiguous(), outer = from_input(outer_in), inner = from_input(inner_in);
+    Tensor out = gated_residual(x, gate, outer, a, inner);
+    ctx->save_for_backward({gate, outer_in, a, inner_in});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &gate = saved[0], outer = from_input(saved[1]), &a = saved[2], inner = from_input(saved[3]);
+    const int64_t B = a.size(0), N = a.size(1), D = a.size(2);
+    const Tensor g = grad_as(grads[0], torch::kFloat32);
+    std::vector<float> ones_o, ones_i;
+    Tensor keep_o, keep_i;
+    Tensor t = torch::empty({B, D}, g.options());
+    const ResBackArgs r{gate.data_ptr<float>(), factors_or_ones(outer, D, ones_o, keep_o, "gated_residual"),
+                        factors_or_ones(inner, D, ones_i, keep_i, "gated_residual"), gate.stride(0), N, D,
+                        t.data_ptr<float>()};
+    Tensor da = torch::empty_like(a);
+    const int64_t grain = std::max<int64_t>(1, grain_rows(D) / std::max<int64_t>(1, N));
+    if (is_bf16(a)) {
+      at::parallel_for(0, B, grain, [&](int64_t b, int64_t e) {
+        residual_back_range(r, g.data_ptr<float>(), bf16_ptr(a), bf16_ptr_mut(da), b, e);
+      });
+    } else {
+      at::parallel_for(0, B, grain, [&](int64_t b, int64_t e) {
+        residual_back_range(r, g.data_ptr<float>(), a.data_ptr<float>(), da.data_ptr<float>(), b, e);
+      });
+    }
+    // d out / d gate = outer * inner * a; d / d outer = gate * inner * a; d / d inner = outer * gate * a.
+    Tensor dgate = t, douter, dinner;
+    if (outer.defined()) dgate = dgate * outer;
+    if (inner.defined()) dgate = dgate * inner;
+    if (outer.defined()) douter = (inner.defined() ? t * gate * inner : t * gate).sum(0);
+    if (inner.defined()) dinner = (outer.defined() ? t * outer * gate : t * gate).sum(0);
+    return {g, dgate, douter, da, dinner};
+  }
+};
+
+class GeluTanhFn : public torch::autograd::Function<GeluTanhFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& h_in) {
+    const Tensor h = h_in.contiguous();
+    MDD_CHECK(h.device().is_cpu() && (h.scalar_type() == torch::kFloat32 || is_bf16(h)),
+              "gelu_tanh: h must be a float or bfloat16 CPU tensor");
+    Tensor y = torch::empty_like(h);
+    const int64_t n = h.numel();
+    if (is_bf16(h)) {
+      at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { gelu_out_range(bf16_ptr(h), bf16_ptr_mut(y), b, e); });
+    } else {
+      at::parallel_for(0, n, 16384,
+                       [&](int64_t b, int64_t e) { gelu_out_range(h.data_ptr<float>(), y.data_ptr<float>(), b, e); });
+    }
+    ctx->save_for_backward({h});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor h = ctx->get_saved_variables()[0];
+    const Tensor g = grad_as(grads[0], h.scalar_type());
+    Tensor dh = torch::empty_like(h);
+    const int64_t n = h.numel();
+    if (is_bf16(h)) {
+      at::parallel_for(0, n, 16384,
+                       [&](int64_t b, int64_t e) { gelu_back_range(bf16_ptr(h), bf16_ptr(g), bf16_ptr_mut(dh), b, e); });
+    } else {
+      at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+        gelu_back_range(h.data_ptr<float>(), g.data_ptr<float>(), dh.data_ptr<float>(), b, e);
+      });
+    }
+    return {dh};
+  }
+};
+
+class AttentionFn : public torch::autograd::Function<AttentionFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& qkv_in, const Tensor& gamma_in, int64_t heads) {
+    const Tensor qkv = qkv_in.contiguous(), gamma = from_input(gamma_in);
+    Tensor stats;
+    Tensor out = attention_impl(qkv, heads, gamma, &stats);
+    ctx->save_for_backward({qkv, gamma_in, stats});
+    ctx->saved_data["heads"] = heads;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &qkv = saved[0], gamma = from_input(saved[1]), &stats = saved[2];
+    const int64_t heads = ctx->saved_data["heads"].toInt();
+    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, hd = D / heads;
+    const Tensor g = grad_as(grads[0], qkv.scalar_type());
+    std::vector<float> ones;
+    Tensor keep;
+    Tensor dgamma = torch::zeros({B, 3 * D}, qkv.options().dtype(torch::kFloat32));
+    const AttnBackArgs a{factors_or_ones(gamma, 3 * D, ones, keep, "attention_from_qkv"), stats.data_ptr<float>(), B, N,
+                         heads, hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
+                         dgamma.data_ptr<float>()};
+    Tensor dqkv = torch::empty_like(qkv);
+    const int64_t buf_floats = attention_back_scratch(N, hd);
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 3 * N * N * hd));
+    at::parallel_for(0, B * heads, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(static_cast<size_t>(buf_floats));
+      if (is_bf16(qkv)) {
+        attention_back_range(a, bf16_ptr(qkv), bf16_ptr(g), bf16_ptr_mut(dqkv), buf.data(), b, e);
+      } else {
+        attention_back_range(a, qkv.data_ptr<float>(), g.data_ptr<float>(), dqkv.data_ptr<float>(), buf.data(), b, e);
+      }
+    });
+    return {dqkv, gamma.defined() ? dgamma.sum(0) : Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+FusedDiTMode fused_dit_train_mode(const Tensor& x, const Tensor& w) {
+  if (!torch::GradMode::is_enabled()) return FusedDiTMode::kNone;
+  if (!x.defined() || !w.defined() || x.dim() != 3 || !x.device().is_cpu() || !w.device().is_cpu())
+    return FusedDiTMode::kNone;
+  if (x.scalar_type() != torch::kFloat32 || w.scalar_type() != torch::kFloat32) return FusedDiTMode::kNone;
+  if (!compat::autocast_enabled(c10::DeviceType::CPU)) return FusedDiTMode::kFP32;
+  return compat::autocast_dtype(c10::DeviceType::CPU) == torch::kBFloat16 ? FusedDiTMode::kBF16 : FusedDiTMode::kNone;
+}
+
+Tensor ln_modulate_train(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps, bool bf16_out) {
+  return LnModulateFn::apply(x, shift, scale, eps, bf16_out);
+}
+
+Tensor gated_residual_train(const Tensor& x, const Tensor& gate, const Tensor& outer, const Tensor& a,
+                            const Tensor& inner) {
+  return GatedResidualFn::apply(x, gate, to_input(outer), a, to_input(inner));
+}
+
+Tensor gelu_tanh_train(const Tensor& h) { return GeluTanhFn::apply(h); }
+
+Tensor attention_train(const Tensor& qkv, int64_t heads, const Tensor& gamma) {
+  return AttentionFn::apply(qkv, to_input(gamma), heads);
+}
+
+Tensor fused_block_forward_train(DiTBlockImpl& block, const Tensor& x_in, const Tensor& c, FusedDiTMode mode) {
+  const bool bf16 = mode == FusedDiTMode::kBF16;
+  const Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const Tensor mod = block.adaLN_modulation->forward(c).to(torch::kFloat32);
+  MDD_CHECK(mod.dim() == 2 && mod.size(0) == B && mod.size(1) == 6 * D,
+            fmt::format("DiTBlock: c must give [{}, {}] modulation rows", B, 6 * D));
+  auto part = [&](int64_t k) { return mod.narrow(1, k * D, D); };
+  DiTAttentionImpl& attn = *block.attn;
+  // The products are the modules' own Linear calls (under bf16 autocast: bf16 weights from
+  // autocast's cache, bf16 in and out; the kernels in between write bf16 directly).
+  Tensor h = ln_modulate_train(x, part(0), part(1), 1e-6, bf16);
+  Tensor qkv = attn.qkv->forward(h.view({B * N, D})).view({B, N, 3 * D});
+  Tensor o = attention_train(qkv, attn.num_heads, attn.gamma1);
+  Tensor a = attn.proj->forward(o.view({B * N, D})).view({B, N, D});
+  const Tensor x1 = gated_residual_train(x, part(2), block.gamma1, a, attn.gamma2);
+  h = ln_modulate_train(x1, part(3), part(4), 1e-6, bf16);
+  Tensor m = gelu_tanh_train(block.mlp->fc1->forward(h.view({B * N, D})));
+  m = block.mlp->fc2->forward(m).view({B, N, D});
+  return gated_residual_train(x1, part(5), block.gamma2, m, Tensor());
+}
+
+Tensor fused_final_forward_train(FinalLayerImpl& layer, const Tensor& x_in, const Tensor& c, FusedDiTMode mode) {
+  const Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const Tensor mod = layer.adaLN_modulation->forward(c).to(torch::kFloat32);
+  MDD_CHECK(mod.dim() == 2 && mod.size(0) == B && mod.size(1) == 2 * D,
+            fmt::format("FinalLayer: c must give [{}, {}] modulation rows", B, 2 * D));
+  const Tensor h = ln_modulate_train(x, mod.narrow(1, 0, D), mod.narrow(1, D, D), 1e-6, mode == FusedDiTMode::kBF16);
+  return layer.linear->forward(h.view({B * N, D})).view({B, N, -1});
 }
 
 }  // namespace mdd::detail

@@ -63,5 +63,35 @@ torch::Tensor attention_from_qkv(const torch::Tensor& qkv, int64_t heads, const 
 torch::Tensor gated_residual(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& outer,
                              const torch::Tensor& a, const torch::Tensor& inner);
 
+// ---- training: the same kernels as autograd functions with hand-written backward kernels.
+
+/// The mode for a forward that autograd records: CPU float32 `x` and weight `w`, grad mode on,
+/// autocast off (kFP32) or CPU bf16 (kBF16); kNone otherwise (no-grad, CUDA, fp16, ...).
+FusedDiTMode fused_dit_train_mode(const torch::Tensor& x, const torch::Tensor& w);
+
+/// DiTBlock::forward for training: the products are the modules' own Linear calls, LayerNorm +
+/// modulate, attention, GELU and the gated residual adds are the autograd functions below.
+torch::Tensor fused_block_forward_train(DiTBlockImpl& block, const torch::Tensor& x, const torch::Tensor& c,
+                                        FusedDiTMode mode);
+
+/// FinalLayer::forward for training (LayerNorm + modulate as below, then the Linear).
+torch::Tensor fused_final_forward_train(FinalLayerImpl& layer, const torch::Tensor& x, const torch::Tensor& c,
+                                        FusedDiTMode mode);
+
+/// ln_modulate with a backward to x, shift and scale; bfloat16 result when `bf16_out`.
+torch::Tensor ln_modulate_train(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale,
+                                double eps, bool bf16_out);
+
+/// gated_residual with a backward to x, gate, outer, a and inner (a's gradient in a's dtype).
+torch::Tensor gated_residual_train(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& outer,
+                                   const torch::Tensor& a, const torch::Tensor& inner);
+
+/// GELU (tanh approximation) out of place with a backward; float or bfloat16.
+torch::Tensor gelu_tanh_train(const torch::Tensor& h);
+
+/// attention_from_qkv with a backward to qkv (in qkv's dtype) and gamma (float [3D]). Keeps only
+/// qkv and each softmax row's max and 1 / sum; the backward recomputes the probabilities.
+torch::Tensor attention_train(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& gamma);
+
 }  // namespace detail
 }  // namespace mdd

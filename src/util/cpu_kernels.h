@@ -71,6 +71,19 @@ MDD_INLINE float lane_sq_dev(const float* p, int64_t n, float mean) {
   return s;
 }
 
+/// Dot product of n floats, as lane_sum.
+MDD_INLINE float lane_dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
 /// bfloat16 bits -> float (exact).
 MDD_INLINE float bf16_bits_to_float(uint16_t v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
