@@ -3,9 +3,11 @@
 //   demo_forward_b200  demo_train_b64  s2_forward_b8  s2_train_b8  demo_sample_100  dc_eval_100
 // (see the script's docstring). Weights and data are random: speed does not depend on them.
 // The host allocator is tuned as in the programs (mdd/util/host_allocator.h) unless
-// MDD_HOST_ALLOCATOR=default.
+// MDD_HOST_ALLOCATOR=default. MDD_DIT_FUSED=0 runs the DiTs on the module path (DiTOptions::fused
+// false), to measure what the fused CPU kernels add in the same run.
 #include <benchmark/benchmark.h>
 
+#include <cstdlib>
 #include <string>
 
 #include <torch/torch.h>
@@ -22,8 +24,13 @@
 
 namespace {
 
+bool dit_fused() {
+  const char* v = std::getenv("MDD_DIT_FUSED");
+  return v == nullptr || std::string(v) != "0";
+}
+
 mdd::DiT demo_dit() {
-  mdd::DiT m(mdd::DiTOptions(28, 4, 1, 96, 4, 4).num_classes(10));
+  mdd::DiT m(mdd::DiTOptions(28, 4, 1, 96, 4, 4).num_classes(10).fused(dit_fused()));
   auto g = at::detail::createCPUGenerator(1);
   m->initialize_weights(g);
   torch::NoGradGuard ng;
@@ -32,7 +39,7 @@ mdd::DiT demo_dit() {
 }
 
 mdd::DiT s2_dit() {
-  mdd::DiT m(mdd::dit_options("DiT-S/2"));
+  mdd::DiT m(mdd::dit_options("DiT-S/2").fused(dit_fused()));
   auto g = at::detail::createCPUGenerator(1);
   m->initialize_weights(g);
   return m;

@@ -57,10 +57,12 @@ struct MDD_API DiTOptions {
   TORCH_ARG(int64_t, num_classes) = 1000;
   /// true: the output has 2C channels (eps, then the variance interpolation v); false: C (eps).
   TORCH_ARG(bool, learn_sigma) = true;
-  /// CPU inference (no autograd recording; float32, or CPU bf16 autocast) runs each block and the
-  /// final layer through fused kernels: the same maths with a different float summation order,
-  /// 1.2-1.7x faster in float32 and about 2x with bf16 autocast (docs/performance.md). false:
-  /// always the module path (training, taps, CUDA and fp16 autocast take it in any case).
+  /// On the CPU (float32 weights; no autocast or CPU bf16 autocast) each block and the final layer
+  /// run through fused kernels: in inference (no autograd recording) as single-pass kernels, in
+  /// training as autograd functions with hand-written backward kernels. The same maths with a
+  /// different float summation order; inference 1.2-1.7x faster in float32 and about 2x with bf16
+  /// autocast, training forward + backward 1.04-1.2x (docs/performance.md). false: always the
+  /// module path (taps, CUDA and fp16 autocast take it in any case; so does double backward).
   TORCH_ARG(bool, fused) = true;
 
 };
@@ -224,7 +226,7 @@ class MDD_API DiTBlockImpl : public torch::nn::Cloneable<DiTBlockImpl> {
   void enable_gammas();
   /// True once `enable_gammas` ran.
   bool has_gammas() const { return gammas_; }
-  /// Whether CPU inference may take the fused kernels (see `DiTOptions::fused`; default true).
+  /// Whether CPU inference and training may take the fused kernels (see `DiTOptions::fused`; default true).
   void set_fused(bool fused) { fused_ = fused; }
   /// See `set_fused`.
   bool fused() const { return fused_; }
@@ -258,7 +260,7 @@ class MDD_API FinalLayerImpl : public torch::nn::Cloneable<FinalLayerImpl> {
   /// x [N, T, D], c [N, D] -> [N, T, p*p*out_channels]. `allow_fused` false forces the module path
   /// (`DiT::forward_with_taps` passes it, so that every tap comes from the module path).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c, bool allow_fused = true);
-  /// Whether CPU inference may take the fused kernels (see `DiTOptions::fused`; default true).
+  /// Whether CPU inference and training may take the fused kernels (see `DiTOptions::fused`; default true).
   void set_fused(bool fused) { fused_ = fused; }
   /// See `set_fused`.
   bool fused() const { return fused_; }
