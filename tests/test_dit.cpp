@@ -964,6 +964,20 @@ TEST(DiTFusedTrain, BlockAndFinalLayerGradientsMatchModulePath) {
   }
 }
 
+TEST(DiTFusedTrain, DoubleBackwardIsRefused) {
+  auto block = mdd::DiTBlock(32, 2, 4.0);
+  auto x = rnd({2, 5, 32}, 60).requires_grad_(true);
+  const auto c = rnd({2, 32}, 61);
+  const auto out = block->forward(x, c).square().sum();
+  EXPECT_THROW(torch::autograd::grad({out}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true), mdd::Error);
+  // A plain backward works, and fused(false) gives the module path's differentiable graph.
+  EXPECT_NO_THROW(torch::autograd::grad({out}, {x}));
+  block->set_fused(false);
+  const auto out2 = block->forward(x, c).square().sum();
+  const auto gx = torch::autograd::grad({out2}, {x}, {}, true, true)[0];
+  EXPECT_TRUE(gx.requires_grad());
+}
+
 TEST(DiTFusedTrain, ModeSelection) {
   const auto x = torch::zeros({1, 4, 8}), w = torch::zeros({8, 8});
   EXPECT_EQ(mdd::detail::fused_dit_train_mode(x, w), mdd::detail::FusedDiTMode::kFP32);

@@ -761,6 +761,15 @@ using torch::autograd::variable_list;
 Tensor to_input(const Tensor& t) { return t.defined() ? t : torch::empty({0}); }
 Tensor from_input(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
+// The backward kernels are not differentiable: a backward with create_graph (grad mode on inside
+// the backward) would silently drop second-order terms, so it is refused.
+void refuse_double_backward(const char* what) {
+  MDD_CHECK(!torch::GradMode::is_enabled(),
+            fmt::format("{}: double backward (create_graph) is not supported by the fused DiT training kernels; "
+                        "build the DiT with DiTOptions::fused(false) for it",
+                        what));
+}
+
 // The gradient in the dtype its kernel reads: float or bfloat16 as the output was.
 Tensor grad_as(const Tensor& g, torch::ScalarType dtype) {
   return (g.scalar_type() == dtype ? g : g.to(dtype)).contiguous();
@@ -778,6 +787,7 @@ class LnModulateFn : public torch::autograd::Function<LnModulateFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("ln_modulate");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &scale = saved[1], &mean = saved[2], &rstd = saved[3];
     const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
@@ -808,6 +818,7 @@ class GatedResidualFn : public torch::autograd::Function<GatedResidualFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("gated_residual");
     const auto saved = ctx->get_saved_variables();
     const Tensor &gate = saved[0], outer = from_input(saved[1]), &a = saved[2], inner = from_input(saved[3]);
     const int64_t B = a.size(0), N = a.size(1), D = a.size(2);
@@ -858,6 +869,7 @@ class GeluTanhFn : public torch::autograd::Function<GeluTanhFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("gelu_tanh");
     const Tensor h = ctx->get_saved_variables()[0];
     const Tensor g = grad_as(grads[0], h.scalar_type());
     Tensor dh = torch::empty_like(h);
@@ -886,6 +898,7 @@ class AttentionFn : public torch::autograd::Function<AttentionFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("attention");
     const auto saved = ctx->get_saved_variables();
     const Tensor &qkv = saved[0], gamma = from_input(saved[1]), &stats = saved[2];
     const int64_t heads = ctx->saved_data["heads"].toInt();
