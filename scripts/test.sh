@@ -19,6 +19,15 @@ JOBS=${JOBS:-$(nproc)}
 # Compiler-cache hits independent of where the clone lives (CI clones into a fresh folder).
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$ROOT}
 export CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}
+# Debian's OpenBLAS (0.3.21) does not know AMD Zen 4 and falls back to its Haswell kernels, whose
+# sgemm results were seen to differ in the last bits between calls with identical inputs in one
+# process (DistSample.ShardedSamplingIsBitIdentical failed 5 of 5 runs; it passes with the SkylakeX
+# or Cooperlake kernels). On CPUs with the AVX-512 subsets the SkylakeX kernels need, use them
+# (also faster); an explicit OPENBLAS_CORETYPE wins. See docs/performance.md.
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -q 'avx512f' /proc/cpuinfo 2>/dev/null &&
+   grep -q 'avx512bw' /proc/cpuinfo && grep -q 'avx512dq' /proc/cpuinfo && grep -q 'avx512vl' /proc/cpuinfo; then
+  export OPENBLAS_CORETYPE=SkylakeX
+fi
 start=$(date +%s)
 bash scripts/setup.sh
 # Public declarations must carry MDD_API (hidden visibility; the tests below link object libraries).

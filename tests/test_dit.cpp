@@ -20,6 +20,7 @@
 #include "mdd/util/error.h"
 #include "models/fused_dit.h"  // the kernels, for their own tests
 #include "util/cpu_kernels.h"
+#include "util/torch_compat.h"
 #include "test_util.h"
 
 namespace {
@@ -969,13 +970,19 @@ TEST(DiTFusedTrain, DoubleBackwardIsRefused) {
   auto x = rnd({2, 5, 32}, 60).requires_grad_(true);
   const auto c = rnd({2, 32}, 61);
   const auto out = block->forward(x, c).square().sum();
+#if MDD_TORCH_AT_LEAST(2, 0)
   EXPECT_THROW(torch::autograd::grad({out}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true), mdd::Error);
+#endif
   // A plain backward works, and fused(false) gives the module path's differentiable graph.
   EXPECT_NO_THROW(torch::autograd::grad({out}, {x}));
   block->set_fused(false);
   const auto out2 = block->forward(x, c).square().sum();
   const auto gx = torch::autograd::grad({out2}, {x}, {}, true, true)[0];
   EXPECT_TRUE(gx.requires_grad());
+#if !MDD_TORCH_AT_LEAST(2, 0)
+  GTEST_SKIP() << "LibTorch 1.13 runs custom backward functions with grad mode off even under create_graph, so "
+                  "the fused kernels cannot detect (and refuse) a double backward there";
+#endif
 }
 
 TEST(DiTFusedTrain, ModeSelection) {

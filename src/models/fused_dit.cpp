@@ -762,7 +762,8 @@ Tensor to_input(const Tensor& t) { return t.defined() ? t : torch::empty({0}); }
 Tensor from_input(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
 // The backward kernels are not differentiable: a backward with create_graph (grad mode on inside
-// the backward) would silently drop second-order terms, so it is refused.
+// the backward) would silently drop second-order terms, so it is refused. LibTorch 1.13 runs custom
+// backward functions with grad mode off even then, so there it cannot be detected (documented).
 void refuse_double_backward(const char* what) {
   MDD_CHECK(!torch::GradMode::is_enabled(),
             fmt::format("{}: double backward (create_graph) is not supported by the fused DiT training kernels; "
