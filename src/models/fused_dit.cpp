@@ -583,13 +583,19 @@ Tensor linear_in(const Tensor& in2d, const torch::nn::Linear& l, bool bf16) {
 
 }  // namespace
 
-FusedDiTMode fused_dit_mode(const Tensor& x, const Tensor& w) {
-  if (torch::GradMode::is_enabled()) return FusedDiTMode::kNone;
+namespace {
+// The mode the tensors and the autocast state allow, whatever the grad mode.
+FusedDiTMode cpu_float_mode(const Tensor& x, const Tensor& w) {
   if (!x.defined() || !w.defined() || x.dim() != 3 || !x.device().is_cpu() || !w.device().is_cpu())
     return FusedDiTMode::kNone;
   if (x.scalar_type() != torch::kFloat32 || w.scalar_type() != torch::kFloat32) return FusedDiTMode::kNone;
   if (!compat::autocast_enabled(c10::DeviceType::CPU)) return FusedDiTMode::kFP32;
   return compat::autocast_dtype(c10::DeviceType::CPU) == torch::kBFloat16 ? FusedDiTMode::kBF16 : FusedDiTMode::kNone;
+}
+}  // namespace
+
+FusedDiTMode fused_dit_mode(const Tensor& x, const Tensor& w) {
+  return torch::GradMode::is_enabled() ? FusedDiTMode::kNone : cpu_float_mode(x, w);
 }
 
 namespace {
@@ -929,12 +935,7 @@ class AttentionFn : public torch::autograd::Function<AttentionFn> {
 }  // namespace
 
 FusedDiTMode fused_dit_train_mode(const Tensor& x, const Tensor& w) {
-  if (!torch::GradMode::is_enabled()) return FusedDiTMode::kNone;
-  if (!x.defined() || !w.defined() || x.dim() != 3 || !x.device().is_cpu() || !w.device().is_cpu())
-    return FusedDiTMode::kNone;
-  if (x.scalar_type() != torch::kFloat32 || w.scalar_type() != torch::kFloat32) return FusedDiTMode::kNone;
-  if (!compat::autocast_enabled(c10::DeviceType::CPU)) return FusedDiTMode::kFP32;
-  return compat::autocast_dtype(c10::DeviceType::CPU) == torch::kBFloat16 ? FusedDiTMode::kBF16 : FusedDiTMode::kNone;
+  return torch::GradMode::is_enabled() ? cpu_float_mode(x, w) : FusedDiTMode::kNone;
 }
 
 Tensor ln_modulate_train(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps, bool bf16_out) {
