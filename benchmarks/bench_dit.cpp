@@ -93,17 +93,22 @@ BENCHMARK(BM_DiT_S2_DiffFitForwardBackward)->Unit(benchmark::kMillisecond)->MinT
 // (7x7x4, patch 1, width 96, depth 4) at batch 200 = one CFG step of 100 images, 1 = DiT-S/2 at
 // batch 8; fused: 0/1; precision: 0 = fp32, 1 = bf16}. Compare rows of one run:
 //   bench_models --benchmark_filter=DiTInference --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
+// A DiT with reference initialisation plus small noise on every trained parameter (the
+// zero-initialised adaLN and final layers would otherwise make most of the block a no-op).
+mdd::DiT perturbed_dit(const mdd::DiTOptions& o) {
+  mdd::DiT model(o);
+  model->initialize_weights(at::detail::createCPUGenerator(1));
+  torch::NoGradGuard no_grad;
+  for (auto& p : model->parameters())
+    if (p.requires_grad()) p.add_(torch::randn(p.sizes(), at::detail::createCPUGenerator(2)) * 0.02);
+  return model;
+}
+
 void BM_DiTInference(benchmark::State& state) {
   const bool demo = state.range(0) == 0, fused = state.range(1) != 0;
   const auto precision = state.range(2) != 0 ? mdd::Precision::kBF16 : mdd::Precision::kFP32;
   mdd::DiTOptions o = demo ? mdd::DiTOptions(7, 1, 4, 96, 4, 4).num_classes(10) : mdd::dit_options("DiT-S/2", kLatent, 1000);
-  mdd::DiT model(o.fused(fused));
-  model->initialize_weights(at::detail::createCPUGenerator(1));
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->parameters())
-      if (p.requires_grad()) p.add_(torch::randn(p.sizes(), at::detail::createCPUGenerator(2)) * 0.02);
-  }
+  mdd::DiT model = perturbed_dit(o.fused(fused));
   model->eval();
   const int64_t batch = demo ? 200 : kBatch, size = o.input_size();
   auto gen = at::detail::createCPUGenerator(0);
@@ -132,12 +137,7 @@ void BM_DiTTraining(benchmark::State& state) {
   const bool demo = state.range(0) == 0, fused = state.range(1) != 0;
   const auto precision = state.range(2) != 0 ? mdd::Precision::kBF16 : mdd::Precision::kFP32;
   mdd::DiTOptions o = demo ? mdd::DiTOptions(28, 4, 1, 96, 4, 4).num_classes(10) : mdd::dit_options("DiT-S/2", kLatent, 1000);
-  mdd::DiT model(o.fused(fused));
-  model->initialize_weights(at::detail::createCPUGenerator(1));
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->parameters()) p.add_(torch::randn(p.sizes(), at::detail::createCPUGenerator(2)) * 0.02);
-  }
+  mdd::DiT model = perturbed_dit(o.fused(fused));
   model->train();
   const int64_t batch = demo ? 64 : kBatch, size = o.input_size();
   auto gen = at::detail::createCPUGenerator(0);
