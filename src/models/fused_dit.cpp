@@ -34,6 +34,10 @@ uint16_t* bf16_ptr_mut(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_pt
 
 // Rows per parallel chunk: about 16k floats of work each, so small tensors stay on one thread.
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)); }
+// The same for kernels parallel over samples of `tokens` rows each.
+int64_t grain_samples(int64_t tokens, int64_t width) {
+  return std::max<int64_t>(1, grain_rows(width) / std::max<int64_t>(1, tokens));
+}
 
 // ------------------------------------------------------------------ LayerNorm + modulate
 
@@ -79,13 +83,14 @@ MDD_CPU_CLONES_AVX512 void ln_modulate_range(const LnArgs& a, uint16_t* out, int
 
 // 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): one exp and one
 // division, both vectorisable, instead of libm's tanh.
+// (The forward, in-place and out-of-place loops stay separate: one loop over aliased pointers
+// would make the compiler's overlap check send the in-place call down its scalar path.)
+MDD_INLINE float gelu_u(float x) { return 0.7978845608028654F * (x + 0.044715F * x * x * x); }
+MDD_INLINE float gelu_tanh(float x) { return x / (1.0F + exp_approx(-2.0F * gelu_u(x))); }
+
 template <typename T>
 MDD_INLINE void gelu_elems(T* h, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = load(h, i);
-    const float u = 0.7978845608028654F * (x + 0.044715F * x * x * x);
-    store(h, i, x / (1.0F + exp_approx(-2.0F * u)));
-  }
+  for (int64_t i = begin; i < end; ++i) store(h, i, gelu_tanh(load(h, i)));
 }
 
 MDD_CPU_CLONES_AVX512 void gelu_range(float* h, int64_t begin, int64_t end) { gelu_elems(h, begin, end); }
@@ -380,19 +385,14 @@ MDD_CPU_CLONES_AVX512 void residual_back_range(const ResBackArgs& r, const float
 // gelu' = s + x * 2 s (1 - s) * u', u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 template <typename T>
 MDD_INLINE void gelu_out_elems(const T* x, T* y, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float v = load(x, i);
-    const float u = 0.7978845608028654F * (v + 0.044715F * v * v * v);
-    store(y, i, v / (1.0F + exp_approx(-2.0F * u)));
-  }
+  for (int64_t i = begin; i < end; ++i) store(y, i, gelu_tanh(load(x, i)));
 }
 
 template <typename T>
 MDD_INLINE void gelu_back_elems(const T* x, const T* g, T* dx, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float v = load(x, i);
-    const float u = 0.7978845608028654F * (v + 0.044715F * v * v * v);
-    const float s = 1.0F / (1.0F + exp_approx(-2.0F * u));
+    const float s = 1.0F / (1.0F + exp_approx(-2.0F * gelu_u(v)));
     const float du = 0.7978845608028654F * (1.0F + 3.0F * 0.044715F * v * v);
     store(dx, i, load(g, i) * (s + v * 2.0F * s * (1.0F - s) * du));
   }
@@ -802,7 +802,7 @@ class LnModulateFn : public torch::autograd::Function<LnModulateFn> {
     Tensor dx = torch::empty_like(x), dshift = torch::empty({B, D}, x.options()), dscale = torch::empty({B, D}, x.options());
     const LnBackArgs a{x.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), scale.data_ptr<float>(),
                        scale.stride(0), N, D, dx.data_ptr<float>(), dshift.data_ptr<float>(), dscale.data_ptr<float>()};
-    at::parallel_for(0, B, std::max<int64_t>(1, grain_rows(D) / std::max<int64_t>(1, N)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, B, grain_samples(N, D), [&](int64_t b, int64_t e) {
       std::vector<float> buf(static_cast<size_t>(2 * D));
       if (is_bf16(g)) {
         ln_modulate_back_range(a, bf16_ptr(g), buf.data(), b, e);
@@ -837,7 +837,7 @@ class GatedResidualFn : public torch::autograd::Function<GatedResidualFn> {
                         factors_or_ones(inner, D, ones_i, keep_i, "gated_residual"), gate.stride(0), N, D,
                         t.data_ptr<float>()};
     Tensor da = torch::empty_like(a);
-    const int64_t grain = std::max<int64_t>(1, grain_rows(D) / std::max<int64_t>(1, N));
+    const int64_t grain = grain_samples(N, D);
     if (is_bf16(a)) {
       at::parallel_for(0, B, grain, [&](int64_t b, int64_t e) {
         residual_back_range(r, g.data_ptr<float>(), bf16_ptr(a), bf16_ptr_mut(da), b, e);
