@@ -144,15 +144,47 @@ MDD_INLINE void vfma(VecF& acc, float s, const VecF& v) {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// C[i, 0:Np) = sum_k A[i, k] B[k, 0:Np) for i < M, with A read at A[i * ars + k * aks] (a
+// transposed operand is a swap of strides) and B row-major [K, Np], Np a multiple of kCols; C has
+// row stride ldc >= Np. Rows are taken kRows at a time (a block past M repeats row M - 1; those
+// results are not stored), kCols columns at a time, with the accumulators in registers and k
+// ascending: the attention forward and backward both use it, so the backward's recomputed scores
+// equal the forward's bit for bit.
+MDD_INLINE void small_gemm(const float* A, int64_t ars, int64_t aks, int64_t M, int64_t K, const float* B, int64_t Np,
+                           float* C, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+    const int64_t rows = std::min(kRows, M - i0);
+    const float* a0 = A + std::min(i0 + 0, M - 1) * ars;
+    const float* a1 = A + std::min(i0 + 1, M - 1) * ars;
+    const float* a2 = A + std::min(i0 + 2, M - 1) * ars;
+    const float* a3 = A + std::min(i0 + 3, M - 1) * ars;
+    for (int64_t j0 = 0; j0 < Np; j0 += kCols) {
+      VecF c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
+      for (int64_t k = 0; k < K; ++k) {
+        const VecF b = vload(B + k * Np + j0);
+        vfma(c0, a0[k * aks], b);
+        vfma(c1, a1[k * aks], b);
+        vfma(c2, a2[k * aks], b);
+        vfma(c3, a3[k * aks], b);
+      }
+      vstore(C + (i0 + 0) * ldc + j0, c0);
+      if (rows > 1) vstore(C + (i0 + 1) * ldc + j0, c1);
+      if (rows > 2) vstore(C + (i0 + 2) * ldc + j0, c2);
+      if (rows > 3) vstore(C + (i0 + 3) * ldc + j0, c3);
+    }
+  }
+}
+
 // Floats of scratch one task needs (see attention_tasks).
 int64_t attention_scratch(int64_t N, int64_t hd) {
-  return N * hd + round_up(N, kCols) * hd + N * round_up(hd, kCols) + kRows * round_up(N, kCols);
+  return N * hd + round_up(N, kCols) * hd + N * round_up(hd, kCols) + kRows * round_up(N, kCols) +
+         kRows * round_up(hd, kCols);
 }
 
 // One (sample, head) per task. q (scaled), k^T and v are gathered into float buffers, zero-padded
 // to whole kCols blocks so that the inner loops have a fixed width the compiler turns into whole
-// vectors. Scores are built kRows query rows x kCols keys at a time with the accumulators in
-// registers, soft-maxed per row, and the output accumulated kRows rows x kCols head dims at a time.
+// vectors. Scores and output come from small_gemm, kRows query rows at a time: scores, soft-max
+// per row, the output accumulated and scaled by 1 / sum.
 template <typename In, typename Out>
 MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, float* buf, int64_t begin, int64_t end) {
   const int64_t N = a.tokens, hd = a.head_dim, D = a.heads * hd, row = 3 * D;
@@ -161,6 +193,7 @@ MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, floa
   float* Kt = Q + N * hd;   // [hd, Np], zero columns past N
   float* V = Kt + hd * Np;  // [N, hdp], zero columns past hd
   float* S = V + N * hdp;   // [kRows, Np]
+  float* O = S + kRows * Np;  // [kRows, hdp]
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / a.heads, h = task % a.heads;
     const In* base = qkv + b * N * row;
@@ -186,55 +219,22 @@ MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, floa
     }
     for (int64_t i0 = 0; i0 < N; i0 += kRows) {
       const int64_t rows = std::min(kRows, N - i0);
-      // Rows past N repeat the last query; their results are never stored.
-      const float* q0 = Q + std::min(i0 + 0, N - 1) * hd;
-      const float* q1 = Q + std::min(i0 + 1, N - 1) * hd;
-      const float* q2 = Q + std::min(i0 + 2, N - 1) * hd;
-      const float* q3 = Q + std::min(i0 + 3, N - 1) * hd;
-      for (int64_t j0 = 0; j0 < Np; j0 += kCols) {
-        VecF a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (int64_t d = 0; d < hd; ++d) {
-          const VecF k = vload(Kt + d * Np + j0);
-          vfma(a0, q0[d], k);
-          vfma(a1, q1[d], k);
-          vfma(a2, q2[d], k);
-          vfma(a3, q3[d], k);
-        }
-        vstore(S + 0 * Np + j0, a0);
-        vstore(S + 1 * Np + j0, a1);
-        vstore(S + 2 * Np + j0, a2);
-        vstore(S + 3 * Np + j0, a3);
-      }
+      small_gemm(Q + i0 * hd, hd, 1, rows, hd, Kt, Np, S, Np);  // scores
       float inv[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {
         float* s = S + r * Np;
         const float m = lane_max(s, N);
         for (int64_t j = 0; j < N; ++j) s[j] = exp_approx(s[j] - m);
         inv[r] = 1.0F / lane_sum(s, N);
-        if (a.stats != nullptr && r < rows) {
+        if (a.stats != nullptr) {
           a.stats[(task * N + i0 + r) * 2] = m;
           a.stats[(task * N + i0 + r) * 2 + 1] = inv[r];
         }
       }
-      for (int64_t d0 = 0; d0 < hdp; d0 += kCols) {
-        VecF a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (int64_t j = 0; j < N; ++j) {
-          const VecF v = vload(V + j * hdp + d0);
-          vfma(a0, S[0 * Np + j], v);
-          vfma(a1, S[1 * Np + j], v);
-          vfma(a2, S[2 * Np + j], v);
-          vfma(a3, S[3 * Np + j], v);
-        }
-        float o[kRows][kCols];
-        vstore(o[0], a0);
-        vstore(o[1], a1);
-        vstore(o[2], a2);
-        vstore(o[3], a3);
-        const int64_t w = std::min(kCols, hd - d0);
-        for (int64_t r = 0; r < rows; ++r) {
-          Out* dst = out + (b * N + i0 + r) * D + h * hd + d0;
-          for (int64_t c = 0; c < w; ++c) store(dst, c, o[r][c] * inv[r]);
-        }
+      small_gemm(S, Np, 1, rows, N, V, hdp, O, hdp);  // unnormalised output
+      for (int64_t r = 0; r < rows; ++r) {
+        Out* dst = out + (b * N + i0 + r) * D + h * hd;
+        for (int64_t c = 0; c < hd; ++c) store(dst, c, O[r * hdp + c] * inv[r]);
       }
     }
   }
@@ -407,35 +407,6 @@ MDD_CPU_CLONES_AVX512 void gelu_back_range(const float* x, const float* g, float
 }
 MDD_CPU_CLONES_AVX512 void gelu_back_range(const uint16_t* x, const uint16_t* g, uint16_t* dx, int64_t b, int64_t e) {
   gelu_back_elems(x, g, dx, b, e);
-}
-
-// C[i, 0:Np) = sum_k A[i, k] B[k, 0:Np) for i < M, with A read at A[i * ars + k * aks] (a
-// transposed operand is a swap of strides) and B row-major [K, Np], Np a multiple of kCols; C has
-// row stride ldc >= Np. The forward's register blocking and summation order (k ascending), so
-// scores recomputed here equal the forward's bit for bit.
-MDD_INLINE void small_gemm(const float* A, int64_t ars, int64_t aks, int64_t M, int64_t K, const float* B, int64_t Np,
-                           float* C, int64_t ldc) {
-  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
-    const int64_t rows = std::min(kRows, M - i0);
-    const float* a0 = A + std::min(i0 + 0, M - 1) * ars;
-    const float* a1 = A + std::min(i0 + 1, M - 1) * ars;
-    const float* a2 = A + std::min(i0 + 2, M - 1) * ars;
-    const float* a3 = A + std::min(i0 + 3, M - 1) * ars;
-    for (int64_t j0 = 0; j0 < Np; j0 += kCols) {
-      VecF c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
-      for (int64_t k = 0; k < K; ++k) {
-        const VecF b = vload(B + k * Np + j0);
-        vfma(c0, a0[k * aks], b);
-        vfma(c1, a1[k * aks], b);
-        vfma(c2, a2[k * aks], b);
-        vfma(c3, a3[k * aks], b);
-      }
-      vstore(C + (i0 + 0) * ldc + j0, c0);
-      if (rows > 1) vstore(C + (i0 + 1) * ldc + j0, c1);
-      if (rows > 2) vstore(C + (i0 + 2) * ldc + j0, c2);
-      if (rows > 3) vstore(C + (i0 + 3) * ldc + j0, c3);
-    }
-  }
 }
 
 // Floats of scratch one backward task needs (see attention_back_tasks).
