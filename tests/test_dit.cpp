@@ -749,6 +749,14 @@ TEST(DiTFused, KernelsMatchTheModuleOps) {
   const auto ref16 = torch::gelu(h16.to(torch::kFloat32), "tanh");
   const auto got16 = mdd::detail::gelu_tanh_(h16.clone()).to(torch::kFloat32);
   EXPECT_LE((got16 - ref16).abs().max().item<double>(), 0.008 * 12) << "one bf16 rounding";
+  // With the producing product's bias folded in: gelu(h + bias) per column, one rounding in bf16.
+  const auto hb = rnd({37, 24}, 21, 3.0), bias_g = rnd({24}, 22, 0.5);
+  EXPECT_TRUE(AllClose(mdd::detail::gelu_tanh_(hb.clone(), bias_g), torch::gelu(hb + bias_g, "tanh"), 2e-6));
+  EXPECT_LE((mdd::detail::gelu_tanh_(hb.to(torch::kBFloat16), bias_g).to(torch::kFloat32) -
+             torch::gelu(hb.to(torch::kBFloat16).to(torch::kFloat32) + bias_g, "tanh"))
+                .abs().max().item<double>(),
+            0.008 * 12);
+  EXPECT_THROW(mdd::detail::gelu_tanh_(hb.clone(), bias_g.narrow(0, 0, 23)), mdd::Error);
 
   // Attention with DiffFit gammas, against softmax(q k^T / sqrt(hd)) v on the module's layout.
   const auto qkv = rnd({B, N, 3 * D}, 3, 1.5);
@@ -761,10 +769,56 @@ TEST(DiTFused, KernelsMatchTheModuleOps) {
   EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, gamma), ref_attn(qkv, gamma), 2e-5));
   EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, torch::Tensor()),
                        ref_attn(qkv, torch::Tensor()), 2e-5));
+  const auto bias_qkv = rnd({3 * D}, 23, 0.5);
+  EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(qkv, H, gamma, bias_qkv), ref_attn(qkv + bias_qkv, gamma), 2e-5));
+  EXPECT_THROW(mdd::detail::attention_from_qkv(qkv, H, gamma, bias_qkv.narrow(0, 0, D)), mdd::Error);
+  // bf16 qkv: the float32-math kernel rounds only its output; the bf16 dot-product kernel (where
+  // the CPU has one) rounds q, k, v and the probabilities as bf16 autocast matmuls do, and must
+  // stay within the error of the module ops under bf16 autocast (which also round the scores).
   const auto qkv16 = qkv.to(torch::kBFloat16);
+  const auto ref_a16 = ref_attn(qkv16.to(torch::kFloat32), gamma);
+  const bool prev = mdd::detail::set_bf16_dot_attention(false);
   const auto a16 = mdd::detail::attention_from_qkv(qkv16, H, gamma);
+  mdd::detail::set_bf16_dot_attention(true);
   ASSERT_EQ(a16.scalar_type(), torch::kBFloat16);
-  EXPECT_TRUE(AllClose(a16.to(torch::kFloat32), ref_attn(qkv16.to(torch::kFloat32), gamma), 0.02));
+  EXPECT_TRUE(AllClose(a16.to(torch::kFloat32), ref_a16, 0.02));
+  // Shapes: the demo's (49 tokens, odd: a half-filled last key pair; head dim 24: a half-empty
+  // column block), DiT-S/2's (256 tokens, head dim 64), one and two tokens, a ragged row block.
+  struct Shape { int64_t B, N, D, H; };
+  for (const Shape sh : {Shape{B, N, D, H}, Shape{2, 256, 384, 6}, Shape{2, 1, 96, 4}, Shape{3, 2, 32, 2},
+                         Shape{2, 7, 64, 1}}) {
+    const auto q3 = rnd({sh.B, sh.N, 3 * sh.D}, 30 + sh.N, 1.5).to(torch::kBFloat16);
+    const auto gm = 1 + rnd({3 * sh.D}, 31, 0.2), bs = rnd({3 * sh.D}, 32, 0.5);
+    const auto in = q3.to(torch::kFloat32) + bs;
+    auto p = (in * gm).reshape({sh.B, sh.N, 3, sh.H, sh.D / sh.H}).permute({2, 0, 3, 1, 4});
+    const double sc = 1.0 / std::sqrt(double(sh.D / sh.H));
+    const auto ref = torch::matmul((torch::matmul(p[0], p[1].transpose(-2, -1)) * sc).softmax(-1), p[2])
+                         .transpose(1, 2).reshape({sh.B, sh.N, sh.D});
+    torch::Tensor module16;
+    {
+      mdd::AutocastGuard autocast(torch::kCPU, mdd::Precision::kBF16);
+      auto pm = (in.to(torch::kBFloat16) * gm).reshape({sh.B, sh.N, 3, sh.H, sh.D / sh.H}).permute({2, 0, 3, 1, 4});
+      module16 = torch::matmul(torch::matmul(pm[0] * sc, pm[1].transpose(-2, -1)).softmax(-1), pm[2])
+                     .transpose(1, 2).reshape({sh.B, sh.N, sh.D});
+    }
+    const double scale = ref.abs().max().item<double>();
+    const double err_module = mdd_test::max_abs_diff(module16.to(torch::kFloat32), ref);
+    mdd::detail::set_bf16_dot_attention(true);
+    const auto dot16 = mdd::detail::attention_from_qkv(q3, sh.H, gm, bs);
+    mdd::detail::set_bf16_dot_attention(false);
+    const auto float16 = mdd::detail::attention_from_qkv(q3, sh.H, gm, bs);
+    const double err_dot = mdd_test::max_abs_diff(dot16.to(torch::kFloat32), ref);
+    const double err_float = mdd_test::max_abs_diff(float16.to(torch::kFloat32), ref);
+    const std::string what = "N " + std::to_string(sh.N) + " D " + std::to_string(sh.D) + ": dot " +
+                             std::to_string(err_dot) + " float " + std::to_string(err_float) + " module " +
+                             std::to_string(err_module);
+    EXPECT_LE(err_dot, std::max(err_module, 0.01 * scale)) << what;
+    EXPECT_LE(err_float, std::max(err_module, 0.01 * scale)) << what;
+    if (mdd::detail::bf16_dot_attention_available() && sh.N > 1) {
+      EXPECT_FALSE(torch::equal(dot16, float16)) << "the dot-product kernel did not run: " << what;
+    }
+  }
+  mdd::detail::set_bf16_dot_attention(prev);
   // One token: the output is v itself.
   const auto one = rnd({2, 1, 3 * D}, 6);
   EXPECT_TRUE(AllClose(mdd::detail::attention_from_qkv(one, H, torch::Tensor()), one.narrow(2, 2 * D, D),
@@ -774,6 +828,9 @@ TEST(DiTFused, KernelsMatchTheModuleOps) {
   const auto a = rnd({B, N, D}, 7), g1 = 1 + rnd({D}, 8, 0.1), g2 = 1 + rnd({D}, 9, 0.1);
   const auto gate = mod.narrow(1, 2 * D, D);
   EXPECT_TRUE(AllClose(mdd::detail::gated_residual(x, gate, g1, a, g2), x + g1 * gate.unsqueeze(1) * (g2 * a), 1e-6));
+  const auto bias_r = rnd({D}, 24, 0.5);
+  EXPECT_TRUE(AllClose(mdd::detail::gated_residual(x, gate, g1, a, g2, bias_r),
+                       x + g1 * gate.unsqueeze(1) * (g2 * (a + bias_r)), 1e-6));
   EXPECT_TRUE(AllClose(mdd::detail::gated_residual(x, gate, torch::Tensor(), a.to(torch::kBFloat16), torch::Tensor()),
                        x + gate.unsqueeze(1) * a.to(torch::kBFloat16).to(torch::kFloat32), 1e-6));
   // Wrong shapes are errors, not reads out of bounds.

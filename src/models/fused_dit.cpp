@@ -1,8 +1,10 @@
 #include "models/fused_dit.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -96,10 +98,26 @@ MDD_INLINE void gelu_elems(T* h, int64_t begin, int64_t end) {
 MDD_CPU_CLONES_AVX512 void gelu_range(float* h, int64_t begin, int64_t end) { gelu_elems(h, begin, end); }
 MDD_CPU_CLONES_AVX512 void gelu_range(uint16_t* h, int64_t begin, int64_t end) { gelu_elems(h, begin, end); }
 
+// gelu(h + bias) over rows [begin, end) of width W: the fc1 bias added here instead of by the product.
+template <typename T>
+MDD_INLINE void gelu_bias_rows(T* h, const float* bias, int64_t W, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    T* row = h + r * W;
+    for (int64_t i = 0; i < W; ++i) store(row, i, gelu_tanh(load(row, i) + bias[i]));
+  }
+}
+MDD_CPU_CLONES_AVX512 void gelu_bias_range(float* h, const float* bias, int64_t W, int64_t begin, int64_t end) {
+  gelu_bias_rows(h, bias, W, begin, end);
+}
+MDD_CPU_CLONES_AVX512 void gelu_bias_range(uint16_t* h, const float* bias, int64_t W, int64_t begin, int64_t end) {
+  gelu_bias_rows(h, bias, W, begin, end);
+}
+
 // ------------------------------------------------------------------ attention
 
 struct AttnArgs {
   const float* gamma;  // [3D]: ones when the model has no DiffFit gammas
+  const float* bias;   // [3D]: the qkv Linear's bias when the product left it out, else zeros
   int64_t batch, tokens, heads, head_dim;
   float scale;
   float* stats = nullptr;  // [B * heads * N, 2]: each softmax row's max and 1 / sum (training only)
@@ -201,6 +219,9 @@ MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, floa
     const float* gq = a.gamma + cq;
     const float* gk = a.gamma + ck;
     const float* gv = a.gamma + cv;
+    const float* bq = a.bias + cq;
+    const float* bk = a.bias + ck;
+    const float* bv = a.bias + cv;
     for (int64_t d = 0; d < hd; ++d)
       for (int64_t n = N; n < Np; ++n) Kt[d * Np + n] = 0.0F;
     // Three loops, not one: q and v rows are contiguous copies that vectorise; only k^T is a
@@ -208,14 +229,14 @@ MDD_INLINE void attention_tasks(const AttnArgs& a, const In* qkv, Out* out, floa
     for (int64_t n = 0; n < N; ++n) {
       const In* r = base + n * row;
       float* qn = Q + n * hd;
-      for (int64_t d = 0; d < hd; ++d) qn[d] = (gq[d] * load(r, cq + d)) * a.scale;
+      for (int64_t d = 0; d < hd; ++d) qn[d] = (gq[d] * (load(r, cq + d) + bq[d])) * a.scale;
       float* vn = V + n * hdp;
-      for (int64_t d = 0; d < hd; ++d) vn[d] = gv[d] * load(r, cv + d);
+      for (int64_t d = 0; d < hd; ++d) vn[d] = gv[d] * (load(r, cv + d) + bv[d]);
       for (int64_t d = hd; d < hdp; ++d) vn[d] = 0.0F;
     }
     for (int64_t n = 0; n < N; ++n) {
       const In* r = base + n * row + ck;
-      for (int64_t d = 0; d < hd; ++d) Kt[d * Np + n] = gk[d] * load(r, d);
+      for (int64_t d = 0; d < hd; ++d) Kt[d * Np + n] = gk[d] * (load(r, d) + bk[d]);
     }
     for (int64_t i0 = 0; i0 < N; i0 += kRows) {
       const int64_t rows = std::min(kRows, N - i0);
@@ -249,6 +270,220 @@ MDD_CPU_CLONES_AVX512 void attention_range(const AttnArgs& a, const uint16_t* qk
   attention_tasks(a, qkv, out, buf, begin, end);
 }
 
+// ---- bf16 dot-product attention (inference, CPUs with AVX512_BF16)
+//
+// In bf16 mode the kernel above still multiplies in float32: its products run at the float FMA
+// rate. CPUs with AVX512_BF16 multiply bf16 pairs into float32 accumulators (vdpbf16ps) at twice
+// that rate, which is what the bf16 autocast matmuls of the module path do too: q (scaled), k and
+// v rounded to bf16, the soft-max in float32, its probabilities rounded to bf16 for the product
+// with v. Used for inference only: the training path recomputes the forward's probabilities bit
+// for bit in its backward, which is written for the float32 kernel.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 10
+#define MDD_BF16_DOT_ATTENTION 1
+}  // namespace
+}  // namespace mdd::detail
+#include <immintrin.h>
+namespace mdd::detail {
+namespace {
+
+#define MDD_TARGET_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// Scratch of one task in 32-bit words (see attention_dot_range).
+int64_t attention_dot_scratch(int64_t N, int64_t hd) {
+  const int64_t Np = round_up(N, kCols), hdp = round_up(hd, kCols), Nh = (N + 1) / 2;
+  return round_up(N, kRows) * (hd / 2) + (hd / 2) * Np + Nh * hdp + kRows * Np + kRows * Nh;
+}
+
+// For rows r < 4 and NB (1 or 2) column blocks of 16: C[r][16k + c] = sum_p A32[r][p] . B[p][16k + c]
+// in bf16 pairs (A32 row r: bf16 pairs read as 32-bit words, stride lda; B: [P][ldb] words), then
+// emit(r, k, C block). The accumulators are named locals, not an array, so they stay in registers
+// (an array was kept on the stack). Two blocks give eight independent chains.
+template <int NB, typename Emit>
+MDD_TARGET_BF16_DOT MDD_INLINE void dot_rows4(const uint32_t* A32, int64_t lda, int64_t P, const uint32_t* B,
+                                              int64_t ldb, Emit&& emit) {
+  __m512 c00 = _mm512_setzero_ps(), c10 = c00, c20 = c00, c30 = c00;
+  __m512 c01 = c00, c11 = c00, c21 = c00, c31 = c00;
+  const uint32_t *a0 = A32, *a1 = A32 + lda, *a2 = A32 + 2 * lda, *a3 = A32 + 3 * lda;
+  for (int64_t p = 0; p < P; ++p) {
+    const uint32_t* bp = B + p * ldb;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp);
+    const __m512bh x0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a0[p]));
+    const __m512bh x1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a1[p]));
+    const __m512bh x2 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a2[p]));
+    const __m512bh x3 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a3[p]));
+    c00 = _mm512_dpbf16_ps(c00, x0, b0);
+    c10 = _mm512_dpbf16_ps(c10, x1, b0);
+    c20 = _mm512_dpbf16_ps(c20, x2, b0);
+    c30 = _mm512_dpbf16_ps(c30, x3, b0);
+    if (NB > 1) {
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 16);
+      c01 = _mm512_dpbf16_ps(c01, x0, b1);
+      c11 = _mm512_dpbf16_ps(c11, x1, b1);
+      c21 = _mm512_dpbf16_ps(c21, x2, b1);
+      c31 = _mm512_dpbf16_ps(c31, x3, b1);
+    }
+  }
+  emit(0, 0, c00);
+  emit(1, 0, c10);
+  emit(2, 0, c20);
+  emit(3, 0, c30);
+  if (NB > 1) {
+    emit(0, 1, c01);
+    emit(1, 1, c11);
+    emit(2, 1, c21);
+    emit(3, 1, c31);
+  }
+}
+
+// exp_approx on 16 lanes (the same steps, with fused multiply-adds).
+MDD_TARGET_BF16_DOT MDD_INLINE __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0F)), _mm512_set1_ps(88.0F));
+  const __m512 magic = _mm512_set1_ps(12582912.0F);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341F), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125F), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6F), r);
+  __m512 p = _mm512_set1_ps(1.0F / 720.0F);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0F / 120.0F));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0F / 24.0F));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0F / 6.0F));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5F));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0F));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0F));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Lanes [0, n) of 16 (n <= 16).
+MDD_INLINE __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// (x + bias) * gamma * scale for 16 channels from bf16 storage, rounded to bf16 (round to nearest
+// even, as float_to_bf16_bits; the instruction flushes denormals, harmless here). Lanes off the
+// mask read nothing and give zero.
+MDD_TARGET_BF16_DOT MDD_INLINE __m256i scaled_bf16x16(const uint16_t* x, const float* bias, const float* gamma,
+                                                      float scale, __mmask16 m) {
+  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
+  const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias)),
+                                               _mm512_maskz_loadu_ps(m, gamma)),
+                                 _mm512_set1_ps(scale));
+  return (__m256i)_mm512_cvtneps_pbh(f);
+}
+
+// One (sample, head) per task, as attention_tasks; head_dim even. Layouts (32-bit words, each a
+// pair of bf16): Q [N rounded up to kRows][hd/2] (pairs along d), K [hd/2][Np] (pairs along d,
+// key-major inside), V [ceil(N/2)][hdp] (pairs along keys), probabilities [kRows][ceil(N/2)]
+// (pairs along keys). Padding words are zero, so padded keys and dims contribute exact zeros.
+MDD_TARGET_BF16_DOT void attention_dot_range(const AttnArgs& a, const uint16_t* qkv, uint16_t* out, uint32_t* buf,
+                                             int64_t begin, int64_t end) {
+  const int64_t N = a.tokens, hd = a.head_dim, D = a.heads * hd, row = 3 * D;
+  const int64_t Np = round_up(N, kCols), hdp = round_up(hd, kCols), Nh = (N + 1) / 2, H2 = hd / 2;
+  const int64_t Nr = round_up(N, kRows);
+  uint32_t* Q = buf;                                          // [Nr][H2]
+  uint32_t* K = Q + Nr * H2;                                  // [H2][Np]
+  uint32_t* V = K + H2 * Np;                                  // [Nh][hdp]
+  float* S = reinterpret_cast<float*>(V + Nh * hdp);          // [kRows][Np]
+  uint32_t* P = reinterpret_cast<uint32_t*>(S + kRows * Np);  // [kRows][Nh]
+  // Every padding word is zero once here; the tasks write only the others.
+  std::memset(buf, 0, sizeof(uint32_t) * static_cast<size_t>(attention_dot_scratch(N, hd)));
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    const uint16_t* base = qkv + b * N * row;
+    const int64_t cq = h * hd, ck = D + h * hd, cv = 2 * D + h * hd;
+    const float *gq = a.gamma + cq, *gk = a.gamma + ck, *gv = a.gamma + cv;
+    const float *bq = a.bias + cq, *bk = a.bias + ck, *bv = a.bias + cv;
+    // A row of q (or k) in bf16 is a row of d-pairs already: q is stored as is, k's words are then
+    // transposed to key-major (32-bit moves). v rows are interleaved two by two into key pairs.
+    for (int64_t n = 0; n < N; ++n) {
+      const uint16_t* r = base + n * row;
+      uint16_t* qn = reinterpret_cast<uint16_t*>(Q + n * H2);
+      for (int64_t d = 0; d < hd; d += kCols) {
+        const __mmask16 m = lanes(std::min(kCols, hd - d));
+        _mm256_mask_storeu_epi16(qn + d, m, scaled_bf16x16(r + cq + d, bq + d, gq + d, a.scale, m));
+        // k's pairs go to K[p][n], p = d/2 ...: a scatter from the register (reading them back
+        // from a staging store would stall on store-to-load forwarding).
+        const __m256i kb = scaled_bf16x16(r + ck + d, bk + d, gk + d, 1.0F, m);
+        const __m256i idx = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(d / 2)),
+                                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                               _mm256_set1_epi32(static_cast<int>(Np)));
+        _mm256_mask_i32scatter_epi32(K + n, static_cast<__mmask8>(lanes(std::min(kCols, hd - d) / 2)), idx, kb, 4);
+      }
+    }
+    for (int64_t jp = 0; jp < Nh; ++jp) {
+      const uint16_t* r0 = base + (2 * jp) * row + cv;
+      const bool pair = 2 * jp + 1 < N;
+      uint32_t* vp = V + jp * hdp;
+      for (int64_t d = 0; d < hd; d += kCols) {
+        const __mmask16 m = lanes(std::min(kCols, hd - d));
+        const __m512i lo = _mm512_cvtepu16_epi32(scaled_bf16x16(r0 + d, bv + d, gv + d, 1.0F, m));
+        const __m512i hi = pair ? _mm512_cvtepu16_epi32(scaled_bf16x16(r0 + row + d, bv + d, gv + d, 1.0F, m))
+                                : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(vp + d, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    for (int64_t i0 = 0; i0 < N; i0 += kRows) {
+      const int64_t rows = std::min(kRows, N - i0);
+      // The last block may run past N into Q's zero rows; those results are not used.
+      const uint32_t* A = Q + i0 * H2;
+      for (int64_t j0 = 0; j0 < Np;) {
+        auto emit = [&](int64_t r, int64_t k, __m512 c) MDD_TARGET_BF16_DOT {
+          if (r < rows) _mm512_storeu_ps(S + r * Np + j0 + k * kCols, c);
+        };
+        if (j0 + 2 * kCols <= Np) {
+          dot_rows4<2>(A, H2, H2, K + j0, Np, emit);
+          j0 += 2 * kCols;
+        } else {
+          dot_rows4<1>(A, H2, H2, K + j0, Np, emit);
+          j0 += kCols;
+        }
+      }
+      float inv[kRows];
+      for (int64_t r = 0; r < rows; ++r) {
+        // In registers of 16 (the scores were just stored as such; scalar reads of them would
+        // stall on store-to-load forwarding). Keys past N are masked out.
+        const float* s = S + r * Np;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < N; j += kCols)
+          mx = _mm512_mask_max_ps(mx, lanes(std::min(kCols, N - j)), mx, _mm512_loadu_ps(s + j));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        // The bf16 row of probabilities is its row of key pairs; an odd N's last pair gets a zero.
+        uint16_t* pr = reinterpret_cast<uint16_t*>(P + r * Nh);
+        for (int64_t j = 0; j < 2 * Nh; j += kCols) {
+          const __mmask16 mv = lanes(std::max<int64_t>(0, std::min(kCols, N - j)));
+          const __m512 e = _mm512_maskz_mov_ps(mv, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m)));
+          sum = _mm512_add_ps(sum, e);
+          _mm256_mask_storeu_epi16(pr + j, lanes(std::min(kCols, 2 * Nh - j)), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        inv[r] = 1.0F / _mm512_reduce_add_ps(sum);
+      }
+      for (int64_t d0 = 0; d0 < hdp;) {
+        auto emit = [&](int64_t r, int64_t k, __m512 c) MDD_TARGET_BF16_DOT {
+          const int64_t dk = d0 + k * kCols;
+          if (r >= rows || dk >= hd) return;
+          const __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(inv[r])));
+          _mm256_mask_storeu_epi16(out + (b * N + i0 + r) * D + h * hd + dk, lanes(std::min(kCols, hd - dk)), o);
+        };
+        if (d0 + 2 * kCols <= hdp) {
+          dot_rows4<2>(P, Nh, Nh, V + d0, hdp, emit);
+          d0 += 2 * kCols;
+        } else {
+          dot_rows4<1>(P, Nh, Nh, V + d0, hdp, emit);
+          d0 += kCols;
+        }
+      }
+    }
+  }
+}
+
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") != 0;
+  return has;
+}
+#else
+bool cpu_has_bf16_dot() { return false; }
+#endif
+
+std::atomic<bool> g_bf16_dot_attention{true};
+
 // ------------------------------------------------------------------ gated residual
 
 struct ResArgs {
@@ -256,6 +491,7 @@ struct ResArgs {
   const float* gate;
   const float* outer;  // [D]: ones when absent
   const float* inner;  // [D]: ones when absent
+  const float* bias;   // [D]: the producing Linear's bias when the product left it out, else zeros
   int64_t gate_stride, tokens, width;
 };
 
@@ -267,8 +503,8 @@ MDD_INLINE void residual_rows(const ResArgs& r, const A* a, float* out, int64_t 
     const float* g = r.gate + (row / r.tokens) * r.gate_stride;
     const A* ar = a + row * D;
     float* o = out + row * D;
-    // The module path's op order: x + (gamma1 * gate) * (gamma2 * a).
-    for (int64_t d = 0; d < D; ++d) o[d] = x[d] + (r.outer[d] * g[d]) * (r.inner[d] * load(ar, d));
+    // The module path's op order: x + (gamma1 * gate) * (gamma2 * (a + bias)).
+    for (int64_t d = 0; d < D; ++d) o[d] = x[d] + (r.outer[d] * g[d]) * (r.inner[d] * (load(ar, d) + r.bias[d]));
   }
 }
 
@@ -529,22 +765,31 @@ void check_rows(const Tensor& t, int64_t B, int64_t D, const char* what, const c
             fmt::format("{}: {} must be float [{}, {}] with unit inner stride", what, name, B, D));
 }
 
-// Per-channel factors as a float pointer: the tensor's data, or ones when it is undefined.
-const float* factors_or_ones(const Tensor& t, int64_t n, std::vector<float>& ones, Tensor& keep, const char* what) {
+// Per-channel values as a float pointer: the tensor's data, or `fill` when it is undefined (ones
+// for absent factors, zeros for an absent bias, so the kernels need no branch for either).
+const float* channels_or(const Tensor& t, int64_t n, float fill, std::vector<float>& storage, Tensor& keep,
+                         const char* what) {
   if (!t.defined()) {
-    ones.assign(static_cast<size_t>(n), 1.0F);
-    return ones.data();
+    storage.assign(static_cast<size_t>(n), fill);
+    return storage.data();
   }
-  MDD_CHECK(t.scalar_type() == torch::kFloat32 && t.numel() == n, fmt::format("{}: factors must be float [{}]", what, n));
+  MDD_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.numel() == n,
+            fmt::format("{}: per-channel factors and biases must be float CPU [{}]", what, n));
   keep = t.contiguous();
   return keep.data_ptr<float>();
+}
+const float* factors_or_ones(const Tensor& t, int64_t n, std::vector<float>& ones, Tensor& keep, const char* what) {
+  return channels_or(t, n, 1.0F, ones, keep, what);
+}
+const float* bias_or_zeros(const Tensor& t, int64_t n, std::vector<float>& zeros, Tensor& keep, const char* what) {
+  return channels_or(t, n, 0.0F, zeros, keep, what);
 }
 
 // Linear(in2d) in the mode's precision: bf16 weights and activations (bf16 out) or float32. The
 // weights go through autocast's own cast cache, as the module path's Linear does, so a caller that
 // keeps one autocast region open over many forwards casts each weight once.
-Tensor linear_in(const Tensor& in2d, const torch::nn::Linear& l, bool bf16) {
-  Tensor w = l->weight, b = l->bias;
+Tensor linear_in(const Tensor& in2d, const torch::nn::Linear& l, bool bf16, bool with_bias = true) {
+  Tensor w = l->weight, b = with_bias ? l->bias : Tensor();
   if (bf16) {
     w = at::autocast::cached_cast(torch::kBFloat16, w, c10::DeviceType::CPU);
     if (b.defined()) b = at::autocast::cached_cast(torch::kBFloat16, b, c10::DeviceType::CPU);
@@ -608,9 +853,27 @@ Tensor ln_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, do
   return ln_modulate_impl(x, shift, scale, eps, out_dtype, nullptr, nullptr);
 }
 
-Tensor gelu_tanh_(Tensor h) {
+Tensor gelu_tanh_(Tensor h, const Tensor& bias) {
   check_cpu_contiguous(h, "gelu_tanh_", "h");
   const int64_t n = h.numel();
+  if (bias.defined()) {
+    const int64_t W = bias.numel();
+    MDD_CHECK(W > 0 && h.dim() >= 1 && h.size(-1) == W,
+              fmt::format("gelu_tanh_: bias [{}] does not match the last dim of h ({})", W, h.dim() >= 1 ? h.size(-1) : 0));
+    std::vector<float> none;
+    Tensor keep;
+    const float* b = bias_or_zeros(bias, W, none, keep, "gelu_tanh_");
+    const int64_t rows = n / W;
+    if (is_bf16(h)) {
+      uint16_t* p = bf16_ptr_mut(h);
+      at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
+    } else {
+      MDD_CHECK(h.scalar_type() == torch::kFloat32, "gelu_tanh_: h must be float or bfloat16");
+      float* p = h.data_ptr<float>();
+      at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
+    }
+    return h;
+  }
   if (is_bf16(h)) {
     uint16_t* p = bf16_ptr_mut(h);
     at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { gelu_range(p, b, e); });
@@ -626,7 +889,7 @@ namespace {
 
 // attention_from_qkv; with `stats` non-null also keeps each softmax row's max and 1 / sum
 // (float [B, heads, N, 2]).
-Tensor attention_impl(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, Tensor* stats) {
+Tensor attention_impl(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, const Tensor& bias, Tensor* stats) {
   MDD_CHECK(qkv_in.defined() && qkv_in.dim() == 3 && qkv_in.device().is_cpu() &&
                 (qkv_in.scalar_type() == torch::kFloat32 || is_bf16(qkv_in)),
             "attention_from_qkv: qkv must be a float or bfloat16 CPU tensor [B, N, 3D]");
@@ -638,14 +901,32 @@ Tensor attention_impl(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, 
   std::vector<float> ones;
   Tensor keep;
   const float* g = factors_or_ones(gamma, 3 * D, ones, keep, "attention_from_qkv");
-  AttnArgs a{g, B, N, heads, hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
+  std::vector<float> zeros;
+  Tensor keep_b;
+  const float* bp = bias_or_zeros(bias, 3 * D, zeros, keep_b, "attention_from_qkv");
+  AttnArgs a{g, bp, B, N, heads, hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
   if (stats != nullptr) {
     *stats = torch::empty({B, heads, N, 2}, qkv.options().dtype(torch::kFloat32));
     a.stats = stats->data_ptr<float>();
   }
   Tensor out = torch::empty({B, N, D}, qkv.options());
-  const int64_t buf_floats = attention_scratch(N, hd);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, N * N * hd));
+#ifdef MDD_BF16_DOT_ATTENTION
+  // Head dims up to 128 (every DiT config; the Q block of four rows stays in L1).
+  if (stats == nullptr && is_bf16(qkv) && hd % 2 == 0 && hd <= 128 && bf16_dot_attention_available() &&
+      g_bf16_dot_attention.load()) {
+    const int64_t words = attention_dot_scratch(N, hd);
+    at::parallel_for(0, B * heads, std::max<int64_t>(1, grain / 2), [&](int64_t b, int64_t e) {
+      // 64-byte aligned (every region's size is a multiple of 16 words): no zmm access splits a
+      // cache line.
+      std::vector<uint32_t> buf(static_cast<size_t>(words + 16));
+      auto* p = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+      attention_dot_range(a, bf16_ptr(qkv), bf16_ptr_mut(out), p, b, e);
+    });
+    return out;
+  }
+#endif
+  const int64_t buf_floats = attention_scratch(N, hd);
   at::parallel_for(0, B * heads, grain, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(buf_floats));
     if (is_bf16(qkv)) {
@@ -659,12 +940,16 @@ Tensor attention_impl(const Tensor& qkv_in, int64_t heads, const Tensor& gamma, 
 
 }  // namespace
 
-Tensor attention_from_qkv(const Tensor& qkv, int64_t heads, const Tensor& gamma) {
-  return attention_impl(qkv, heads, gamma, nullptr);
+bool bf16_dot_attention_available() { return cpu_has_bf16_dot(); }
+
+bool set_bf16_dot_attention(bool enable) { return g_bf16_dot_attention.exchange(enable); }
+
+Tensor attention_from_qkv(const Tensor& qkv, int64_t heads, const Tensor& gamma, const Tensor& bias) {
+  return attention_impl(qkv, heads, gamma, bias, nullptr);
 }
 
 Tensor gated_residual(const Tensor& x_in, const Tensor& gate, const Tensor& outer, const Tensor& a_in,
-                      const Tensor& inner) {
+                      const Tensor& inner, const Tensor& bias) {
   constexpr const char* what = "gated_residual";
   MDD_CHECK(x_in.defined() && x_in.dim() == 3 && x_in.scalar_type() == torch::kFloat32 && x_in.device().is_cpu(),
             "gated_residual: x must be a float CPU tensor [B, N, D]");
@@ -674,10 +959,16 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate, const Tensor& oute
   const Tensor x = x_in.contiguous(), a = a_in.contiguous();
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   check_rows(gate, B, D, what, "gate");
-  std::vector<float> ones_o, ones_i;
-  Tensor keep_o, keep_i;
-  const ResArgs r{x.data_ptr<float>(), gate.data_ptr<float>(), factors_or_ones(outer, D, ones_o, keep_o, what),
-                  factors_or_ones(inner, D, ones_i, keep_i, what), gate.stride(0), N, D};
+  std::vector<float> ones_o, ones_i, zeros;
+  Tensor keep_o, keep_i, keep_b;
+  const ResArgs r{x.data_ptr<float>(),
+                  gate.data_ptr<float>(),
+                  factors_or_ones(outer, D, ones_o, keep_o, what),
+                  factors_or_ones(inner, D, ones_i, keep_i, what),
+                  bias_or_zeros(bias, D, zeros, keep_b, what),
+                  gate.stride(0),
+                  N,
+                  D};
   Tensor out = torch::empty_like(x);
   float* o = out.data_ptr<float>();
   if (is_bf16(a)) {
@@ -702,16 +993,18 @@ Tensor fused_block_forward(DiTBlockImpl& block, const Tensor& x_in, const Tensor
             fmt::format("DiTBlock: c must give [{}, {}] modulation rows", B, 6 * D));
   auto part = [&](int64_t k) { return mod.narrow(1, k * D, D); };
   const DiTAttentionImpl& attn = *block.attn;
+  // The four products leave their bias out; the kernel reading each product adds it in float32
+  // (addmm would first copy the broadcast bias into its output, a pass over every activation).
   Tensor h = ln_modulate(x, part(0), part(1), 1e-6, act);
-  Tensor qkv = linear_in(h.view({B * N, D}), attn.qkv, bf16).view({B, N, 3 * D});
-  Tensor o = attention_from_qkv(qkv, attn.num_heads, attn.gamma1);
-  Tensor a = linear_in(o.view({B * N, D}), attn.proj, bf16).view({B, N, D});
-  const Tensor x1 = gated_residual(x, part(2), block.gamma1, a, attn.gamma2);
+  Tensor qkv = linear_in(h.view({B * N, D}), attn.qkv, bf16, false).view({B, N, 3 * D});
+  Tensor o = attention_from_qkv(qkv, attn.num_heads, attn.gamma1, attn.qkv->bias);
+  Tensor a = linear_in(o.view({B * N, D}), attn.proj, bf16, false).view({B, N, D});
+  const Tensor x1 = gated_residual(x, part(2), block.gamma1, a, attn.gamma2, attn.proj->bias);
   h = ln_modulate(x1, part(3), part(4), 1e-6, act);
-  Tensor m = linear_in(h.view({B * N, D}), block.mlp->fc1, bf16);
-  gelu_tanh_(m);
-  m = linear_in(m, block.mlp->fc2, bf16).view({B, N, D});
-  return gated_residual(x1, part(5), block.gamma2, m, Tensor());
+  Tensor m = linear_in(h.view({B * N, D}), block.mlp->fc1, bf16, false);
+  gelu_tanh_(m, block.mlp->fc1->bias);
+  m = linear_in(m, block.mlp->fc2, bf16, false).view({B, N, D});
+  return gated_residual(x1, part(5), block.gamma2, m, Tensor(), block.mlp->fc2->bias);
 }
 
 Tensor fused_final_forward(FinalLayerImpl& layer, const Tensor& x_in, const Tensor& c, FusedDiTMode mode) {
@@ -869,7 +1162,7 @@ class AttentionFn : public torch::autograd::Function<AttentionFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& qkv_in, const Tensor& gamma_in, int64_t heads) {
     const Tensor qkv = qkv_in.contiguous(), gamma = from_input(gamma_in);
     Tensor stats;
-    Tensor out = attention_impl(qkv, heads, gamma, &stats);
+    Tensor out = attention_impl(qkv, heads, gamma, Tensor(), &stats);
     ctx->save_for_backward({qkv, gamma_in, stats});
     ctx->saved_data["heads"] = heads;
     return out;

@@ -52,19 +52,35 @@ torch::Tensor ln_modulate(const torch::Tensor& x, const torch::Tensor& shift, co
                           torch::ScalarType out_dtype);
 
 /// GELU with the tanh approximation, in place on a contiguous float or bfloat16 tensor; returns it.
-torch::Tensor gelu_tanh_(torch::Tensor h);
+/// With `bias` (float [W], W = h's last dim) it computes gelu(h + bias): the bias of the product
+/// that wrote h, left out of that product.
+torch::Tensor gelu_tanh_(torch::Tensor h, const torch::Tensor& bias = {});
 
 /// Multi-head self-attention softmax(q k^T / sqrt(hd)) v from the qkv product [B, N, 3D] (float or
 /// bfloat16; channel s*D + h*hd + d is part s in {q, k, v}, head h, dim d). `gamma` [3D] (float,
-/// optional) scales the channels first (DiffFit's attn.gamma1). Result [B, N, D] (heads
+/// optional) scales the channels first (DiffFit's attn.gamma1); `bias` [3D] (float, optional) is
+/// added to qkv before that (the qkv Linear's bias, left out of the product). Result [B, N, D] (heads
 /// concatenated, the layout `proj` reads) in qkv's dtype.
-torch::Tensor attention_from_qkv(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& gamma);
+torch::Tensor attention_from_qkv(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& gamma,
+                                 const torch::Tensor& bias = {});
 
-/// x + (outer * gate[b]) * (inner * a): the gated residual add of a DiT block with its DiffFit
-/// gammas. x float [B, N, D]; a float or bfloat16 [B, N, D]; gate float [B, D] (strided rows ok);
-/// outer, inner float [D] or undefined (= 1). Returns a new float tensor.
+/// Whether this build and CPU can run bf16 inference attention on bf16 dot products (AVX512_BF16,
+/// GCC x86-64 Linux builds): q, k, v and the probabilities rounded to bf16, products accumulated in
+/// float32, as bf16 autocast matmuls do; twice the float FMA rate. attention_from_qkv uses it for
+/// bf16 qkv with an even head dim <= 128 (not on the training path, whose backward recomputes the
+/// float32 kernel's probabilities).
+bool bf16_dot_attention_available();
+
+/// Allows (default) or forbids that path process-wide; returns the previous setting. For tests and
+/// side-by-side benchmarks of the two kernels.
+bool set_bf16_dot_attention(bool enable);
+
+/// x + (outer * gate[b]) * (inner * (a + bias)): the gated residual add of a DiT block with its
+/// DiffFit gammas. x float [B, N, D]; a float or bfloat16 [B, N, D]; gate float [B, D] (strided rows
+/// ok); outer, inner float [D] or undefined (= 1); bias float [D] or undefined (= 0: the bias of the
+/// product that wrote a, left out of it). Returns a new float tensor.
 torch::Tensor gated_residual(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& outer,
-                             const torch::Tensor& a, const torch::Tensor& inner);
+                             const torch::Tensor& a, const torch::Tensor& inner, const torch::Tensor& bias = {});
 
 // ---- training: the same kernels as autograd functions with hand-written backward kernels.
 
