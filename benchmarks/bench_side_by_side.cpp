@@ -4,7 +4,8 @@
 // (see the script's docstring). Weights and data are random: speed does not depend on them.
 // The host allocator is tuned as in the programs (mdd/util/host_allocator.h) unless
 // MDD_HOST_ALLOCATOR=default. MDD_DIT_FUSED=0 runs the DiTs on the module path (DiTOptions::fused
-// false), to measure what the fused CPU kernels add in the same run.
+// false), to measure what the fused CPU kernels add in the same run; MDD_BF16_DOT=0 keeps bf16
+// inference attention on its float32-math kernel (mdd::detail::set_bf16_dot_attention).
 #include <benchmark/benchmark.h>
 
 #include <cstdlib>
@@ -21,6 +22,7 @@
 #include "mdd/train/finetune.h"
 #include "mdd/util/host_allocator.h"
 #include "mdd/util/precision.h"
+#include "models/fused_dit.h"
 
 namespace {
 
@@ -109,6 +111,9 @@ void dc_eval(benchmark::State& state) {
 int main(int argc, char** argv) {
   // As the bundled programs run (MDD_HOST_ALLOCATOR=default measures glibc's defaults instead).
   const auto alloc = mdd::tune_host_allocator();
+  if (const char* v = std::getenv("MDD_BF16_DOT"); v != nullptr && std::string(v) == "0")
+    mdd::detail::set_bf16_dot_attention(false);
+  benchmark::AddCustomContext("bf16_dot_attention", mdd::detail::bf16_dot_attention_available() ? "available" : "no");
   benchmark::AddCustomContext("host_allocator", alloc.detail);
   using P = mdd::Precision;
   for (auto [name, p] : {std::pair<const char*, P>{"fp32", P::kFP32}, {"bf16", P::kBF16}}) {

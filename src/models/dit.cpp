@@ -475,7 +475,15 @@ torch::Tensor DiTImpl::forward_impl(const torch::Tensor& x_in, const torch::Tens
                                     DiTTaps* taps) {
   check_inputs(x_in, t_in, y_in, taps ? "forward_with_taps" : "forward");
   const auto y_long = y_in.to(torch::kLong);
-  auto x = x_embedder->forward(x_in) + pos_embed;
+  torch::Tensor x = x_embedder->forward(x_in);  // [B, N, D], a transposed view of the conv output
+  if (torch::GradMode::is_enabled()) {
+    x = x + pos_embed;
+  } else {
+    // Written straight into a contiguous tensor: `x + pos_embed` would keep the transposed layout
+    // and the first block would copy it again.
+    torch::Tensor out = torch::empty(x.sizes(), x.options().dtype(at::result_type(x, pos_embed)));
+    x = at::add_out(out, x, pos_embed);
+  }
   torch::Tensor t_freq;
   torch::Tensor t_emb;
   if (taps) {
