@@ -7,6 +7,7 @@
 #include "mdd/models/difffit.h"
 #include "mdd/models/dit.h"
 #include "mdd/util/precision.h"
+#include "models/fused_dit.h"
 
 namespace {
 
@@ -161,5 +162,25 @@ BENCHMARK(BM_DiTTraining)
     ->ArgsProduct({{0, 1}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
+
+// The inference attention kernel alone on bf16 qkv, bias folded in as the block does: the float32-math
+// kernel against the bf16 dot-product one (AVX512_BF16; without it both rows run the float kernel).
+// Args: {shape: 0 = demo CFG batch (200 samples, 49 tokens, width 96, 4 heads), 1 = DiT-S/2 at batch 8
+// (256 tokens, width 384, 6 heads); dot: 0/1}. Compare rows of one run:
+//   bench_models --benchmark_filter=DiTAttention --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true
+void BM_DiTAttention(benchmark::State& state) {
+  const bool demo = state.range(0) == 0, dot = state.range(1) != 0;
+  const int64_t B = demo ? 200 : kBatch, N = demo ? 49 : 256, D = demo ? 96 : 384, H = demo ? 4 : 6;
+  auto gen = at::detail::createCPUGenerator(0);
+  const auto qkv = torch::randn({B, N, 3 * D}, gen).to(torch::kBFloat16);
+  const auto bias = torch::randn({3 * D}, gen) * 0.1;
+  const bool prev = mdd::detail::set_bf16_dot_attention(dot);
+  for (auto _ : state) benchmark::DoNotOptimize(mdd::detail::attention_from_qkv(qkv, H, torch::Tensor(), bias));
+  mdd::detail::set_bf16_dot_attention(prev);
+  state.SetItemsProcessed(state.iterations() * B);
+  state.SetLabel(std::string(demo ? "demo b200 " : "S/2 b8 ") +
+                 (dot && mdd::detail::bf16_dot_attention_available() ? "bf16 dot products" : "float32 math"));
+}
+BENCHMARK(BM_DiTAttention)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMillisecond)->MinTime(1.0);
 
 BENCHMARK_MAIN();

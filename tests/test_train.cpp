@@ -12,6 +12,8 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include <functional>
 #include <torch/torch.h>
 
 #include "mdd/data/latent_cache.h"
@@ -77,6 +79,34 @@ TEST(AdamW, MatchesTorchAdamW) {
   }
   EXPECT_TRUE(mdd_test::AllClose(a, b, 1e-6));
   EXPECT_GT((a - torch::randn({5, 4}, gen)).abs().sum().item<double>(), 0);
+}
+
+// The one-pass update (float32 contiguous CPU parameters) and the op-by-op form (anything else:
+// here a transposed parameter, and float64) agree with torch::optim::AdamW, with weight decay, at
+// several sizes (the one-pass loop's vector body and scalar tail).
+TEST(AdamW, OnePassAndOpByOpAgreeWithTorch) {
+  auto gen = at::detail::createCPUGenerator(5);
+  for (const auto& make : std::vector<std::function<torch::Tensor()>>{
+           [&] { return torch::randn({37}, gen); },
+           [&] { return torch::randn({64, 33}, gen); },
+           [&] { return torch::randn({33, 64}, gen).t(); },                      // not contiguous
+           [&] { return torch::randn({19, 3}, gen).to(torch::kFloat64); }}) {  // not float32
+    torch::Tensor a = make().requires_grad_(true);
+    torch::Tensor b = a.detach().clone().requires_grad_(true);
+    AdamW mine({a}, AdamWOptions().lr(0.02).weight_decay(0.05));
+    torch::optim::AdamW ref({b}, torch::optim::AdamWOptions(0.02).weight_decay(0.05));
+    for (int i = 0; i < 4; ++i) {
+      const torch::Tensor target = torch::randn(a.sizes(), gen).to(a.scalar_type());
+      mine.zero_grad();
+      ref.zero_grad();
+      (a - target).pow(3).sum().backward();
+      (b - target).pow(3).sum().backward();
+      mine.step();
+      ref.step();
+    }
+    EXPECT_TRUE(mdd_test::AllClose(a.to(torch::kFloat32), b.to(torch::kFloat32), 1e-6)) << a.sizes();
+    EXPECT_GT((a - make().to(a.scalar_type())).abs().sum().item<double>(), 0);
+  }
 }
 
 TEST(AdamW, StateRoundTripAndValidation) {
