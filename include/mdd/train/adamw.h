@@ -33,7 +33,10 @@ struct MDD_API AdamWOptions {
 };
 
 /// AdamW over a fixed list of parameters. Parameters without a gradient in a step are skipped
-/// (their moments and step count stay as they were), as in PyTorch.
+/// (their moments and step count stay as they were), as in PyTorch. Float32 contiguous CPU
+/// parameters are updated in one vectorised pass over parameter, gradient and moments (same
+/// operations per element, so the result agrees with the op-by-op form to rounding); others
+/// take the op-by-op form.
 class MDD_API AdamW {
  public:
   /// Throws mdd::Error when a parameter is undefined or an option is out of range.
