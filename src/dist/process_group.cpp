@@ -8,6 +8,8 @@
 #include <type_traits>
 #include <utility>
 
+#include <csignal>
+
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -195,12 +197,32 @@ bool ProcessGroup::uses_nccl() const noexcept {
 #endif
 }
 
+namespace {
+// Gloo writes to its peers' sockets without MSG_NOSIGNAL: when a peer has died, the write raises
+// SIGPIPE, whose default action kills this process before the collective can report the error.
+// Python's interpreter ignores SIGPIPE at start-up, so the reference never sees this; a C++
+// program does. A default disposition is switched to "ignore" (the write then fails with EPIPE
+// and the collective throws); a handler the program installed itself is left alone.
+void ignore_sigpipe_unless_handled() {
+#if defined(SIGPIPE)
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    sigemptyset(&ignore.sa_mask);
+    sigaction(SIGPIPE, &ignore, nullptr);
+  }
+#endif
+}
+}  // namespace
+
 ProcessGroup::ProcessGroup(const DistOptions& options) {
   check_options(options);
   rank_ = options.rank();
   world_size_ = options.world_size();
   local_rank_ = options.local_rank();
   if (world_size_ == 1) return;
+  ignore_sigpipe_unless_handled();
   if (options.bind_cuda_device() && torch::cuda::is_available()) {
     const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
     c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(

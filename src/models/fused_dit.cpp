@@ -353,6 +353,23 @@ MDD_TARGET_BF16_DOT MDD_INLINE __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+// dot_rows4 over columns [0, width) (a multiple of 16): two blocks at a time, then one; emit(r, j, C)
+// gets each 16-wide block at its first column j.
+template <typename Emit>
+MDD_TARGET_BF16_DOT MDD_INLINE void dot_rows4_across(const uint32_t* A32, int64_t lda, int64_t P, const uint32_t* B,
+                                                     int64_t ldb, int64_t width, Emit&& emit) {
+  for (int64_t j0 = 0; j0 < width;) {
+    auto at = [&](int64_t r, int64_t k, __m512 c) MDD_TARGET_BF16_DOT { emit(r, j0 + k * kCols, c); };
+    if (j0 + 2 * kCols <= width) {
+      dot_rows4<2>(A32, lda, P, B + j0, ldb, at);
+      j0 += 2 * kCols;
+    } else {
+      dot_rows4<1>(A32, lda, P, B + j0, ldb, at);
+      j0 += kCols;
+    }
+  }
+}
+
 // Lanes [0, n) of 16 (n <= 16).
 MDD_INLINE __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
@@ -423,18 +440,9 @@ MDD_TARGET_BF16_DOT void attention_dot_range(const AttnArgs& a, const uint16_t* 
       const int64_t rows = std::min(kRows, N - i0);
       // The last block may run past N into Q's zero rows; those results are not used.
       const uint32_t* A = Q + i0 * H2;
-      for (int64_t j0 = 0; j0 < Np;) {
-        auto emit = [&](int64_t r, int64_t k, __m512 c) MDD_TARGET_BF16_DOT {
-          if (r < rows) _mm512_storeu_ps(S + r * Np + j0 + k * kCols, c);
-        };
-        if (j0 + 2 * kCols <= Np) {
-          dot_rows4<2>(A, H2, H2, K + j0, Np, emit);
-          j0 += 2 * kCols;
-        } else {
-          dot_rows4<1>(A, H2, H2, K + j0, Np, emit);
-          j0 += kCols;
-        }
-      }
+      dot_rows4_across(A, H2, H2, K, Np, Np, [&](int64_t r, int64_t j, __m512 c) MDD_TARGET_BF16_DOT {
+        if (r < rows) _mm512_storeu_ps(S + r * Np + j, c);
+      });
       float inv[kRows];
       for (int64_t r = 0; r < rows; ++r) {
         // In registers of 16 (the scores were just stored as such; scalar reads of them would
@@ -455,21 +463,11 @@ MDD_TARGET_BF16_DOT void attention_dot_range(const AttnArgs& a, const uint16_t* 
         }
         inv[r] = 1.0F / _mm512_reduce_add_ps(sum);
       }
-      for (int64_t d0 = 0; d0 < hdp;) {
-        auto emit = [&](int64_t r, int64_t k, __m512 c) MDD_TARGET_BF16_DOT {
-          const int64_t dk = d0 + k * kCols;
-          if (r >= rows || dk >= hd) return;
-          const __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(inv[r])));
-          _mm256_mask_storeu_epi16(out + (b * N + i0 + r) * D + h * hd + dk, lanes(std::min(kCols, hd - dk)), o);
-        };
-        if (d0 + 2 * kCols <= hdp) {
-          dot_rows4<2>(P, Nh, Nh, V + d0, hdp, emit);
-          d0 += 2 * kCols;
-        } else {
-          dot_rows4<1>(P, Nh, Nh, V + d0, hdp, emit);
-          d0 += kCols;
-        }
-      }
+      dot_rows4_across(P, Nh, Nh, V, hdp, hdp, [&](int64_t r, int64_t d, __m512 c) MDD_TARGET_BF16_DOT {
+        if (r >= rows || d >= hd) return;
+        const __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(inv[r])));
+        _mm256_mask_storeu_epi16(out + (b * N + i0 + r) * D + h * hd + d, lanes(std::min(kCols, hd - d)), o);
+      });
     }
   }
 }

@@ -93,7 +93,10 @@ class MDD_API ProcessGroup {
   ProcessGroup();
   /// Joins the group described by `options` (rendezvous through rank 0's store; blocks until all
   /// `world_size` processes have joined or `timeout` passes). Throws `mdd::Error` on bad options,
-  /// a timeout, or when this build has no distributed support and world_size > 1.
+  /// a timeout, or when this build has no distributed support and world_size > 1. With
+  /// world_size > 1 it sets SIGPIPE to "ignore" if the program left it at the default (as Python
+  /// does): Gloo's writes to a dead peer would otherwise kill the process instead of failing the
+  /// collective with `mdd::Error`.
   explicit ProcessGroup(const DistOptions& options);
 
   int64_t rank() const noexcept { return rank_; }
