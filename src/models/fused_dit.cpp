@@ -90,15 +90,8 @@ MDD_CPU_CLONES_AVX512 void ln_modulate_range(const LnArgs& a, uint16_t* out, int
 MDD_INLINE float gelu_u(float x) { return 0.7978845608028654F * (x + 0.044715F * x * x * x); }
 MDD_INLINE float gelu_tanh(float x) { return x / (1.0F + exp_approx(-2.0F * gelu_u(x))); }
 
-template <typename T>
-MDD_INLINE void gelu_elems(T* h, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) store(h, i, gelu_tanh(load(h, i)));
-}
-
-MDD_CPU_CLONES_AVX512 void gelu_range(float* h, int64_t begin, int64_t end) { gelu_elems(h, begin, end); }
-MDD_CPU_CLONES_AVX512 void gelu_range(uint16_t* h, int64_t begin, int64_t end) { gelu_elems(h, begin, end); }
-
-// gelu(h + bias) over rows [begin, end) of width W: the fc1 bias added here instead of by the product.
+// gelu(h + bias) in place over rows [begin, end) of width W (the fc1 bias added here instead of by
+// the product; zeros when there is none).
 template <typename T>
 MDD_INLINE void gelu_bias_rows(T* h, const float* bias, int64_t W, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
@@ -853,32 +846,23 @@ Tensor ln_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, do
 
 Tensor gelu_tanh_(Tensor h, const Tensor& bias) {
   check_cpu_contiguous(h, "gelu_tanh_", "h");
+  MDD_CHECK(is_bf16(h) || h.scalar_type() == torch::kFloat32, "gelu_tanh_: h must be float or bfloat16");
   const int64_t n = h.numel();
-  if (bias.defined()) {
-    const int64_t W = bias.numel();
-    MDD_CHECK(W > 0 && h.dim() >= 1 && h.size(-1) == W,
-              fmt::format("gelu_tanh_: bias [{}] does not match the last dim of h ({})", W, h.dim() >= 1 ? h.size(-1) : 0));
-    std::vector<float> none;
-    Tensor keep;
-    const float* b = bias_or_zeros(bias, W, none, keep, "gelu_tanh_");
-    const int64_t rows = n / W;
-    if (is_bf16(h)) {
-      uint16_t* p = bf16_ptr_mut(h);
-      at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
-    } else {
-      MDD_CHECK(h.scalar_type() == torch::kFloat32, "gelu_tanh_: h must be float or bfloat16");
-      float* p = h.data_ptr<float>();
-      at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
-    }
-    return h;
-  }
+  if (n == 0) return h;
+  // Rows of the last dim (the bias's width); without a bias the zeros change nothing.
+  const int64_t W = h.dim() >= 1 ? h.size(-1) : 1;
+  MDD_CHECK(!bias.defined() || bias.numel() == W,
+            fmt::format("gelu_tanh_: bias [{}] does not match the last dim of h ({})", bias.numel(), W));
+  std::vector<float> zeros;
+  Tensor keep;
+  const float* b = bias_or_zeros(bias, W, zeros, keep, "gelu_tanh_");
+  const int64_t rows = n / W;
   if (is_bf16(h)) {
     uint16_t* p = bf16_ptr_mut(h);
-    at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { gelu_range(p, b, e); });
+    at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
   } else {
-    MDD_CHECK(h.scalar_type() == torch::kFloat32, "gelu_tanh_: h must be float or bfloat16");
     float* p = h.data_ptr<float>();
-    at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { gelu_range(p, b, e); });
+    at::parallel_for(0, rows, grain_rows(W), [&](int64_t r0, int64_t r1) { gelu_bias_range(p, b, W, r0, r1); });
   }
   return h;
 }
